@@ -1,0 +1,83 @@
+"""Engine configuration: one frozen dataclass, one field per optimization switch, named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+ATTENTION_BACKENDS = ("sdpa",)
+
+
+def parse_dtype(dtype: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
+    """Turn a dtype name (``"bf16"``, ``"float32"``, ...) or a ``torch.dtype`` into a ``torch.dtype``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
+            raise ValueError(f"`{name}` must be one of float32, bfloat16, float16, got {dtype}")
+        return dtype
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
+        raise ValueError(f"`{name}` must be one of {sorted(set(DTYPES))} or None, got {dtype!r}")
+    return DTYPES[dtype.lower()]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs the model. Every optimization is one field, off by default.
+
+    Attributes:
+        dtype: compute dtype of the denoiser (``"bfloat16"``, ``"float16"``, ``"float32"``); ``None``
+            keeps the dtype the weights were loaded in.
+        attention: attention backend. ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention``.
+        prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
+    """
+
+    dtype: str | None = None
+    attention: str = "sdpa"
+    prompt_cache_size: int = 16
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype, "EngineConfig.dtype")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"EngineConfig.attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}"
+            )
+        if isinstance(self.prompt_cache_size, bool) or not isinstance(self.prompt_cache_size, int):
+            raise TypeError(f"EngineConfig.prompt_cache_size must be an int, got {self.prompt_cache_size!r}")
+        if self.prompt_cache_size < 0:
+            raise ValueError(f"EngineConfig.prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return parse_dtype(self.dtype)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> EngineConfig:
+        """A named, tested combination of switches, with optional field overrides.
+
+        ``reference``: every optimization off. The engine's own loop and transformer still run, with
+        lossless rewrites only (fused QKV, the split input projection), so outputs equal diffusers'
+        ``FluxFillPipeline`` up to float rounding.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as a plain dict (what is switched on)."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, EngineConfig] = {
+    "reference": EngineConfig(),
+}

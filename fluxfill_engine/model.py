@@ -1,0 +1,308 @@
+"""The engine's FLUX Fill transformer, built from a loaded diffusers ``FluxTransformer2DModel``.
+
+Differences from diffusers' forward, all lossless rewrites:
+
+- QKV projections are one GEMM per stream (single-stream blocks also fuse the MLP input projection),
+  with the diffusers module's weights turned into views of the fused ones (no second copy).
+- The input projection is split: ``x_embedder(cat(x, cond)) = x @ W[:, :64].T + (cond @ W[:, 64:].T + b)``.
+  The bracket is computed once per request (:meth:`FillTransformer.prepare`), only the 64 noise-latent
+  channels every step.
+- Text projection, RoPE table and the timestep/guidance/pooled-text embedding of every step are
+  computed once per request; single-stream blocks concatenate text and image once, not per block.
+- The forward is split into ``embed`` / ``first_block`` / ``remaining_blocks`` / ``final`` so a step
+  cache can skip the remaining blocks.
+
+Shapes: B batch, L image tokens, S text tokens, D model width (3072), H heads, Dh head dim (128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionFn, get_attention
+from .layers import (
+    apply_rope,
+    fuse_linears,
+    gelu_tanh,
+    layer_norm,
+    modulate,
+    rope_table,
+    shares_storage,
+    timestep_embedding,
+)
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+def _qk_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image streams with their own weights, joined only in attention."""
+
+    def __init__(self, block: Any) -> None:
+        super().__init__()
+        attn = block.attn
+        self.num_heads = attn.heads
+        self.eps = attn.norm_q.eps
+        self.img_mod = block.norm1.linear
+        self.txt_mod = block.norm1_context.linear
+        self.img_qkv = fuse_linears([attn.to_q, attn.to_k, attn.to_v])
+        self.txt_qkv = fuse_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+        self.img_q_norm, self.img_k_norm = attn.norm_q.weight, attn.norm_k.weight
+        self.txt_q_norm, self.txt_k_norm = attn.norm_added_q.weight, attn.norm_added_k.weight
+        self.img_out = attn.to_out[0]
+        self.txt_out = attn.to_add_out
+        self.img_mlp_in, self.img_mlp_out = block.ff.net[0].proj, block.ff.net[2]
+        self.txt_mlp_in, self.txt_mlp_out = block.ff_context.net[0].proj, block.ff_context.net[2]
+        self._fused_views = [
+            (self.img_qkv, [attn.to_q, attn.to_k, attn.to_v]),
+            (self.txt_qkv, [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]),
+        ]
+
+    def _qkv(self, x: torch.Tensor, proj: nn.Linear, q_w: torch.Tensor, k_w: torch.Tensor):
+        q, k, v = proj(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        return _qk_norm(q, q_w, self.eps), _qk_norm(k, k_w, self.eps), v
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb_act: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_shift, img_scale, img_gate, img_mlp_shift, img_mlp_scale, img_mlp_gate = self.img_mod(
+            temb_act
+        ).chunk(6, dim=1)
+        txt_shift, txt_scale, txt_gate, txt_mlp_shift, txt_mlp_scale, txt_mlp_gate = self.txt_mod(
+            temb_act
+        ).chunk(6, dim=1)
+
+        img_q, img_k, img_v = self._qkv(
+            modulate(layer_norm(img), img_shift, img_scale), self.img_qkv, self.img_q_norm, self.img_k_norm
+        )
+        txt_q, txt_k, txt_v = self._qkv(
+            modulate(layer_norm(txt), txt_shift, txt_scale), self.txt_qkv, self.txt_q_norm, self.txt_k_norm
+        )
+        cos, sin = rope
+        q = apply_rope(torch.cat([txt_q, img_q], dim=1), cos, sin)
+        k = apply_rope(torch.cat([txt_k, img_k], dim=1), cos, sin)
+        v = torch.cat([txt_v, img_v], dim=1)
+        txt_attn, img_attn = attention(q, k, v).split_with_sizes([txt.shape[1], img.shape[1]], dim=1)
+
+        img = img + img_gate[:, None] * self.img_out(img_attn.contiguous())
+        mlp_in = modulate(layer_norm(img), img_mlp_shift, img_mlp_scale)
+        img = img + img_mlp_gate[:, None] * self.img_mlp_out(gelu_tanh(self.img_mlp_in(mlp_in)))
+
+        txt = txt + txt_gate[:, None] * self.txt_out(txt_attn.contiguous())
+        mlp_in = modulate(layer_norm(txt), txt_mlp_shift, txt_mlp_scale)
+        txt = txt + txt_mlp_gate[:, None] * self.txt_mlp_out(gelu_tanh(self.txt_mlp_in(mlp_in)))
+        return img, _clip_fp16(txt)
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over the joint text+image sequence; QKV and MLP-in are one fused GEMM."""
+
+    def __init__(self, block: Any) -> None:
+        super().__init__()
+        attn = block.attn
+        self.num_heads = attn.heads
+        self.eps = attn.norm_q.eps
+        self.width = attn.inner_dim
+        self.mod = block.norm.linear
+        self.qkv_mlp = fuse_linears([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
+        self.q_norm, self.k_norm = attn.norm_q.weight, attn.norm_k.weight
+        self.out = block.proj_out
+        self._fused_views = [(self.qkv_mlp, [attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb_act: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        shift, scale, gate = self.mod(temb_act).chunk(3, dim=1)
+        qkv, mlp = self.qkv_mlp(modulate(layer_norm(x), shift, scale)).split(
+            [3 * self.width, self.qkv_mlp.out_features - 3 * self.width], dim=-1
+        )
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        cos, sin = rope
+        q = apply_rope(_qk_norm(q, self.q_norm, self.eps), cos, sin)
+        k = apply_rope(_qk_norm(k, self.k_norm, self.eps), cos, sin)
+        hidden = torch.cat([attention(q, k, v), gelu_tanh(mlp)], dim=2)
+        return _clip_fp16(x + gate[:, None] * self.out(hidden))
+
+
+@dataclass
+class RequestInputs:
+    """Everything the transformer needs that is fixed for one request (computed by ``prepare``).
+
+    ``temb`` holds one conditioning vector per step: ``[num_steps, B, D]``.
+    """
+
+    cond_proj: torch.Tensor
+    txt: torch.Tensor
+    temb: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+
+class FillTransformer(nn.Module):
+    """The engine's FLUX Fill transformer (see the module docstring for what differs from diffusers)."""
+
+    def __init__(self, transformer: Any, attention: str = "sdpa") -> None:
+        super().__init__()
+        config = transformer.config
+        self.source = [transformer]  # a list, so the diffusers module is not registered as a child
+        self.attention_name = attention
+        self.attention = get_attention(attention)
+        self.axes_dims_rope = tuple(config.axes_dims_rope)
+        self.noise_channels = config.out_channels or config.in_channels
+        x_embedder = transformer.x_embedder
+        # Views into x_embedder's weight: the split costs no memory.
+        self.register_buffer("x_weight", x_embedder.weight.data[:, : self.noise_channels], persistent=False)
+        self.register_buffer("cond_weight", x_embedder.weight.data[:, self.noise_channels :], persistent=False)
+        self.x_bias = x_embedder.bias
+        self.context_embedder = transformer.context_embedder
+        embed = transformer.time_text_embed
+        self.timestep_embedder = embed.timestep_embedder
+        self.guidance_embedder = getattr(embed, "guidance_embedder", None)
+        self.text_embedder = embed.text_embedder
+        self.double_blocks = nn.ModuleList([DoubleStreamBlock(b) for b in transformer.transformer_blocks])
+        self.single_blocks = nn.ModuleList(
+            [SingleStreamBlock(b) for b in transformer.single_transformer_blocks]
+        )
+        self.norm_out = transformer.norm_out.linear
+        self.proj_out = transformer.proj_out
+
+    @classmethod
+    def from_diffusers(cls, transformer: Any, attention: str = "sdpa") -> FillTransformer:
+        """Build from a diffusers ``FluxTransformer2DModel`` (weights shared, QKV fused in place)."""
+        if getattr(transformer, "peft_config", None):
+            raise ValueError(
+                "the transformer has LoRA/PEFT adapters loaded; fluxfill-engine's transformer does not run "
+                "adapters yet. Fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights())."
+            )
+        return cls(transformer, attention=attention).eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    def is_in_sync(self) -> bool:
+        """Whether this engine still shares its weights with the diffusers module it was built from.
+
+        Moving or casting the diffusers module (``.to(...)``) gives its layers fresh tensors; the fused
+        views then no longer alias them and the engine must be rebuilt.
+        """
+        source = self.source[0]
+        if getattr(source, "peft_config", None):
+            return False
+        x_weight = source.x_embedder.weight
+        if self.x_weight.untyped_storage().data_ptr() != x_weight.untyped_storage().data_ptr():
+            return False
+        blocks = [*self.double_blocks, *self.single_blocks]
+        return all(shares_storage(fused, parts) for block in blocks for fused, parts in block._fused_views)
+
+    # ---- once per request -------------------------------------------------------------------------
+
+    def time_embedding(
+        self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        """Timestep (+ guidance) + pooled-text conditioning vector ``[N, D]``; inputs already x1000."""
+        temb = self.timestep_embedder(timestep_embedding(timestep).to(pooled.dtype))
+        if self.guidance_embedder is not None and guidance is not None:
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance).to(pooled.dtype))
+        return temb + self.text_embedder(pooled)
+
+    def prepare(
+        self,
+        cond: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance: float | None,
+        txt_ids: torch.Tensor,
+        img_ids: torch.Tensor,
+        latents_dtype: torch.dtype,
+    ) -> RequestInputs:
+        """Per-request precomputation.
+
+        ``timesteps`` are the schedule's ``sigma * 1000`` (float32, one per step). They are rounded
+        through ``latents_dtype`` and the model dtype exactly as diffusers' pipeline and transformer
+        do, so a bf16 run conditions on the same values as diffusers' bf16 run.
+        """
+        dtype = self.dtype
+        batch = cond.shape[0]
+        cond_proj = F.linear(cond.to(dtype), self.cond_weight, self.x_bias)
+        txt = self.text_embedding(prompt_embeds)
+        steps = timesteps.shape[0]
+        step_t = ((timesteps.to(latents_dtype) / 1000).to(dtype) * 1000).repeat_interleave(batch)
+        pooled = pooled_prompt_embeds.to(dtype).repeat(steps, 1)
+        guidance_t = None
+        if self.guidance_embedder is not None:
+            guidance_t = torch.full([steps * batch], guidance, device=cond.device, dtype=torch.float32)
+            guidance_t = guidance_t.to(dtype) * 1000
+        temb = self.time_embedding(step_t, guidance_t, pooled).unflatten(0, (steps, batch))
+        rope = rope_table(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
+        return RequestInputs(cond_proj=cond_proj, txt=txt, temb=temb, rope=rope)
+
+    def text_embedding(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return self.context_embedder(prompt_embeds.to(self.dtype))
+
+    # ---- every step --------------------------------------------------------------------------------
+
+    def embed(self, latents: torch.Tensor, cond_proj: torch.Tensor) -> torch.Tensor:
+        return F.linear(latents.to(self.dtype), self.x_weight) + cond_proj
+
+    def first_block(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb_act: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first double-stream block; ``temb_act`` is ``silu(temb)``."""
+        return self.double_blocks[0](img, txt, temb_act, rope, self.attention)
+
+    def remaining_blocks(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb_act: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Double-stream blocks 1.. and all single-stream blocks; returns the image tokens."""
+        for block in self.double_blocks[1:]:
+            img, txt = block(img, txt, temb_act, rope, self.attention)
+        text_len = txt.shape[1]
+        joint = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            joint = block(joint, temb_act, rope, self.attention)
+        return joint[:, text_len:]
+
+    def final(self, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.norm_out(F.silu(temb).to(img.dtype)).chunk(2, dim=1)
+        return self.proj_out(modulate(layer_norm(img), shift, scale))
+
+    def forward(self, latents: torch.Tensor, step: int, inputs: RequestInputs) -> torch.Tensor:
+        """The velocity prediction ``[B, L, 64]`` for packed noisy ``latents`` at step index ``step``."""
+        temb = inputs.temb[step]
+        temb_act = F.silu(temb)
+        img = self.embed(latents, inputs.cond_proj)
+        img, txt = self.first_block(img, inputs.txt, temb_act, inputs.rope)
+        img = self.remaining_blocks(img, txt, temb_act, inputs.rope)
+        return self.final(img, temb)

@@ -1,0 +1,150 @@
+"""A tiny random-weight FLUX Fill model, built in code: for tests, the CLI demo and CPU benchmarks.
+
+It has the real model's structure (guidance embedding, double and single stream blocks, a VAE with the
+real scale factor 8 so the mask packs to 256 channels, 16 latent channels, CLIP pooled + T5 sequence
+text) at toy widths. Its tokenizers are built in memory, so nothing is downloaded. Its images are
+noise: the point is that every stage of the real path runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_VOCAB_WORDS = (
+    "a white paper cup on the table red blue green cat dog photo of an image with sky tree house "
+    "car road sea sun moon star flower bird in front behind small large old new bright dark"
+).split()
+
+
+def _word_level_tokenizer(model_max_length: int, pad: str, bos: str | None, eos: str) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [pad, eos, "<unk>"] + ([bos] if bos else [])
+    vocab = {token: i for i, token in enumerate(specials + list(TINY_VOCAB_WORDS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        template, special_ids = f"{bos} $A {eos}", [(bos, vocab[bos]), (eos, vocab[eos])]
+    else:
+        template, special_ids = f"$A {eos}", [(eos, vocab[eos])]
+    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=special_ids)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=model_max_length,
+        pad_token=pad,
+        eos_token=eos,
+        unk_token="<unk>",
+        **({"bos_token": bos} if bos else {}),
+    )
+
+
+def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The seven components of a FLUX Fill pipeline, tiny and random, with fixed seeds.
+
+    Keys are the constructor arguments of ``FluxFillPipeline``: ``scheduler``, ``vae``,
+    ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``, ``transformer``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    text_dim = 32
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=384,  # 64 noise-latent + 64 masked-image-latent + 256 mask channels, as in the real model
+        out_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 16, 16),  # four blocks: the real scale factor 8
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    tokenizer = _word_level_tokenizer(77, pad="<pad>", bos="<bos>", eos="<eos>")
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=text_dim,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.convert_tokens_to_ids("<bos>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<eos>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer_2 = _word_level_tokenizer(512, pad="<pad>", bos=None, eos="</s>")
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.convert_tokens_to_ids("</s>"),
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    modules = [transformer, vae, text_encoder, text_encoder_2]
+    for module in modules:
+        module.eval()
+        if dtype != torch.float32:
+            module.to(dtype)
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+    }
+
+
+def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model as a diffusers folder (``model_index.json`` and one folder per component)."""
+    from .pipeline import FluxFillPipeline
+
+    path = Path(path)
+    FluxFillPipeline(**tiny_components(seed)).save_pretrained(path)
+    return path
