@@ -1,1 +1,307 @@
+"""The serving-facing API: load and configure once, then run many validated requests.
 
+``FluxFillEngine.run(FillRequest(...), on_event=...)`` returns a :class:`FillResult` with the images,
+the seed used, per-stage timings and stats, and reports lifecycle :class:`Event` objects on the way:
+``accepted``, ``preprocess_start``, ``preprocess_end``, ``step`` (one per step), ``decode_start``,
+``decode_end``, ``done`` -- or ``error`` with the message, after which the exception is re-raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .conditioning import check_image_values, image_seq_len, is_finite_number, load_image_input
+from .config import EngineConfig, parse_dtype
+from .pipeline import FluxFillPipeline
+
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 1536, 16
+MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 100, 100.0, 8
+MAX_SEED = 2**64 - 1
+MAX_SEQUENCE_LENGTH = 512
+# ITU-R 601 luma, what PIL's convert("L") uses, so array masks convert like image masks.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A lifecycle event. ``step`` counts completed steps (1..total) on ``step`` events."""
+
+    type: str
+    step: int | None = None
+    total: int | None = None
+    message: str | None = None
+    time: float = field(default_factory=time.perf_counter)
+
+
+EventHandler = Callable[[Event], None]
+
+
+@dataclass
+class FillRequest:
+    """One inpainting request.
+
+    Attributes:
+        prompt: what to paint into the masked area.
+        image: a PIL image, numpy ``[H, W, C]`` or tensor ``[C, H, W]`` in [0, 1], or a file path.
+        mask: white (1) = repaint, black (0) = keep; any of the image types, converted to one channel.
+        width, height: output size, 256-1536, floored to a multiple of 16; ``None`` = the image's size.
+        num_inference_steps: 1-100.
+        guidance_scale: the distilled guidance value, finite, 0-100 (FLUX Fill is tuned for 30).
+        seed: an int in [0, 2**64); ``None`` picks a random one, reported in the result.
+        num_images: 1-8 images for this prompt.
+    """
+
+    prompt: str
+    image: Any
+    mask: Any
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int = 28
+    guidance_scale: float = 30.0
+    seed: int | None = None
+    num_images: int = 1
+
+    def validated(self) -> FillRequest:
+        """A checked copy: images opened, the mask one-channel, the size floored, the seed chosen.
+
+        Raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the field and what is allowed.
+        """
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"`prompt` must be a string, got {type(self.prompt).__name__}")
+        if self.image is None or self.mask is None:
+            raise ValueError("`image` and `mask` are both required")
+        image = _to_pil(load_image_input(self.image, "image"), "image", mode="RGB")
+        mask = _to_pil(load_image_input(self.mask, "mask"), "mask", mode="L")
+        width = _checked_size("width", image.width if self.width is None else self.width)
+        height = _checked_size("height", image.height if self.height is None else self.height)
+        _check_int_range("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        if not is_finite_number(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise ValueError(
+                f"`guidance_scale` must be a finite number in [0, {MAX_GUIDANCE:g}], "
+                f"got {self.guidance_scale!r}"
+            )
+        _check_int_range("num_images", self.num_images, 1, MAX_IMAGES)
+        seed = self.seed
+        if seed is None:
+            seed = secrets.randbits(63)
+        else:
+            _check_int_range("seed", seed, 0, MAX_SEED)
+        return dataclasses.replace(self, image=image, mask=mask, width=width, height=height, seed=int(seed))
+
+
+@dataclass
+class FillResult:
+    """What a request produced.
+
+    ``timings`` are seconds per stage: ``text_encode``, ``vae_encode``, ``denoise``, ``decode``, ``total``.
+    ``stats`` holds the resolved request (size, steps, image tokens) and ``prompt_cache_hit``.
+    """
+
+    images: list[PIL.Image.Image]
+    seed: int
+    timings: dict[str, float]
+    stats: dict[str, Any]
+
+
+def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}")
+
+
+def _checked_size(name: str, value: Any) -> int:
+    _check_int_range(name, value, MIN_SIZE, MAX_SIZE)
+    return int(value) // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+def _to_pil(value: Any, name: str, mode: str) -> PIL.Image.Image:
+    """One PIL image from a PIL image, an ``[H, W(, C)]`` array or a ``[(C,) H, W]`` tensor in [0, 1]."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"`{name}` must be a single image, got a list of {len(value)}")
+        value = value[0]
+    if isinstance(value, PIL.Image.Image):
+        return value.convert(mode)
+    check_image_values(value, name, unit_range=True)
+    if isinstance(value, torch.Tensor):
+        array = value.detach().to("cpu", torch.float32)
+        if array.dim() == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.dim() == 3:
+            array = array.permute(1, 2, 0)
+        array = array.numpy()
+    else:
+        array = np.asarray(value, dtype=np.float32)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.ndim == 3 and array.shape[-1] == 3 and mode == "L":
+        array = array @ np.asarray(_LUMA, dtype=np.float32)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise ValueError(
+            f"`{name}` must be one image: [H, W], [H, W, 1|3|4] (numpy) or [1|3, H, W] (tensor); "
+            f"got shape {tuple(np.shape(value))}"
+        )
+    pil = PIL.Image.fromarray(np.round(array * 255).astype(np.uint8))
+    return pil.convert(mode)
+
+
+class FluxFillEngine:
+    """Loads and configures the model once, then serves :class:`FillRequest` objects.
+
+    Build it with :meth:`from_pretrained` (a diffusers folder), :meth:`tiny` (the built-in tiny
+    random model) or directly from a :class:`FluxFillPipeline`.
+    """
+
+    def __init__(
+        self,
+        pipeline: FluxFillPipeline,
+        config: EngineConfig | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(pipeline, FluxFillPipeline):
+            raise TypeError(
+                f"`pipeline` must be a fluxfill_engine.FluxFillPipeline, got {type(pipeline).__name__}"
+            )
+        self.config = config or EngineConfig.preset("reference")
+        self.pipeline = pipeline
+        if device is not None:
+            self.pipeline.to(device)
+        self.pipeline.configure(self.config)
+        self.pipeline.set_progress_bar_config(disable=not progress)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        config: EngineConfig | None = None,
+        device: str | torch.device | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        progress: bool = False,
+    ) -> FluxFillEngine:
+        """Load a diffusers FLUX Fill folder. ``torch_dtype`` defaults to the config's ``dtype``."""
+        config = config or EngineConfig.preset("reference")
+        dtype = parse_dtype(torch_dtype, "torch_dtype") or config.torch_dtype
+        path = Path(model)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"`model`: {str(path)!r} is not a diffusers folder (no model_index.json)")
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        pipeline = FluxFillPipeline.from_pretrained(path, **kwargs)
+        return cls(pipeline, config=config, device=device, progress=progress)
+
+    @classmethod
+    def tiny(
+        cls,
+        config: EngineConfig | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> FluxFillEngine:
+        """The built-in tiny random-weight model: every stage runs, the images are noise."""
+        from .tiny import tiny_components
+
+        return cls(FluxFillPipeline(**tiny_components(seed)), config=config, device=device, progress=progress)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline._execution_device
+
+    def describe(self) -> dict[str, Any]:
+        """What is running: the configuration, device, dtypes and model sizes."""
+        transformer = self.pipeline.transformer
+        return {
+            "config": self.config.describe(),
+            "device": str(self.device),
+            "transformer_dtype": str(transformer.dtype).replace("torch.", ""),
+            "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
+            "transformer": "fluxfill FillTransformer (fused QKV, split input projection), attention="
+            + self.config.attention,
+        }
+
+    def run(self, request: FillRequest, on_event: EventHandler | None = None) -> FillResult:
+        """Run one request. Invalid requests raise before any work (after an ``error`` event)."""
+        emit = on_event or (lambda event: None)
+        try:
+            request = request.validated()
+        except Exception as err:
+            emit(Event("error", message=str(err)))
+            raise
+        emit(Event("accepted"))
+        try:
+            return self._run(request, emit)
+        except Exception as err:
+            emit(Event("error", message=f"{type(err).__name__}: {err}"))
+            raise
+
+    def _run(self, request: FillRequest, emit: EventHandler) -> FillResult:
+        marks: dict[str, float] = {}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        public = {"preprocess_start", "preprocess_end", "decode_start", "decode_end"}
+
+        def on_stage(name: str, **info: Any) -> None:
+            if name == "step":
+                emit(Event("step", step=info["step"] + 1, total=info["num_steps"]))
+                return
+            if name.endswith("_end") or name == "decode_start":
+                sync()
+            marks[name] = time.perf_counter()
+            if name in public:
+                emit(Event(name))
+
+        hits_before = self.pipeline.prompt_cache.hits
+        start = time.perf_counter()
+        output = self.pipeline._generate(
+            prompt=request.prompt,
+            prompt_2=None,
+            image=request.image,
+            mask_image=request.mask,
+            masked_image_latents=None,
+            height=request.height,
+            width=request.width,
+            strength=1.0,
+            num_inference_steps=request.num_inference_steps,
+            sigmas=None,
+            guidance_scale=float(request.guidance_scale),
+            num_images_per_prompt=request.num_images,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            latents=None,
+            prompt_embeds=None,
+            pooled_prompt_embeds=None,
+            output_type="pil",
+            return_dict=True,
+            joint_attention_kwargs=None,
+            callback_on_step_end=None,
+            callback_on_step_end_tensor_inputs=["latents"],
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            on_stage=on_stage,
+        )
+        total = time.perf_counter() - start
+        timings = {
+            stage: marks[f"{stage}_end"] - marks[f"{stage}_start"]
+            for stage in ("text_encode", "vae_encode", "denoise", "decode")
+        }
+        timings["total"] = total
+        stats = {
+            "width": request.width,
+            "height": request.height,
+            "num_inference_steps": request.num_inference_steps,
+            "num_images": request.num_images,
+            "image_seq_len": image_seq_len(request.height, request.width, self.pipeline.vae_scale_factor),
+            "prompt_cache_hit": self.pipeline.prompt_cache.hits > hits_before,
+            "preset_fields": self.config.describe(),
+        }
+        emit(Event("done"))
+        return FillResult(images=list(output.images), seed=request.seed, timings=timings, stats=stats)

@@ -18,7 +18,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int = 256, max_period: int 
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def rope_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: int = 10000) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(
+    ids: torch.Tensor, axes_dim: Sequence[int], theta: int = 10000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FLUX's rotary table for position ids ``[L, n_axes]``: ``(cos, sin)``, each ``[L, sum(axes_dim)]``.
 
     Frequencies are computed in float64 (float32 on MPS, which has no float64) and each angle is repeated

@@ -170,7 +170,9 @@ class FillTransformer(nn.Module):
         x_embedder = transformer.x_embedder
         # Views into x_embedder's weight: the split costs no memory.
         self.register_buffer("x_weight", x_embedder.weight.data[:, : self.noise_channels], persistent=False)
-        self.register_buffer("cond_weight", x_embedder.weight.data[:, self.noise_channels :], persistent=False)
+        self.register_buffer(
+            "cond_weight", x_embedder.weight.data[:, self.noise_channels :], persistent=False
+        )
         self.x_bias = x_embedder.bias
         self.context_embedder = transformer.context_embedder
         embed = transformer.time_text_embed

@@ -46,7 +46,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _vae_sample_shape(image: torch.Tensor, latent_channels: int, vae_scale_factor: int) -> tuple[int, ...]:
-    return (image.shape[0], latent_channels, image.shape[2] // vae_scale_factor, image.shape[3] // vae_scale_factor)
+    return (
+        image.shape[0],
+        latent_channels,
+        image.shape[2] // vae_scale_factor,
+        image.shape[3] // vae_scale_factor,
+    )
 
 
 class FluxFillPipeline(diffusers.FluxFillPipeline):
@@ -131,7 +136,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         max_sequence_length: int = 512,
         lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode prompts: ``(prompt_embeds [B*n, S, 4096], pooled_prompt_embeds [B*n, 768], text_ids [S, 3])``.
+        """Encode prompts: ``(prompt_embeds [B*n, S, 4096], pooled [B*n, 768], text_ids [S, 3])``.
 
         Same contract as diffusers'. Repeated prompts are served from :attr:`prompt_cache`.
         """
@@ -227,7 +232,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if sigmas is not None:
             values = np.asarray(sigmas, dtype=np.float64) if len(sigmas) else np.zeros(0)
             if values.ndim != 1 or values.size == 0 or not np.all((values > 0) & (values <= 1)):
-                raise ValueError(f"`sigmas` must be a non-empty 1-D sequence of values in (0, 1], got {sigmas!r}")
+                raise ValueError(
+                    f"`sigmas` must be a non-empty 1-D sequence of values in (0, 1], got {sigmas!r}"
+                )
         if not is_finite_number(guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
@@ -359,6 +366,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             max_sequence_length=max_sequence_length,
         )
 
+    @torch.no_grad()
     def _generate(
         self,
         *,
@@ -455,7 +463,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         # 2. Text.
         stage("preprocess_start")
         stage("text_encode_start")
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        batch = (
+            1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        )
         total = batch * num_images_per_prompt
         lora_scale = (joint_attention_kwargs or {}).get("scale", None)
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
@@ -477,11 +487,17 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         init_image = None
         if image is not None:
             init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-        latents, img_ids = self._initial_latents(init_image, schedule, total, height, width, dtype, device, generator, latents)
+        latents, img_ids = self._initial_latents(
+            init_image, schedule, total, height, width, dtype, device, generator, latents
+        )
         if masked_image_latents is not None:
-            cond = repeat_to_batch(masked_image_latents.to(device=device, dtype=dtype), total, "masked_image_latents")
+            cond = repeat_to_batch(
+                masked_image_latents.to(device=device, dtype=dtype), total, "masked_image_latents"
+            )
         else:
-            cond = self._fill_conditioning(init_image, mask_image, total, height, width, dtype, device, generator)
+            cond = self._fill_conditioning(
+                init_image, mask_image, total, height, width, dtype, device, generator
+            )
         stage("vae_encode_end")
         stage("preprocess_end")
 

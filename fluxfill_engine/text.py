@@ -48,7 +48,9 @@ def t5_embeds(
 ) -> torch.Tensor:
     """T5's last hidden state ``[B, max_sequence_length, 4096]`` (prompts padded to the full length)."""
     input_ids = _tokenize(tokenizer, prompts, max_sequence_length, "T5")
-    hidden = text_encoder(input_ids.to(get_module_execution_device(text_encoder)), output_hidden_states=False)[0]
+    hidden = text_encoder(
+        input_ids.to(get_module_execution_device(text_encoder)), output_hidden_states=False
+    )[0]
     return hidden.to(dtype=text_encoder.dtype, device=device)
 
 

@@ -13,10 +13,45 @@ from typing import Any
 
 import torch
 
-TINY_VOCAB_WORDS = (
-    "a white paper cup on the table red blue green cat dog photo of an image with sky tree house "
-    "car road sea sun moon star flower bird in front behind small large old new bright dark"
-).split()
+TINY_VOCAB_WORDS = [
+    "a",
+    "white",
+    "paper",
+    "cup",
+    "on",
+    "the",
+    "table",
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "photo",
+    "of",
+    "an",
+    "image",
+    "with",
+    "sky",
+    "tree",
+    "house",
+    "car",
+    "road",
+    "sea",
+    "sun",
+    "moon",
+    "star",
+    "flower",
+    "bird",
+    "in",
+    "front",
+    "behind",
+    "small",
+    "large",
+    "old",
+    "new",
+    "bright",
+    "dark",
+]
 
 
 def _word_level_tokenizer(model_max_length: int, pad: str, bos: str | None, eos: str) -> Any:
