@@ -198,7 +198,7 @@ class FluxFillEngine:
         path = Path(model)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"`model`: {str(path)!r} is not a diffusers folder (no model_index.json)")
-        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        kwargs = {"dtype": dtype} if dtype is not None else {}
         pipeline = FluxFillPipeline.from_pretrained(path, **kwargs)
         return cls(pipeline, config=config, device=device, progress=progress)
 
@@ -213,7 +213,9 @@ class FluxFillEngine:
         """The built-in tiny random-weight model: every stage runs, the images are noise."""
         from .tiny import tiny_components
 
-        return cls(FluxFillPipeline(**tiny_components(seed)), config=config, device=device, progress=progress)
+        dtype = (config.torch_dtype if config else None) or torch.float32
+        components = tiny_components(seed, dtype=dtype)
+        return cls(FluxFillPipeline(**components), config=config, device=device, progress=progress)
 
     @property
     def device(self) -> torch.device:

@@ -546,6 +546,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         else:
             unpacked = unpack_latents(latents, height, width, self.vae_scale_factor)
             unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            unpacked = unpacked.to(self.vae.dtype)
             decoded = self.vae.decode(unpacked, return_dict=False)[0]
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         stage("decode_end")
