@@ -47,7 +47,13 @@ def _build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument(
         "--model",
         type=Path,
-        help="a diffusers FLUX.1 Fill folder (default: the built-in tiny random-weight model)",
+        help="a diffusers FLUX.1 Fill folder, or a single-file transformer checkpoint with --base "
+        "(default: the built-in tiny random-weight model)",
+    )
+    inpaint.add_argument(
+        "--base",
+        type=Path,
+        help="with a single-file --model: the diffusers folder with the other components",
     )
     inpaint.add_argument(
         "--steps", type=int, default=28, help=f"denoising steps, 1-{MAX_STEPS} (default: 28)"
@@ -117,7 +123,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
         engine = FluxFillEngine.tiny(config=config, device=device)
     else:
         print(f"Loading {args.model} ...")
-        engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device)
+        engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device, base=args.base)
 
     if (args.image is None) != (args.mask is None):
         raise SystemExit("error: give both --image and --mask, or neither (to use the built-in demo inputs)")

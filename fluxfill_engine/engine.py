@@ -158,6 +158,36 @@ def _to_pil(value: Any, name: str, mode: str) -> PIL.Image.Image:
     return pil.convert(mode)
 
 
+def _diffusers_folder(path: Path, name: str) -> Path:
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"`{name}`: {str(path)!r} is not a diffusers folder (no model_index.json)")
+    return path
+
+
+def load_pipeline(
+    model: str | Path, base: str | Path | None = None, dtype: torch.dtype | None = None
+) -> FluxFillPipeline:
+    """A :class:`FluxFillPipeline` from a diffusers folder, or a single-file transformer + ``base`` folder."""
+    path = Path(model)
+    dtype_kwargs = {"dtype": dtype} if dtype is not None else {}
+    if path.is_dir():
+        return FluxFillPipeline.from_pretrained(_diffusers_folder(path, "model"), **dtype_kwargs)
+    if not path.is_file():
+        raise FileNotFoundError(f"`model`: no such folder or checkpoint file: {str(path)!r}")
+    if base is None:
+        raise ValueError(
+            "`base` is required with a single-file `model`: a diffusers FLUX.1 Fill folder that provides "
+            "the text encoders, VAE, scheduler and the transformer's config"
+        )
+    from diffusers import FluxTransformer2DModel
+
+    base = _diffusers_folder(Path(base), "base")
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(path), config=str(base), subfolder="transformer", local_files_only=True, torch_dtype=dtype
+    )
+    return FluxFillPipeline.from_pretrained(base, transformer=transformer, **dtype_kwargs)
+
+
 class FluxFillEngine:
     """Loads and configures the model once, then serves :class:`FillRequest` objects.
 
@@ -191,15 +221,17 @@ class FluxFillEngine:
         device: str | torch.device | None = None,
         torch_dtype: str | torch.dtype | None = None,
         progress: bool = False,
+        base: str | Path | None = None,
     ) -> FluxFillEngine:
-        """Load a diffusers FLUX Fill folder. ``torch_dtype`` defaults to the config's ``dtype``."""
+        """Load a model; ``torch_dtype`` defaults to the config's ``dtype``.
+
+        ``model`` is a diffusers FLUX Fill folder, or a single-file transformer checkpoint (BFL's
+        ``flux1-fill-dev.safetensors`` or a diffusers-format file) together with ``base``, a diffusers
+        folder that provides the other components and the transformer's config.
+        """
         config = config or EngineConfig.preset("reference")
         dtype = parse_dtype(torch_dtype, "torch_dtype") or config.torch_dtype
-        path = Path(model)
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"`model`: {str(path)!r} is not a diffusers folder (no model_index.json)")
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        pipeline = FluxFillPipeline.from_pretrained(path, **kwargs)
+        pipeline = load_pipeline(model, base=base, dtype=dtype)
         return cls(pipeline, config=config, device=device, progress=progress)
 
     @classmethod

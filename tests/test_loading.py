@@ -104,3 +104,26 @@ def test_from_pretrained_errors(tmp_path):
         FluxFillEngine.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="torch_dtype"):
         FluxFillEngine.from_pretrained(tmp_path, torch_dtype="int8")
+
+
+def test_single_file_transformer_with_base_folder(tmp_path):
+    import safetensors.torch
+
+    from fluxfill_engine.engine import load_pipeline
+
+    base = save_tiny_model(tmp_path / "base")
+    transformer = tiny_components(seed=5)["transformer"]  # different weights from the base folder's
+    checkpoint = tmp_path / "fill.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, checkpoint)
+
+    pipe = load_pipeline(checkpoint, base=base, dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+    for name, value in transformer.state_dict().items():
+        assert torch.equal(pipe.transformer.state_dict()[name], value.to(torch.bfloat16)), name
+
+    with pytest.raises(ValueError, match="base"):
+        load_pipeline(checkpoint)
+    with pytest.raises(FileNotFoundError, match="base"):
+        load_pipeline(checkpoint, base=tmp_path)
+    with pytest.raises(FileNotFoundError, match="model"):
+        load_pipeline(tmp_path / "missing.safetensors", base=base)
