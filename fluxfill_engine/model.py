@@ -163,8 +163,7 @@ class FillTransformer(nn.Module):
         super().__init__()
         config = transformer.config
         self.source = [transformer]  # a list, so the diffusers module is not registered as a child
-        self.attention_name = attention
-        self.attention = get_attention(attention)
+        self.set_attention(attention)
         self.axes_dims_rope = tuple(config.axes_dims_rope)
         self.noise_channels = config.out_channels or config.in_channels
         x_embedder = transformer.x_embedder
@@ -195,6 +194,11 @@ class FillTransformer(nn.Module):
                 "adapters yet. Fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights())."
             )
         return cls(transformer, attention=attention).eval().requires_grad_(False)
+
+    def set_attention(self, name: str) -> None:
+        """Switch the attention backend (see :mod:`.attention`)."""
+        self.attention = get_attention(name)
+        self.attention_name = name
 
     @property
     def dtype(self) -> torch.dtype:

@@ -15,9 +15,11 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .conditioning import (
     check_image_values,
@@ -38,6 +40,9 @@ from .text import PromptCache, clip_pooled_embeds, t5_embeds
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The engine transformer is cached on the diffusers transformer it views, so every pipeline sharing that
+# module (from_pipe, several engines) shares one set of fused weights instead of each fusing its own.
+_FILL_ATTR = "_fluxfill_transformer"
 StageHook = Callable[..., None]
 
 
@@ -60,15 +65,16 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     Use :meth:`configure` to switch optimizations on (``pipe.configure(EngineConfig.preset(...))``).
     """
 
+    # The component annotations are diffusers' own: from_pipe and from_pretrained read them.
     def __init__(
         self,
-        scheduler: Any,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        text_encoder_2: Any,
-        tokenizer_2: Any,
-        transformer: Any,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
     ) -> None:
         super().__init__(
             scheduler=scheduler,
@@ -80,7 +86,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             transformer=transformer,
         )
         self._engine_config = EngineConfig.preset("reference")
-        self._fill_transformer: FillTransformer | None = None
         self.prompt_cache = PromptCache(self._engine_config.prompt_cache_size)
 
     # ---- configuration -----------------------------------------------------------------------------
@@ -94,7 +99,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if not isinstance(config, EngineConfig):
             raise TypeError(f"`config` must be an EngineConfig, got {type(config).__name__}")
         self._engine_config = config
-        self._fill_transformer = None
         self.prompt_cache = PromptCache(config.prompt_cache_size)
         dtype = config.torch_dtype
         if dtype is not None and self.transformer.dtype != dtype:
@@ -104,24 +108,30 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     def to(self, *args: Any, **kwargs: Any) -> FluxFillPipeline:
         # Moving the diffusers modules gives them fresh tensors; drop the engine's (now stale) views
         # first so the old device's fused weights are freed, not kept alongside the moved ones.
-        self._fill_transformer = None
+        self._drop_fill_transformer()
         self.prompt_cache.clear()
         return super().to(*args, **kwargs)
 
     @property
     def fill_transformer(self) -> FillTransformer:
         """The engine transformer for the current ``self.transformer`` (built on first use)."""
-        fill = self._fill_transformer
-        if fill is None or fill.source[0] is not self.transformer or not fill.is_in_sync():
-            self._fill_transformer = None  # release the stale one before building the new one
+        fill = self.transformer.__dict__.get(_FILL_ATTR)
+        if fill is None or not fill.is_in_sync():
+            self._drop_fill_transformer()  # release the stale one before building the new one
             if any(p.device.type == "meta" for p in self.transformer.parameters()):
                 raise ValueError(
                     "the transformer's weights are not materialised (sequential CPU offload?); "
                     "fluxfill-engine supports enable_model_cpu_offload(), not sequential offload"
                 )
             fill = FillTransformer.from_diffusers(self.transformer, attention=self._engine_config.attention)
-            self._fill_transformer = fill
+            self.transformer.__dict__[_FILL_ATTR] = fill  # a plain attribute: not a registered submodule
+        fill.set_attention(self._engine_config.attention)
         return fill
+
+    def _drop_fill_transformer(self) -> None:
+        transformer = getattr(self, "transformer", None)
+        if transformer is not None:
+            transformer.__dict__.pop(_FILL_ATTR, None)
 
     # ---- text --------------------------------------------------------------------------------------
 
@@ -537,7 +547,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                 stage("step", step=i, num_steps=schedule.num_steps)
         stage("denoise_end")
         if getattr(self.transformer, "_hf_hook", None) is not None:
-            self._fill_transformer = None  # offloading: let the hook move the weights back off the device
+            self._drop_fill_transformer()  # offloading: let the hook move the weights back off the device
 
         # 5. Decode.
         stage("decode_start")

@@ -127,3 +127,16 @@ def test_single_file_transformer_with_base_folder(tmp_path):
         load_pipeline(checkpoint, base=tmp_path)
     with pytest.raises(FileNotFoundError, match="model"):
         load_pipeline(tmp_path / "missing.safetensors", base=base)
+
+
+def test_pipelines_sharing_a_transformer_share_one_engine_transformer():
+    first = FluxFillPipeline(**tiny_components())
+    second = FluxFillPipeline.from_pipe(first)
+    assert second.transformer is first.transformer
+    params = list(first.transformer.parameters())
+    before = storage_bytes(params)
+    fill = first.fill_transformer
+    assert second.fill_transformer is fill
+    assert first.fill_transformer is fill and fill.is_in_sync()
+    assert storage_bytes([*params, *fill.parameters(), *fill.buffers()]) == before
+    assert "fluxfill" not in " ".join(name for name, _ in first.transformer.named_modules())
