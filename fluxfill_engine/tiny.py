@@ -151,15 +151,7 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
             eos_token_id=tokenizer_2.convert_tokens_to_ids("</s>"),
         )
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG)
     modules = [transformer, vae, text_encoder, text_encoder_2]
     for module in modules:
         module.eval()
