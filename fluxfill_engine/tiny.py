@@ -13,6 +13,17 @@ from typing import Any
 
 import torch
 
+# FLUX.1 Fill [dev]'s scheduler configuration (the real one: the tiny model samples like the real model).
+FLUX_FILL_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
 TINY_VOCAB_WORDS = [
     "a",
     "white",

@@ -6,16 +6,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from fluxfill_engine.sampling import calculate_shift, euler_step, make_schedule
+from fluxfill_engine.tiny import FLUX_FILL_SCHEDULER_CONFIG
 
-FLUX_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+FLUX_SCHEDULER = FLUX_FILL_SCHEDULER_CONFIG
 
 
 def diffusers_schedule(steps, seq_len, strength=1.0, sigmas=None, **overrides):
