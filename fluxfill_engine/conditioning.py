@@ -8,6 +8,7 @@ Shapes (s = VAE scale factor, 8 for FLUX): image ``[B, 3, H, W]`` -> latents ``[
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -134,4 +135,16 @@ def image_seq_len(height: int, width: int, vae_scale_factor: int) -> int:
 
 
 def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real, finite number (Python or numpy scalar; not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def bools_to_float(value: ImageInput) -> ImageInput:
+    """Boolean mask arrays/tensors as float32 (True = 1 = repaint); everything else unchanged."""
+    if isinstance(value, list):
+        return [bools_to_float(item) for item in value]
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        return value.to(torch.float32)
+    if isinstance(value, np.ndarray) and value.dtype == np.bool_:
+        return value.astype(np.float32)
+    return value

@@ -184,6 +184,12 @@ class FillTransformer(nn.Module):
         )
         self.norm_out = transformer.norm_out.linear
         self.proj_out = transformer.proj_out
+        self._source_params = self._parameter_ids(transformer)
+
+    @staticmethod
+    def _parameter_ids(module: nn.Module) -> tuple[int, ...]:
+        # The engine holds every source parameter object, so none can be freed and its id reused.
+        return tuple(id(p) for p in module.parameters())
 
     @classmethod
     def from_diffusers(cls, transformer: Any, attention: str = "sdpa") -> FillTransformer:
@@ -212,10 +218,11 @@ class FillTransformer(nn.Module):
         """Whether this engine still shares its weights with the diffusers module it was built from.
 
         Moving or casting the diffusers module (``.to(...)``) gives its layers fresh tensors; the fused
-        views then no longer alias them and the engine must be rebuilt.
+        views then no longer alias them and the engine must be rebuilt. Likewise when any parameter
+        object was replaced (``module.weight = nn.Parameter(...)``).
         """
         source = self.source[0]
-        if getattr(source, "peft_config", None):
+        if getattr(source, "peft_config", None) or self._parameter_ids(source) != self._source_params:
             return False
         x_weight = source.x_embedder.weight
         if self.x_weight.untyped_storage().data_ptr() != x_weight.untyped_storage().data_ptr():

@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .conditioning import (
+    bools_to_float,
     check_image_values,
     fill_conditioning,
     image_seq_len,
@@ -35,7 +36,7 @@ from .conditioning import (
 from .config import EngineConfig
 from .model import FillTransformer
 from .sampling import Schedule, euler_step, make_schedule, noise_latents
-from .text import PromptCache, clip_pooled_embeds, t5_embeds
+from .text import PromptCache, clip_pooled_embeds, t5_embeds, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +196,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             lora_scale,
             len(self.tokenizer),
             len(self.tokenizer_2),
-            id(self.text_encoder),
-            id(self.text_encoder_2),
+            weights_fingerprint(self.text_encoder),
+            weights_fingerprint(self.text_encoder_2),
         )
         cached = None if adapters else self.prompt_cache.get(key)
         if cached is not None:
@@ -268,7 +269,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             image = load_image_input(image, "image")
             check_image_values(image, "image")
         if mask_image is not None:
-            mask_image = load_image_input(mask_image, "mask_image")
+            mask_image = bools_to_float(load_image_input(mask_image, "mask_image"))
             check_image_values(mask_image, "mask_image", unit_range=True)
 
         if isinstance(prompt, str):
@@ -410,9 +411,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             if on_stage is not None:
                 on_stage(name, **info)
 
-        # 1. Validate everything before touching any state.
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        # 1. Validate everything before touching any state. (0 is rejected, not taken as "default".)
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         if not is_finite_number(strength):
             raise ValueError(f"`strength` must be a number in [0, 1], got {strength!r}")
         self.check_inputs(
@@ -488,6 +489,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             max_sequence_length=max_sequence_length,
             lora_scale=lora_scale,
         )
+        if prompt_embeds.shape[0] != total:  # caller-supplied embeddings: one per prompt
+            prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         stage("text_encode_end")
 
         # 3. Image latents, noise, conditioning. The generator is consumed in diffusers' order:

@@ -54,6 +54,16 @@ def t5_embeds(
     return hidden.to(dtype=text_encoder.dtype, device=device)
 
 
+def weights_fingerprint(module: torch.nn.Module) -> tuple[int, ...]:
+    """Changes whenever ``module``'s weights may have: a parameter replaced (object identity), its
+    tensor replaced (storage pointer), or modified in place (autograd version counter, bumped by
+    ``load_state_dict``, ``fuse_lora`` and every other in-place write)."""
+    parts: list[int] = [id(module)]
+    for param in module.parameters():
+        parts += [id(param), param.data_ptr(), param._version]
+    return tuple(parts)
+
+
 class PromptCache:
     """A small LRU map from a prompt key to its encoded ``(prompt_embeds, pooled_prompt_embeds)``.
 

@@ -1,0 +1,436 @@
+"""Pipeline behaviour that diffusers' ``PipelineTesterMixin`` checks, on our pipeline, plus engine state.
+
+Saving and loading, ``from_pipe``, batch consistency, output shapes and types, ``return_dict``, callbacks,
+progress bars, ``configure``, ``to``, and that the engine's cached state (fused transformer, prompt cache)
+never makes a call differ from what diffusers would give for the pipeline's current modules.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from torch import nn
+
+from fluxfill_engine import EngineConfig, FluxFillPipeline
+from fluxfill_engine.tiny import tiny_components
+
+# ---- save / load / from_pipe -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run_before_saving", [True, False], ids=["fused", "unfused"])
+def test_save_and_reload(pipe, make_kwargs, helpers, tmp_path, run_before_saving):
+    before = pipe(**make_kwargs()).images if run_before_saving else None
+    pipe.save_pretrained(tmp_path)
+    if before is None:
+        before = pipe(**make_kwargs()).images
+    assert (tmp_path / "model_index.json").is_file()
+
+    loaded = FluxFillPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is FluxFillPipeline
+    assert loaded.engine_config == EngineConfig.preset("reference")
+    helpers.disable_progress(loaded)
+    helpers.assert_close(loaded(**make_kwargs()).images, before)
+
+
+def test_diffusers_loads_a_folder_saved_by_our_pipeline(pipe, make_kwargs, helpers, tmp_path):
+    before = pipe(**make_kwargs()).images
+    pipe.save_pretrained(tmp_path)
+    loaded = diffusers.FluxFillPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is diffusers.FluxFillPipeline
+    helpers.disable_progress(loaded)
+    helpers.assert_close(loaded(**make_kwargs()).images, before)
+
+
+def test_our_pipeline_loads_a_folder_saved_by_diffusers(pipes, make_kwargs, helpers, tmp_path):
+    reference, _ = pipes
+    expected = reference(**make_kwargs()).images
+    reference.save_pretrained(tmp_path)
+    loaded = FluxFillPipeline.from_pretrained(tmp_path)
+    helpers.disable_progress(loaded)
+    helpers.assert_close(loaded(**make_kwargs()).images, expected)
+
+
+@pytest.mark.parametrize("source", ["diffusers", "ours"])
+def test_from_pipe(pipes, make_kwargs, helpers, source):
+    reference, ours = pipes
+    expected = reference(**make_kwargs()).images
+    new = FluxFillPipeline.from_pipe(reference if source == "diffusers" else ours)
+    assert type(new) is FluxFillPipeline
+    assert new.transformer is reference.transformer
+    helpers.disable_progress(new)
+    helpers.assert_close(new(**make_kwargs()).images, expected)
+
+
+def test_from_pipe_with_model_components_passed_explicitly(pipes, make_kwargs, helpers):
+    reference, _ = pipes
+    expected = reference(**make_kwargs()).images
+    new = FluxFillPipeline.from_pipe(reference, vae=reference.vae, transformer=reference.transformer)
+    assert type(new) is FluxFillPipeline
+    assert new.text_encoder is reference.text_encoder
+    helpers.disable_progress(new)
+    helpers.assert_close(new(**make_kwargs()).images, expected)
+
+
+def test_diffusers_from_pipe_of_our_pipeline(pipes, make_kwargs, helpers):
+    reference, ours = pipes
+    expected = ours(**make_kwargs()).images
+    new = diffusers.FluxFillPipeline.from_pipe(ours)
+    assert type(new) is diffusers.FluxFillPipeline
+    helpers.disable_progress(new)
+    helpers.assert_close(new(**make_kwargs()).images, expected)
+
+
+# ---- batching ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_batch_consistency(pipe, make_kwargs, helpers, strength):
+    """A batch of 2 identical requests with generators (s0, s1) == two single runs seeded s0 and s1.
+
+    The image and mask are batched too: with one image and a list of generators, diffusers (and so the
+    engine) draw the init image's VAE sample from generator 0 only, which shifts generator 1's stream.
+    """
+    image, mask = helpers.image_tensor(), helpers.mask_tensor()
+    common = dict(strength=strength, num_inference_steps=4)
+    batched = pipe(
+        **make_kwargs(
+            seed=[21, 22],
+            prompt=[helpers.PROMPT] * 2,
+            image=torch.cat([image, image]),
+            mask_image=torch.cat([mask, mask]),
+            **common,
+        )
+    ).images
+    singles = [
+        pipe(**make_kwargs(seed=s, image=image, mask_image=mask, **common)).images[0] for s in (21, 22)
+    ]
+    assert batched.shape[0] == 2
+    for i in range(2):
+        helpers.assert_close(batched[i], singles[i])
+    assert helpers.max_abs_diff(batched[0], batched[1]) > 1e-3  # the seeds matter
+
+
+def test_num_images_per_prompt_with_one_generator_repeats_prompts(pipe, make_kwargs, helpers):
+    images = pipe(**make_kwargs(prompt=["a cat", "a dog"], num_images_per_prompt=2)).images
+    assert images.shape[0] == 4
+    # every image gets its own noise
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert helpers.max_abs_diff(images[i], images[j]) > 1e-3
+
+
+@pytest.mark.parametrize("num_prompts", [1, 2])
+@pytest.mark.parametrize("num_images_per_prompt", [1, 2, 3])
+def test_num_images_per_prompt_shapes(pipe, make_kwargs, helpers, num_prompts, num_images_per_prompt):
+    prompt = helpers.PROMPT if num_prompts == 1 else ["a cat", "a dog"]
+    images = pipe(
+        **make_kwargs(prompt=prompt, num_images_per_prompt=num_images_per_prompt, num_inference_steps=1)
+    ).images
+    assert images.shape == (num_prompts * num_images_per_prompt, helpers.HEIGHT, helpers.WIDTH, 3)
+
+
+# ---- outputs -------------------------------------------------------------------------------------------
+
+
+def test_output_type_pil(pipe, make_kwargs, helpers):
+    images = pipe(**make_kwargs(output_type="pil", num_images_per_prompt=2)).images
+    assert isinstance(images, list) and len(images) == 2
+    for image in images:
+        assert isinstance(image, PIL.Image.Image)
+        assert image.size == (helpers.WIDTH, helpers.HEIGHT) and image.mode == "RGB"
+
+
+def test_output_type_np(pipe, make_kwargs, helpers):
+    images = pipe(**make_kwargs(output_type="np", num_images_per_prompt=2)).images
+    assert isinstance(images, np.ndarray)
+    assert images.shape == (2, helpers.HEIGHT, helpers.WIDTH, 3) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_output_type_pt(pipe, make_kwargs, helpers):
+    images = pipe(**make_kwargs(output_type="pt", num_images_per_prompt=2)).images
+    assert isinstance(images, torch.Tensor)
+    assert images.shape == (2, 3, helpers.HEIGHT, helpers.WIDTH) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_output_type_latent(pipe, make_kwargs, helpers):
+    latents = pipe(**make_kwargs(output_type="latent", num_images_per_prompt=2)).images
+    seq_len = (helpers.HEIGHT // 16) * (helpers.WIDTH // 16)
+    assert isinstance(latents, torch.Tensor)
+    assert latents.shape == (2, seq_len, 64) and torch.isfinite(latents).all()
+
+
+def test_output_types_agree(pipe, make_kwargs, helpers):
+    as_np = pipe(**make_kwargs(output_type="np")).images
+    as_pt = pipe(**make_kwargs(output_type="pt")).images
+    as_pil = pipe(**make_kwargs(output_type="pil")).images
+    helpers.assert_close(as_pt.permute(0, 2, 3, 1), as_np, atol=1e-6)
+    assert helpers.max_abs_diff(as_pil, as_np) <= 0.5 / 255 + 1e-6  # 8-bit rounding only
+
+
+def test_return_dict(pipe, make_kwargs, helpers):
+    output = pipe(**make_kwargs())
+    assert isinstance(output, FluxPipelineOutput)
+    as_tuple = pipe(**make_kwargs(), return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    helpers.assert_close(as_tuple[0], output.images, atol=0)
+
+
+def test_repeated_calls_are_deterministic(pipe, make_kwargs, helpers):
+    first = pipe(**make_kwargs()).images
+    second = pipe(**make_kwargs()).images
+    helpers.assert_close(first, second, atol=0)
+    assert helpers.max_abs_diff(first, pipe(**make_kwargs(seed=1)).images) > 1e-3
+
+
+# ---- callbacks -----------------------------------------------------------------------------------------
+
+
+def test_callback_receives_the_requested_tensor_inputs(pipe, make_kwargs, helpers):
+    assert set(pipe._callback_tensor_inputs) == {"latents", "prompt_embeds"}
+    calls = []
+
+    def callback(p, step, timestep, kwargs):
+        assert p is pipe
+        calls.append((step, float(timestep), {k: tuple(v.shape) for k, v in kwargs.items()}))
+        return kwargs
+
+    pipe(
+        **make_kwargs(
+            num_inference_steps=3,
+            num_images_per_prompt=2,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
+        )
+    )
+    seq_len = (helpers.HEIGHT // 16) * (helpers.WIDTH // 16)
+    assert [step for step, _, _ in calls] == [0, 1, 2]
+    timesteps = [t for _, t, _ in calls]
+    assert timesteps == sorted(timesteps, reverse=True) and timesteps[0] == pytest.approx(1000.0)
+    for _, _, shapes in calls:
+        assert shapes == {"latents": (2, seq_len, 64), "prompt_embeds": (2, helpers.MAX_SEQ, 32)}
+
+
+def test_callback_gets_only_the_listed_inputs(pipe, make_kwargs):
+    keys = []
+
+    def callback(p, step, timestep, kwargs):
+        keys.append(sorted(kwargs))
+        return {}
+
+    pipe(**make_kwargs(callback_on_step_end=callback))
+    assert keys == [["latents"], ["latents"]]  # the default is ["latents"]
+    keys.clear()
+    pipe(**make_kwargs(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"]))
+    assert keys == [["prompt_embeds"], ["prompt_embeds"]]
+
+
+def test_callback_returning_its_inputs_changes_nothing(pipe, make_kwargs, helpers):
+    expected = pipe(**make_kwargs()).images
+    actual = pipe(
+        **make_kwargs(
+            callback_on_step_end=lambda p, i, t, kwargs: kwargs,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        )
+    ).images
+    helpers.assert_close(actual, expected, atol=0)
+
+
+def test_callback_with_unknown_tensor_input_raises(pipe, make_kwargs):
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(**make_kwargs(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]))
+
+
+# ---- progress bar, configure, to -----------------------------------------------------------------------
+
+
+def test_set_progress_bar_config(pipe, make_kwargs, capsys):
+    capsys.readouterr()
+    pipe(**make_kwargs())
+    assert "denoising-now" not in capsys.readouterr().err
+
+    pipe.set_progress_bar_config(disable=False, desc="denoising-now")
+    pipe(**make_kwargs(num_inference_steps=3))
+    err = capsys.readouterr().err
+    assert "denoising-now" in err and "3/3" in err
+
+    pipe.set_progress_bar_config(disable=True)
+    pipe(**make_kwargs())
+    assert capsys.readouterr().err == ""
+
+
+def test_configure_returns_the_pipeline(pipe, make_kwargs, helpers):
+    before = pipe(**make_kwargs()).images
+    config = EngineConfig.preset("reference")
+    assert pipe.configure(config) is pipe
+    assert pipe.engine_config == config
+    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+    assert pipe.configure(EngineConfig(prompt_cache_size=0)).engine_config.prompt_cache_size == 0
+    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+
+
+def test_configure_rejects_other_objects(pipe):
+    with pytest.raises(TypeError, match="config"):
+        pipe.configure({"attention": "sdpa"})
+
+
+def test_to_cpu_after_a_call(pipe, make_kwargs, helpers):
+    before = pipe(**make_kwargs()).images
+    assert pipe.to("cpu") is pipe
+    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+    assert pipe.to(torch.device("cpu"), torch.float32) is pipe
+    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+
+
+def test_engine_transformer_is_reused_between_calls(pipe, make_kwargs):
+    pipe(**make_kwargs())
+    fill = pipe.fill_transformer
+    pipe(**make_kwargs(prompt="another prompt"))
+    assert pipe.fill_transformer is fill
+
+
+# ---- the engine follows changes to the diffusers modules -----------------------------------------------
+
+
+def _replace_to_q_parameter(transformer):
+    to_q = transformer.transformer_blocks[0].attn.to_q
+    to_q.weight = nn.Parameter(to_q.weight.detach() * 1.5)
+
+
+def _replace_proj_mlp_data(transformer):
+    proj_mlp = transformer.single_transformer_blocks[1].proj_mlp
+    proj_mlp.weight.data = proj_mlp.weight.detach() * -1.0
+
+
+def _edit_fused_weight_in_place(transformer):
+    transformer.single_transformer_blocks[0].attn.to_v.weight.mul_(2.0)
+
+
+def _edit_x_embedder_in_place(transformer):
+    transformer.x_embedder.weight.mul_(2.0)
+
+
+def _load_other_state_dict(transformer):
+    transformer.load_state_dict(tiny_components(1)["transformer"].state_dict())
+
+
+def _load_other_state_dict_assign(transformer):
+    transformer.load_state_dict(tiny_components(1)["transformer"].state_dict(), assign=True)
+
+
+def _replace_norm_parameter(transformer):
+    norm_q = transformer.transformer_blocks[0].attn.norm_q
+    norm_q.weight = nn.Parameter(norm_q.weight.detach() * 3.0 + 0.5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _replace_to_q_parameter,
+        _replace_proj_mlp_data,
+        _edit_fused_weight_in_place,
+        _edit_x_embedder_in_place,
+        _load_other_state_dict,
+        _load_other_state_dict_assign,
+        _replace_norm_parameter,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_engine_follows_changes_to_the_transformer(pipes, make_kwargs, helpers, change):
+    reference, ours = pipes
+    before = ours(**make_kwargs()).images  # builds and caches the engine's transformer
+    with torch.no_grad():
+        change(ours.transformer)
+    expected = reference(**make_kwargs()).images
+    assert helpers.max_abs_diff(expected, before) > 1e-3  # the change matters
+    helpers.assert_close(ours(**make_kwargs()).images, expected)
+
+
+def test_prompt_cache_serves_repeated_prompts(pipe, make_kwargs, helpers):
+    first = pipe(**make_kwargs())
+    hits = pipe.prompt_cache.hits
+    second = pipe(**make_kwargs())
+    assert pipe.prompt_cache.hits == hits + 1
+    helpers.assert_close(first.images, second.images, atol=0)
+
+
+def test_prompt_cache_is_not_corrupted_by_in_place_edits(pipe, make_kwargs, helpers):
+    expected = pipe(**make_kwargs()).images
+    embeds, pooled, _ = pipe.encode_prompt(helpers.PROMPT, max_sequence_length=helpers.MAX_SEQ)
+    embeds.mul_(0.0)
+    pooled.mul_(0.0)
+
+    def zero_prompt_embeds(p, step, timestep, kwargs):
+        kwargs["prompt_embeds"].mul_(0.0)
+        kwargs["latents"].mul_(1.0)
+        return {}
+
+    pipe(
+        **make_kwargs(
+            callback_on_step_end=zero_prompt_embeds,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        )
+    )
+    helpers.assert_close(pipe(**make_kwargs()).images, expected, atol=0)
+
+
+@pytest.mark.parametrize("encoder", ["text_encoder", "text_encoder_2"])
+def test_prompt_cache_follows_text_encoder_weights(pipes, make_kwargs, helpers, encoder):
+    reference, ours = pipes
+    before = ours(**make_kwargs()).images  # fills the prompt cache
+    with torch.no_grad():
+        getattr(ours, encoder).load_state_dict(tiny_components(1)[encoder].state_dict())
+    expected = reference(**make_kwargs()).images
+    assert helpers.max_abs_diff(expected, before) > 1e-3
+    helpers.assert_close(ours(**make_kwargs()).images, expected)
+
+
+def test_to_clears_the_prompt_cache(pipe, make_kwargs):
+    pipe(**make_kwargs())
+    assert len(pipe.prompt_cache) == 1
+    pipe.to("cpu")
+    assert len(pipe.prompt_cache) == 0
+
+
+# ---- a failed call leaves no trace ---------------------------------------------------------------------
+
+
+def _raise_in_callback(p, step, timestep, kwargs):
+    raise RuntimeError("callback failed")
+
+
+BAD_CALLS = {
+    "nan-mask": dict(mask_image=torch.full((1, 1, 32, 48), float("nan"))),
+    "generator-list-length": dict(seed=[1, 2, 3]),
+    "no-steps-left": dict(strength=0.0),
+    "output-type": dict(output_type="jpeg"),
+    "latents-shape": dict(latents=torch.zeros(1, 5, 64)),
+    "joint-attention-kwargs": dict(joint_attention_kwargs={"ip_adapter_image_embeds": 1}),
+    "callback-raises": dict(callback_on_step_end=_raise_in_callback),
+    "other-prompt-then-error": dict(prompt="a dog", guidance_scale=float("inf")),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
+def test_rejected_call_leaves_the_pipeline_as_it_was(pipe, make_kwargs, helpers, bad):
+    good = pipe(**make_kwargs(num_images_per_prompt=2)).images
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        pipe(**make_kwargs(**bad))
+    helpers.assert_close(pipe(**make_kwargs(num_images_per_prompt=2)).images, good, atol=0)
+
+
+def test_interrupted_call_does_not_interrupt_the_next(pipe, make_kwargs, helpers):
+    good = pipe(**make_kwargs(num_inference_steps=3)).images
+
+    def interrupt(p, step, timestep, kwargs):
+        p._interrupt = True
+        return {}
+
+    interrupted = pipe(**make_kwargs(num_inference_steps=3, callback_on_step_end=interrupt)).images
+    assert helpers.max_abs_diff(interrupted, good) > 1e-3
+    helpers.assert_close(pipe(**make_kwargs(num_inference_steps=3)).images, good, atol=0)
