@@ -204,15 +204,10 @@ class FillTransformer(nn.Module):
     def set_attention(self, name: str) -> None:
         """Switch the attention backend (see :mod:`.attention`)."""
         self.attention = get_attention(name)
-        self.attention_name = name
 
     @property
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.proj_out.weight.device
 
     def is_in_sync(self) -> bool:
         """Whether this engine still shares its weights with the diffusers module it was built from.

@@ -518,11 +518,12 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         # 4. Denoise.
         fill = self._transformer_for_call()
         guidance = guidance_scale if self.transformer.config.guidance_embeds else None
+        timesteps = schedule.timesteps.to(device)
         inputs = fill.prepare(
             cond,
             prompt_embeds,
             pooled_prompt_embeds,
-            schedule.timesteps.to(device),
+            timesteps,
             guidance,
             text_ids,
             img_ids,
@@ -530,7 +531,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         )
         sigmas_dev = schedule.sigmas.to(device)
         step_dts = sigmas_dev[1:] - sigmas_dev[:-1]
-        timesteps = schedule.timesteps.to(device)
         stage("denoise_start", num_steps=schedule.num_steps)
         with self.progress_bar(total=schedule.num_steps) as progress_bar:
             for i in range(schedule.num_steps):

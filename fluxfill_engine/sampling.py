@@ -84,9 +84,6 @@ class Schedule:
     def first_sigma(self) -> float:
         return float(self.sigmas[0])
 
-    def to(self, device: torch.device | str) -> Schedule:
-        return Schedule(self.sigmas.to(device), self.timesteps.to(device))
-
 
 def make_schedule(
     num_inference_steps: int,
