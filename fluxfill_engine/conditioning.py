@@ -97,13 +97,18 @@ def pack_mask(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
 
 
 def fill_conditioning(
-    masked_image_latents: torch.Tensor, mask: torch.Tensor, vae_scale_factor: int
+    masked_image_latents: torch.Tensor, mask: torch.Tensor, vae_scale_factor: int, fused: bool = False
 ) -> torch.Tensor:
     """The transformer's conditioning channels: ``cat(pack(masked_image_latents), pack_mask(mask))``.
 
     ``masked_image_latents`` is ``[B, C, h, w]`` (already shifted and scaled), ``mask`` is
     ``[B, 1, h*s, w*s]``. Returns ``[B, (h/2)*(w/2), 4*C + 4*s*s]`` (320 channels for FLUX Fill).
+    ``fused`` runs the one-pass ``fluxfill::fill_cond`` op (same values, one kernel).
     """
+    if fused:
+        import fluxfill_kernels.fill_cond  # noqa: F401  (registers the op)
+
+        return torch.ops.fluxfill.fill_cond(masked_image_latents, mask, vae_scale_factor)
     packed_latents = pack_latents(masked_image_latents)
     packed_mask = pack_mask(mask, vae_scale_factor).to(packed_latents.dtype)
     return torch.cat((packed_latents, packed_mask), dim=-1)

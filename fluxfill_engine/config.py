@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .attention import ATTENTION_BACKENDS
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -16,8 +18,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-ATTENTION_BACKENDS = ("sdpa",)
 
 
 def parse_dtype(dtype: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
@@ -38,12 +38,17 @@ class EngineConfig:
     Attributes:
         dtype: compute dtype of the denoiser (``"bfloat16"``, ``"float16"``, ``"float32"``); ``None``
             keeps the dtype the weights were loaded in.
-        attention: attention backend. ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention``.
+        attention: attention backend: ``"sdpa"``, ``"xformers"`` (CUDA), ``"triton"`` (the fused
+            flash kernel with QK-norm and RoPE in its prologue) or ``"auto"`` (fastest on CUDA, measured
+            once per shape; ``sdpa`` on CPU). See :mod:`fluxfill_engine.attention`.
+        fused_kernels: use the fused custom ops (``fluxfill::qk_norm_rope`` before SDPA/xformers,
+            ``fluxfill::fill_cond`` for the mask-latent conditioning).
         prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
     """
 
     dtype: str | None = None
     attention: str = "sdpa"
+    fused_kernels: bool = False
     prompt_cache_size: int = 16
 
     def __post_init__(self) -> None:
@@ -52,6 +57,8 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}"
             )
+        if not isinstance(self.fused_kernels, bool):
+            raise TypeError(f"EngineConfig.fused_kernels must be a bool, got {self.fused_kernels!r}")
         if isinstance(self.prompt_cache_size, bool) or not isinstance(self.prompt_cache_size, int):
             raise TypeError(f"EngineConfig.prompt_cache_size must be an int, got {self.prompt_cache_size!r}")
         if self.prompt_cache_size < 0:

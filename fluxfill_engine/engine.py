@@ -212,6 +212,7 @@ class FluxFillEngine:
             self.pipeline.to(device)
         self.pipeline.configure(self.config)
         self.pipeline.set_progress_bar_config(disable=not progress)
+        _ = self.pipeline.fill_transformer  # build now: fails fast on an unavailable backend
 
     @classmethod
     def from_pretrained(
@@ -255,15 +256,25 @@ class FluxFillEngine:
 
     def describe(self) -> dict[str, Any]:
         """What is running: the configuration, device, dtypes and model sizes."""
+        from fluxfill_kernels import native
+
+        from .attention import AutoAttention
+
         transformer = self.pipeline.transformer
-        return {
+        fill = self.pipeline.fill_transformer
+        info = {
             "config": self.config.describe(),
             "device": str(self.device),
             "transformer_dtype": str(transformer.dtype).replace("torch.", ""),
             "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
-            "transformer": "fluxfill FillTransformer (fused QKV, split input projection), attention="
-            + self.config.attention,
+            "transformer": "fluxfill FillTransformer (fused QKV, split input projection)",
+            "attention": self.config.attention,
+            "fused_kernels": self.config.fused_kernels,
+            "native_kernels_loaded": native.available("fill_cond", "cpu"),
         }
+        if isinstance(fill.attention, AutoAttention):
+            info["auto_attention_choices"] = {str(k): v for k, v in fill.attention.choices.items()}
+        return info
 
     def run(self, request: FillRequest, on_event: EventHandler | None = None) -> FillResult:
         """Run one request. Invalid requests raise before any work (after an ``error`` event)."""

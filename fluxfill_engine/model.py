@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFn, get_attention
+from .attention import AttentionFn, JointQKV, make_attention
 from .layers import (
-    apply_rope,
     fuse_linears,
     gelu_tanh,
     layer_norm,
@@ -39,10 +38,6 @@ from .layers import (
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
-
-
-def _qk_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -68,9 +63,8 @@ class DoubleStreamBlock(nn.Module):
             (self.txt_qkv, [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]),
         ]
 
-    def _qkv(self, x: torch.Tensor, proj: nn.Linear, q_w: torch.Tensor, k_w: torch.Tensor):
-        q, k, v = proj(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
-        return _qk_norm(q, q_w, self.eps), _qk_norm(k, k_w, self.eps), v
+    def _qkv(self, x: torch.Tensor, proj: nn.Linear) -> tuple[torch.Tensor, ...]:
+        return proj(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
 
     def forward(
         self,
@@ -87,17 +81,17 @@ class DoubleStreamBlock(nn.Module):
             temb_act
         ).chunk(6, dim=1)
 
-        img_q, img_k, img_v = self._qkv(
-            modulate(layer_norm(img), img_shift, img_scale), self.img_qkv, self.img_q_norm, self.img_k_norm
+        img_q, img_k, img_v = self._qkv(modulate(layer_norm(img), img_shift, img_scale), self.img_qkv)
+        txt_q, txt_k, txt_v = self._qkv(modulate(layer_norm(txt), txt_shift, txt_scale), self.txt_qkv)
+        qkv = JointQKV(
+            q=[txt_q, img_q],
+            k=[txt_k, img_k],
+            v=[txt_v, img_v],
+            q_norm=[self.txt_q_norm, self.img_q_norm],
+            k_norm=[self.txt_k_norm, self.img_k_norm],
+            eps=self.eps,
         )
-        txt_q, txt_k, txt_v = self._qkv(
-            modulate(layer_norm(txt), txt_shift, txt_scale), self.txt_qkv, self.txt_q_norm, self.txt_k_norm
-        )
-        cos, sin = rope
-        q = apply_rope(torch.cat([txt_q, img_q], dim=1), cos, sin)
-        k = apply_rope(torch.cat([txt_k, img_k], dim=1), cos, sin)
-        v = torch.cat([txt_v, img_v], dim=1)
-        txt_attn, img_attn = attention(q, k, v).split_with_sizes([txt.shape[1], img.shape[1]], dim=1)
+        txt_attn, img_attn = attention(qkv, rope).split_with_sizes([txt.shape[1], img.shape[1]], dim=1)
 
         img = img + img_gate[:, None] * self.img_out(img_attn.contiguous())
         mlp_in = modulate(layer_norm(img), img_mlp_shift, img_mlp_scale)
@@ -136,10 +130,8 @@ class SingleStreamBlock(nn.Module):
             [3 * self.width, self.qkv_mlp.out_features - 3 * self.width], dim=-1
         )
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
-        cos, sin = rope
-        q = apply_rope(_qk_norm(q, self.q_norm, self.eps), cos, sin)
-        k = apply_rope(_qk_norm(k, self.k_norm, self.eps), cos, sin)
-        hidden = torch.cat([attention(q, k, v), gelu_tanh(mlp)], dim=2)
+        joint = JointQKV(q=[q], k=[k], v=[v], q_norm=[self.q_norm], k_norm=[self.k_norm], eps=self.eps)
+        hidden = torch.cat([attention(joint, rope), gelu_tanh(mlp)], dim=2)
         return _clip_fp16(x + gate[:, None] * self.out(hidden))
 
 
@@ -159,11 +151,10 @@ class RequestInputs:
 class FillTransformer(nn.Module):
     """The engine's FLUX Fill transformer (see the module docstring for what differs from diffusers)."""
 
-    def __init__(self, transformer: Any, attention: str = "sdpa") -> None:
+    def __init__(self, transformer: Any, attention: str = "sdpa", fused_kernels: bool = False) -> None:
         super().__init__()
         config = transformer.config
         self.source = [transformer]  # a list, so the diffusers module is not registered as a child
-        self.set_attention(attention)
         self.axes_dims_rope = tuple(config.axes_dims_rope)
         self.noise_channels = config.out_channels or config.in_channels
         x_embedder = transformer.x_embedder
@@ -185,6 +176,7 @@ class FillTransformer(nn.Module):
         self.norm_out = transformer.norm_out.linear
         self.proj_out = transformer.proj_out
         self._source_params = self._parameter_ids(transformer)
+        self.set_attention(attention, fused_kernels)
 
     @staticmethod
     def _parameter_ids(module: nn.Module) -> tuple[int, ...]:
@@ -192,18 +184,23 @@ class FillTransformer(nn.Module):
         return tuple(id(p) for p in module.parameters())
 
     @classmethod
-    def from_diffusers(cls, transformer: Any, attention: str = "sdpa") -> FillTransformer:
+    def from_diffusers(
+        cls, transformer: Any, attention: str = "sdpa", fused_kernels: bool = False
+    ) -> FillTransformer:
         """Build from a diffusers ``FluxTransformer2DModel`` (weights shared, QKV fused in place)."""
         if getattr(transformer, "peft_config", None):
             raise ValueError(
                 "the transformer has LoRA/PEFT adapters loaded; fluxfill-engine's transformer does not run "
                 "adapters yet. Fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights())."
             )
-        return cls(transformer, attention=attention).eval().requires_grad_(False)
+        return cls(transformer, attention, fused_kernels).eval().requires_grad_(False)
 
-    def set_attention(self, name: str) -> None:
-        """Switch the attention backend (see :mod:`.attention`)."""
-        self.attention = get_attention(name)
+    def set_attention(self, name: str, fused_kernels: bool = False) -> None:
+        """Switch the attention backend (see :mod:`.attention`); no-op when nothing changes."""
+        if getattr(self, "attention_choice", None) == (name, fused_kernels):
+            return
+        self.attention = make_attention(name, self.proj_out.weight.device, fused_kernels)
+        self.attention_choice = (name, fused_kernels)
 
     @property
     def dtype(self) -> torch.dtype:

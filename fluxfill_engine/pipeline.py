@@ -124,9 +124,10 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                     "the transformer's weights are not materialised (sequential CPU offload?); "
                     "fluxfill-engine supports enable_model_cpu_offload(), not sequential offload"
                 )
-            fill = FillTransformer.from_diffusers(self.transformer, attention=self._engine_config.attention)
+            config = self._engine_config
+            fill = FillTransformer.from_diffusers(self.transformer, config.attention, config.fused_kernels)
             self.transformer.__dict__[_FILL_ATTR] = fill  # a plain attribute: not a registered submodule
-        fill.set_attention(self._engine_config.attention)
+        fill.set_attention(self._engine_config.attention, self._engine_config.fused_kernels)
         return fill
 
     def _drop_fill_transformer(self) -> None:
@@ -654,4 +655,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         masked_latents = self._shift_and_scale(masked_latents).to(device=device, dtype=dtype)
         masked_latents = repeat_to_batch(masked_latents, total, "images")
         mask = repeat_to_batch(mask, total, "masks").to(device=device, dtype=dtype)
-        return fill_conditioning(masked_latents, mask, self.vae_scale_factor)
+        return fill_conditioning(
+            masked_latents, mask, self.vae_scale_factor, self._engine_config.fused_kernels
+        )
