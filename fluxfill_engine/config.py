@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .attention import ATTENTION_BACKENDS
+from .quantization import QUANT_BACKENDS, QUANT_MODES
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -43,12 +44,21 @@ class EngineConfig:
             once per shape; ``sdpa`` on CPU). See :mod:`fluxfill_engine.attention`.
         fused_kernels: use the fused custom ops (``fluxfill::qk_norm_rope`` before SDPA/xformers,
             ``fluxfill::fill_cond`` for the mask-latent conditioning).
+        quant: ``"none"``, ``"fp8"`` (W8A8, dynamic per-token activations), ``"fp8-weight"``,
+            ``"int8"`` (W8A8 dynamic) or ``"int8-weight"``: every linear layer inside the transformer
+            blocks. See :mod:`fluxfill_engine.quantization`.
+        quant_backend: ``"auto"``, ``"native"``, ``"quanto"`` or ``"torchao"``.
+        quantize_text_encoder: weight-only quantization of T5 (the format of ``quant``; int8 when
+            ``quant`` is ``"none"``).
         prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
     """
 
     dtype: str | None = None
     attention: str = "sdpa"
     fused_kernels: bool = False
+    quant: str = "none"
+    quant_backend: str = "auto"
+    quantize_text_encoder: bool = False
     prompt_cache_size: int = 16
 
     def __post_init__(self) -> None:
@@ -57,8 +67,15 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}"
             )
-        if not isinstance(self.fused_kernels, bool):
-            raise TypeError(f"EngineConfig.fused_kernels must be a bool, got {self.fused_kernels!r}")
+        for name in ("fused_kernels", "quantize_text_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"EngineConfig.quant must be one of {list(QUANT_MODES)}, got {self.quant!r}")
+        if self.quant_backend not in QUANT_BACKENDS:
+            raise ValueError(
+                f"EngineConfig.quant_backend must be one of {list(QUANT_BACKENDS)}, got {self.quant_backend!r}"
+            )
         if isinstance(self.prompt_cache_size, bool) or not isinstance(self.prompt_cache_size, int):
             raise TypeError(f"EngineConfig.prompt_cache_size must be an int, got {self.prompt_cache_size!r}")
         if self.prompt_cache_size < 0:
@@ -67,6 +84,11 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return parse_dtype(self.dtype)
+
+    @property
+    def text_encoder_quant(self) -> str:
+        """The weight-only mode for T5 when ``quantize_text_encoder`` is on."""
+        return "fp8-weight" if self.quant.startswith("fp8") else "int8-weight"
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> EngineConfig:

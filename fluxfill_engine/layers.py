@@ -84,7 +84,26 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def shares_storage(fused: nn.Linear, linears: Sequence[nn.Linear]) -> bool:
+def shares_storage(fused: nn.Linear, linears: Sequence[nn.Module]) -> bool:
     """Whether ``linears`` still view ``fused``'s weight (false once something replaced their tensors)."""
     pointer = fused.weight.untyped_storage().data_ptr()
-    return all(linear.weight.untyped_storage().data_ptr() == pointer for linear in linears)
+    return all(
+        isinstance(linear, nn.Linear) and linear.weight.untyped_storage().data_ptr() == pointer
+        for linear in linears
+    )
+
+
+class RowSlice(nn.Module):
+    """Output rows ``[start, end)`` of a fused layer: stands in for one of the layers it replaced.
+
+    After quantization the diffusers module's ``to_q``/``to_k``/``to_v`` become slices of the engine's
+    fused quantized layer, so both module trees hold the one quantized copy and ``Module.to`` moves it.
+    """
+
+    def __init__(self, fused: nn.Module, start: int, end: int) -> None:
+        super().__init__()
+        self.fused, self.start, self.end = fused, start, end
+        self.in_features, self.out_features = fused.in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[..., self.start : self.end]

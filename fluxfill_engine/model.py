@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import AttentionFn, JointQKV, make_attention
 from .layers import (
+    RowSlice,
     fuse_linears,
     gelu_tanh,
     layer_norm,
@@ -34,13 +35,64 @@ from .layers import (
     shares_storage,
     timestep_embedding,
 )
+from .quantization import QuantPlan, quantize_linear
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-class DoubleStreamBlock(nn.Module):
+Source = tuple[nn.Module, str]  # (parent module in the diffusers tree, attribute name)
+
+
+class SharedLinearsBlock(nn.Module):
+    """An engine block whose linear layers are the diffusers block's: shared, or fused from several.
+
+    ``linear_sources`` maps each engine linear to where it lives in the diffusers module, which lets
+    the block check that both trees still agree and quantize both to one shared copy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear_sources: dict[str, list[Source]] = {}
+
+    def _share(self, name: str, source: Source) -> None:
+        setattr(self, name, getattr(*source))
+        self.linear_sources[name] = [source]
+
+    def _fuse(self, name: str, sources: list[Source]) -> None:
+        setattr(self, name, fuse_linears([getattr(*source) for source in sources]))
+        self.linear_sources[name] = sources
+
+    def linears_in_sync(self) -> bool:
+        for name, sources in self.linear_sources.items():
+            mine, current = getattr(self, name), [getattr(*source) for source in sources]
+            if len(current) == 1:
+                in_sync = current[0] is mine
+            elif all(isinstance(layer, RowSlice) for layer in current):
+                in_sync = all(layer.fused is mine for layer in current)
+            else:
+                in_sync = isinstance(mine, nn.Linear) and shares_storage(mine, current)
+            if not in_sync:
+                return False
+        return True
+
+    def quantize(self, plan: QuantPlan) -> None:
+        """Replace every linear with its quantized version, here and in the diffusers module."""
+        for name, sources in self.linear_sources.items():
+            quantized = quantize_linear(getattr(self, name), plan)
+            setattr(self, name, quantized)
+            if len(sources) == 1:
+                setattr(*sources[0], quantized)
+                continue
+            start = 0
+            for parent, attr in sources:
+                rows = getattr(parent, attr).out_features
+                setattr(parent, attr, RowSlice(quantized, start, start + rows))
+                start += rows
+
+
+class DoubleStreamBlock(SharedLinearsBlock):
     """Text and image streams with their own weights, joined only in attention."""
 
     def __init__(self, block: Any) -> None:
@@ -48,20 +100,18 @@ class DoubleStreamBlock(nn.Module):
         attn = block.attn
         self.num_heads = attn.heads
         self.eps = attn.norm_q.eps
-        self.img_mod = block.norm1.linear
-        self.txt_mod = block.norm1_context.linear
-        self.img_qkv = fuse_linears([attn.to_q, attn.to_k, attn.to_v])
-        self.txt_qkv = fuse_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+        self._share("img_mod", (block.norm1, "linear"))
+        self._share("txt_mod", (block.norm1_context, "linear"))
+        self._fuse("img_qkv", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")])
+        self._fuse("txt_qkv", [(attn, "add_q_proj"), (attn, "add_k_proj"), (attn, "add_v_proj")])
         self.img_q_norm, self.img_k_norm = attn.norm_q.weight, attn.norm_k.weight
         self.txt_q_norm, self.txt_k_norm = attn.norm_added_q.weight, attn.norm_added_k.weight
-        self.img_out = attn.to_out[0]
-        self.txt_out = attn.to_add_out
-        self.img_mlp_in, self.img_mlp_out = block.ff.net[0].proj, block.ff.net[2]
-        self.txt_mlp_in, self.txt_mlp_out = block.ff_context.net[0].proj, block.ff_context.net[2]
-        self._fused_views = [
-            (self.img_qkv, [attn.to_q, attn.to_k, attn.to_v]),
-            (self.txt_qkv, [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]),
-        ]
+        self._share("img_out", (attn.to_out, "0"))
+        self._share("txt_out", (attn, "to_add_out"))
+        self._share("img_mlp_in", (block.ff.net[0], "proj"))
+        self._share("img_mlp_out", (block.ff.net, "2"))
+        self._share("txt_mlp_in", (block.ff_context.net[0], "proj"))
+        self._share("txt_mlp_out", (block.ff_context.net, "2"))
 
     def _qkv(self, x: torch.Tensor, proj: nn.Linear) -> tuple[torch.Tensor, ...]:
         return proj(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
@@ -103,7 +153,7 @@ class DoubleStreamBlock(nn.Module):
         return img, _clip_fp16(txt)
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(SharedLinearsBlock):
     """One stream over the joint text+image sequence; QKV and MLP-in are one fused GEMM."""
 
     def __init__(self, block: Any) -> None:
@@ -112,11 +162,10 @@ class SingleStreamBlock(nn.Module):
         self.num_heads = attn.heads
         self.eps = attn.norm_q.eps
         self.width = attn.inner_dim
-        self.mod = block.norm.linear
-        self.qkv_mlp = fuse_linears([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
+        self._share("mod", (block.norm, "linear"))
+        self._fuse("qkv_mlp", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (block, "proj_mlp")])
         self.q_norm, self.k_norm = attn.norm_q.weight, attn.norm_k.weight
-        self.out = block.proj_out
-        self._fused_views = [(self.qkv_mlp, [attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])]
+        self._share("out", (block, "proj_out"))
 
     def forward(
         self,
@@ -157,13 +206,8 @@ class FillTransformer(nn.Module):
         self.source = [transformer]  # a list, so the diffusers module is not registered as a child
         self.axes_dims_rope = tuple(config.axes_dims_rope)
         self.noise_channels = config.out_channels or config.in_channels
-        x_embedder = transformer.x_embedder
-        # Views into x_embedder's weight: the split costs no memory.
-        self.register_buffer("x_weight", x_embedder.weight.data[:, : self.noise_channels], persistent=False)
-        self.register_buffer(
-            "cond_weight", x_embedder.weight.data[:, self.noise_channels :], persistent=False
-        )
-        self.x_bias = x_embedder.bias
+        # The split input projection slices x_embedder's weight at use (free views, never stale).
+        self.x_embedder = transformer.x_embedder
         self.context_embedder = transformer.context_embedder
         embed = transformer.time_text_embed
         self.timestep_embedder = embed.timestep_embedder
@@ -176,6 +220,7 @@ class FillTransformer(nn.Module):
         self.norm_out = transformer.norm_out.linear
         self.proj_out = transformer.proj_out
         self._source_params = self._parameter_ids(transformer)
+        self._quant_plan: QuantPlan | None = None
         self.set_attention(attention, fused_kernels)
 
     @staticmethod
@@ -216,11 +261,25 @@ class FillTransformer(nn.Module):
         source = self.source[0]
         if getattr(source, "peft_config", None) or self._parameter_ids(source) != self._source_params:
             return False
-        x_weight = source.x_embedder.weight
-        if self.x_weight.untyped_storage().data_ptr() != x_weight.untyped_storage().data_ptr():
-            return False
-        blocks = [*self.double_blocks, *self.single_blocks]
-        return all(shares_storage(fused, parts) for block in blocks for fused, parts in block._fused_views)
+        return all(block.linears_in_sync() for block in [*self.double_blocks, *self.single_blocks])
+
+    @property
+    def quant_plan(self) -> QuantPlan | None:
+        return self._quant_plan
+
+    def quantize(self, plan: QuantPlan) -> None:
+        """Quantize every linear layer inside the transformer blocks, in both module trees.
+
+        Embedders, the final layer and norms stay in the compute dtype: they are a small share of the
+        FLOPs and bytes, and the input/output projections and modulation scales are where quantization
+        error would reach the latents most directly.
+        """
+        if self._quant_plan is not None:
+            raise ValueError(f"the transformer is already quantized ({self._quant_plan.mode})")
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.quantize(plan)
+        self._quant_plan = plan
+        self._source_params = self._parameter_ids(self.source[0])
 
     # ---- once per request -------------------------------------------------------------------------
 
@@ -252,7 +311,8 @@ class FillTransformer(nn.Module):
         """
         dtype = self.dtype
         batch = cond.shape[0]
-        cond_proj = F.linear(cond.to(dtype), self.cond_weight, self.x_bias)
+        weight = self.x_embedder.weight
+        cond_proj = F.linear(cond.to(dtype), weight[:, self.noise_channels :], self.x_embedder.bias)
         txt = self.text_embedding(prompt_embeds)
         steps = timesteps.shape[0]
         step_t = ((timesteps.to(latents_dtype) / 1000).to(dtype) * 1000).repeat_interleave(batch)
@@ -271,7 +331,7 @@ class FillTransformer(nn.Module):
     # ---- every step --------------------------------------------------------------------------------
 
     def embed(self, latents: torch.Tensor, cond_proj: torch.Tensor) -> torch.Tensor:
-        return F.linear(latents.to(self.dtype), self.x_weight) + cond_proj
+        return F.linear(latents.to(self.dtype), self.x_embedder.weight[:, : self.noise_channels]) + cond_proj
 
     def first_block(
         self,

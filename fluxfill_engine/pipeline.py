@@ -35,6 +35,8 @@ from .conditioning import (
 )
 from .config import EngineConfig
 from .model import FillTransformer
+from .quantization import quantize_text_encoder as quantize_text_encoder_linears
+from .quantization import resolve, weight_bytes
 from .sampling import Schedule, euler_step, make_schedule, noise_latents
 from .text import PromptCache, clip_pooled_embeds, t5_embeds, weights_fingerprint
 
@@ -99,17 +101,55 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         """Apply an :class:`EngineConfig` (returns the pipeline, for chaining)."""
         if not isinstance(config, EngineConfig):
             raise TypeError(f"`config` must be an EngineConfig, got {type(config).__name__}")
+        self._check_quant_change(config)
         self._engine_config = config
         self.prompt_cache = PromptCache(config.prompt_cache_size)
         dtype = config.torch_dtype
         if dtype is not None and self.transformer.dtype != dtype:
             self.transformer.to(dtype)
+        if config.quantize_text_encoder and not getattr(self, "_text_encoder_quantized", False):
+            plan = resolve(config.text_encoder_quant, "native", self._execution_device)
+            self._record_weight_bytes("text_encoder_2")
+            quantize_text_encoder_linears(self.text_encoder_2, plan)
+            self._text_encoder_quantized = True
+        if config.quant != "none":
+            _ = self.fill_transformer  # quantize now: memory drops and errors surface at configure time
         return self
+
+    def _check_quant_change(self, config: EngineConfig) -> None:
+        fill = self.transformer.__dict__.get(_FILL_ATTR)
+        current = fill.quant_plan if fill is not None else None
+        if current is not None and config.quant != self._engine_config.quant:
+            raise ValueError(
+                f"the transformer is already quantized ({current.mode}); quantization cannot be changed "
+                "or undone in place: load the model again to use quant={config.quant!r}"
+            )
+        if getattr(self, "_text_encoder_quantized", False) and not config.quantize_text_encoder:
+            raise ValueError("the text encoder is already quantized; load the model again to undo it")
+
+    def _record_weight_bytes(self, name: str) -> None:
+        before = self.__dict__.setdefault("_weight_bytes_before", {})
+        if name not in before:
+            before[name] = weight_bytes([getattr(self, name)])
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes of weights per component, before and after quantization (equal when unquantized)."""
+        before = self.__dict__.get("_weight_bytes_before", {})
+        report = {}
+        for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+            module = getattr(self, name, None)
+            if module is not None:
+                now = weight_bytes([module])
+                report[name] = {"before": before.get(name, now), "after": now}
+        return report
 
     def to(self, *args: Any, **kwargs: Any) -> FluxFillPipeline:
         # Moving the diffusers modules gives them fresh tensors; drop the engine's (now stale) views
-        # first so the old device's fused weights are freed, not kept alongside the moved ones.
-        self._drop_fill_transformer()
+        # first so the old device's fused weights are freed, not kept alongside the moved ones. A
+        # quantized engine shares modules (not views) with the diffusers tree and moves with it.
+        fill = self.transformer.__dict__.get(_FILL_ATTR) if getattr(self, "transformer", None) else None
+        if fill is None or fill.quant_plan is None:
+            self._drop_fill_transformer()
         self.prompt_cache.clear()
         return super().to(*args, **kwargs)
 
@@ -117,6 +157,11 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     def fill_transformer(self) -> FillTransformer:
         """The engine transformer for the current ``self.transformer`` (built on first use)."""
         fill = self.transformer.__dict__.get(_FILL_ATTR)
+        if fill is not None and fill.quant_plan is not None and not fill.is_in_sync():
+            raise ValueError(
+                "the quantized engine transformer no longer matches pipe.transformer (its layers were "
+                "replaced or cast after quantization); load the model again and configure it once"
+            )
         if fill is None or not fill.is_in_sync():
             self._drop_fill_transformer()  # release the stale one before building the new one
             if any(p.device.type == "meta" for p in self.transformer.parameters()):
@@ -127,6 +172,11 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             config = self._engine_config
             fill = FillTransformer.from_diffusers(self.transformer, config.attention, config.fused_kernels)
             self.transformer.__dict__[_FILL_ATTR] = fill  # a plain attribute: not a registered submodule
+        if self._engine_config.quant != "none" and fill.quant_plan is None:
+            config = self._engine_config
+            plan = resolve(config.quant, config.quant_backend, self.transformer.device)
+            self._record_weight_bytes("transformer")
+            fill.quantize(plan)
         fill.set_attention(self._engine_config.attention, self._engine_config.fused_kernels)
         return fill
 
