@@ -153,6 +153,30 @@ class AutoAttention:
         return self.candidates[self.choose(qkv, rope)](qkv, rope)
 
 
+def resolve_attention(
+    attention: AttentionFn,
+    stream_lengths: list[int],
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AttentionFn:
+    """The concrete backend to use for these shapes: ``attention`` itself unless it is ``auto``, which
+    is timed here (on random inputs of the right shapes), outside any compiled region."""
+    if not isinstance(attention, AutoAttention):
+        return attention
+
+    def parts() -> list[torch.Tensor]:
+        return [torch.randn(batch, n, heads, head_dim, dtype=dtype, device=device) for n in stream_lengths]
+
+    ones = [torch.ones(head_dim, dtype=dtype, device=device) for _ in stream_lengths]
+    qkv = JointQKV(parts(), parts(), parts(), ones, ones, eps=1e-6)
+    total = sum(stream_lengths)
+    rope = (torch.ones(total, head_dim, device=device), torch.zeros(total, head_dim, device=device))
+    return attention.candidates[attention.choose(qkv, rope)]
+
+
 def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device``, or ``None`` when it can."""
     if name == "xformers":

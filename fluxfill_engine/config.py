@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .attention import ATTENTION_BACKENDS
+from .compilation import COMPILE_MODES
 from .quantization import QUANT_BACKENDS, QUANT_MODES
 
 DTYPES: dict[str, torch.dtype] = {
@@ -50,6 +51,12 @@ class EngineConfig:
         quant_backend: ``"auto"``, ``"native"``, ``"quanto"`` or ``"torchao"``.
         quantize_text_encoder: weight-only quantization of T5 (the format of ``quant``; int8 when
             ``quant`` is ``"none"``).
+        compile: regional ``torch.compile`` of the transformer blocks (``fullgraph=True``).
+        compile_mode: ``"default"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"`` or
+            ``"reduce-overhead"``.
+        compile_dynamic: symbolic sequence length, so new resolutions reuse the compiled graphs.
+        compile_cache_dir: where Inductor's artifacts are saved after warm-up and loaded from at start,
+            so a second process warms up much faster. ``None``: no persistence beyond torch's own.
         prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
     """
 
@@ -59,6 +66,10 @@ class EngineConfig:
     quant: str = "none"
     quant_backend: str = "auto"
     quantize_text_encoder: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_dynamic: bool = True
+    compile_cache_dir: str | None = None
     prompt_cache_size: int = 16
 
     def __post_init__(self) -> None:
@@ -67,7 +78,15 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}"
             )
-        for name in ("fused_kernels", "quantize_text_encoder"):
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"EngineConfig.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+        if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
+            raise TypeError(
+                f"EngineConfig.compile_cache_dir must be a str path, got {self.compile_cache_dir!r}"
+            )
+        for name in ("fused_kernels", "quantize_text_encoder", "compile", "compile_dynamic"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.quant not in QUANT_MODES:
@@ -97,6 +116,10 @@ class EngineConfig:
         ``reference``: every optimization off. The engine's own loop and transformer still run, with
         lossless rewrites only (fused QKV, the split input projection), so outputs equal diffusers'
         ``FluxFillPipeline`` up to float rounding.
+        ``balanced``: bf16, regional compile, fused kernels, ``auto`` attention. Lossless up to bf16
+        rounding.
+        ``fast``: ``balanced`` + ``quant="fp8"`` (W8A8) with the ``auto`` backend, which runs int8
+        weight-only where the device has no fp8 matmul.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
@@ -107,6 +130,9 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
 
+_BALANCED = EngineConfig(dtype="bfloat16", compile=True, fused_kernels=True, attention="auto")
 PRESETS: dict[str, EngineConfig] = {
     "reference": EngineConfig(),
+    "balanced": _BALANCED,
+    "fast": dataclasses.replace(_BALANCED, quant="fp8", quant_backend="auto"),
 }

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFn, JointQKV, make_attention
+from .attention import AttentionFn, JointQKV, make_attention, resolve_attention
+from .compilation import compile_blocks
 from .layers import (
     RowSlice,
     fuse_linears,
@@ -188,13 +189,16 @@ class SingleStreamBlock(SharedLinearsBlock):
 class RequestInputs:
     """Everything the transformer needs that is fixed for one request (computed by ``prepare``).
 
-    ``temb`` holds one conditioning vector per step: ``[num_steps, B, D]``.
+    ``temb`` holds one conditioning vector per step: ``[num_steps, B, D]``. The attention functions
+    are the concrete backends for the double- and single-stream shapes (``auto`` resolved).
     """
 
     cond_proj: torch.Tensor
     txt: torch.Tensor
     temb: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
+    double_attention: AttentionFn
+    single_attention: AttentionFn
 
 
 class FillTransformer(nn.Module):
@@ -221,6 +225,7 @@ class FillTransformer(nn.Module):
         self.proj_out = transformer.proj_out
         self._source_params = self._parameter_ids(transformer)
         self._quant_plan: QuantPlan | None = None
+        self._compile_settings: tuple[str, bool] | None = None
         self.set_attention(attention, fused_kernels)
 
     @staticmethod
@@ -262,6 +267,23 @@ class FillTransformer(nn.Module):
         if getattr(source, "peft_config", None) or self._parameter_ids(source) != self._source_params:
             return False
         return all(block.linears_in_sync() for block in [*self.double_blocks, *self.single_blocks])
+
+    @property
+    def compile_settings(self) -> tuple[str, bool] | None:
+        """``(mode, dynamic)`` the blocks are compiled with, or None when they run eagerly."""
+        return self._compile_settings
+
+    def set_compile(self, settings: tuple[str, bool] | None) -> None:
+        """Compile the blocks with ``(mode, dynamic)``, or run them eagerly again with ``None``."""
+        if settings == self._compile_settings:
+            return
+        blocks = [*self.double_blocks, *self.single_blocks]
+        if settings is None:
+            for block in blocks:
+                block._compiled_call_impl = None  # what Module.compile set: back to eager
+        else:
+            compile_blocks(blocks, *settings, device=self.proj_out.weight.device)
+        self._compile_settings = settings
 
     @property
     def quant_plan(self) -> QuantPlan | None:
@@ -323,7 +345,18 @@ class FillTransformer(nn.Module):
             guidance_t = guidance_t.to(dtype) * 1000
         temb = self.time_embedding(step_t, guidance_t, pooled).unflatten(0, (steps, batch))
         rope = rope_table(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
-        return RequestInputs(cond_proj=cond_proj, txt=txt, temb=temb, rope=rope)
+        block = self.double_blocks[0]
+        head_dim = txt.shape[-1] // block.num_heads
+        shapes = dict(batch=batch, heads=block.num_heads, head_dim=head_dim, dtype=dtype, device=cond.device)
+        text_len, image_len = txt.shape[1], cond.shape[1]
+        return RequestInputs(
+            cond_proj=cond_proj,
+            txt=txt,
+            temb=temb,
+            rope=rope,
+            double_attention=resolve_attention(self.attention, [text_len, image_len], **shapes),
+            single_attention=resolve_attention(self.attention, [text_len + image_len], **shapes),
+        )
 
     def text_embedding(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         return self.context_embedder(prompt_embeds.to(self.dtype))
@@ -334,29 +367,21 @@ class FillTransformer(nn.Module):
         return F.linear(latents.to(self.dtype), self.x_embedder.weight[:, : self.noise_channels]) + cond_proj
 
     def first_block(
-        self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        temb_act: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        self, img: torch.Tensor, txt: torch.Tensor, temb_act: torch.Tensor, inputs: RequestInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first double-stream block; ``temb_act`` is ``silu(temb)``."""
-        return self.double_blocks[0](img, txt, temb_act, rope, self.attention)
+        return self.double_blocks[0](img, txt, temb_act, inputs.rope, inputs.double_attention)
 
     def remaining_blocks(
-        self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        temb_act: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        self, img: torch.Tensor, txt: torch.Tensor, temb_act: torch.Tensor, inputs: RequestInputs
     ) -> torch.Tensor:
         """Double-stream blocks 1.. and all single-stream blocks; returns the image tokens."""
         for block in self.double_blocks[1:]:
-            img, txt = block(img, txt, temb_act, rope, self.attention)
+            img, txt = block(img, txt, temb_act, inputs.rope, inputs.double_attention)
         text_len = txt.shape[1]
         joint = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
-            joint = block(joint, temb_act, rope, self.attention)
+            joint = block(joint, temb_act, inputs.rope, inputs.single_attention)
         return joint[:, text_len:]
 
     def final(self, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -368,6 +393,6 @@ class FillTransformer(nn.Module):
         temb = inputs.temb[step]
         temb_act = F.silu(temb)
         img = self.embed(latents, inputs.cond_proj)
-        img, txt = self.first_block(img, inputs.txt, temb_act, inputs.rope)
-        img = self.remaining_blocks(img, txt, temb_act, inputs.rope)
+        img, txt = self.first_block(img, inputs.txt, temb_act, inputs)
+        img = self.remaining_blocks(img, txt, temb_act, inputs)
         return self.final(img, temb)

@@ -21,6 +21,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from .compilation import load_compile_cache, save_compile_cache
 from .conditioning import (
     bools_to_float,
     check_image_values,
@@ -90,6 +91,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         )
         self._engine_config = EngineConfig.preset("reference")
         self.prompt_cache = PromptCache(self._engine_config.prompt_cache_size)
+        self.compile_cache: dict[str, Any] | None = None  # what load_compile_cache loaded, if anything
 
     # ---- configuration -----------------------------------------------------------------------------
 
@@ -112,9 +114,17 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             self._record_weight_bytes("text_encoder_2")
             quantize_text_encoder_linears(self.text_encoder_2, plan)
             self._text_encoder_quantized = True
-        if config.quant != "none":
-            _ = self.fill_transformer  # quantize now: memory drops and errors surface at configure time
+        if config.compile_cache_dir is not None:
+            self.compile_cache = load_compile_cache(config.compile_cache_dir)
+        if config.quant != "none" or config.compile:
+            _ = self.fill_transformer  # quantize/compile now: memory drops and errors surface here
         return self
+
+    def save_compile_cache(self) -> dict[str, Any] | None:
+        """Persist this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up)."""
+        if self._engine_config.compile_cache_dir is None:
+            raise ValueError("EngineConfig.compile_cache_dir is not set")
+        return save_compile_cache(self._engine_config.compile_cache_dir)
 
     def _check_quant_change(self, config: EngineConfig) -> None:
         fill = self.transformer.__dict__.get(_FILL_ATTR)
@@ -177,6 +187,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             plan = resolve(config.quant, config.quant_backend, self.transformer.device)
             self._record_weight_bytes("transformer")
             fill.quantize(plan)
+        config = self._engine_config
+        fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None)
         fill.set_attention(self._engine_config.attention, self._engine_config.fused_kernels)
         return fill
 

@@ -9,16 +9,23 @@ fused views (the values are unchanged), which is what makes the parity tests mea
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import diffusers
-import numpy as np
-import PIL.Image
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. This must be set before anything
+# imports triton (diffusers does), or triton's own jitted helpers are set up for GPU compilation.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
 
 # Make the package importable when pytest is run without installing it (``pytest`` instead of
 # ``python -m pytest`` from the repository root).
