@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +254,28 @@ class FluxFillEngine:
     def device(self) -> torch.device:
         return self.pipeline._execution_device
 
+    def warmup(
+        self, sizes: Sequence[tuple[int, int]] = ((1024, 1024),), num_inference_steps: int = 2
+    ) -> dict[str, Any]:
+        """Run one short request per ``(width, height)`` so compilation (and ``auto`` attention timing)
+        happens before the first real request; then save the compile cache if one is configured.
+
+        Returns ``{"seconds": {"WxH": s, ...}, "compile_cache": what was saved or None}``.
+        """
+        seconds = {}
+        for width, height in sizes:
+            image = PIL.Image.new("RGB", (width, height), (128, 128, 128))
+            mask = PIL.Image.new("L", (width, height), 0)
+            mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+            request = FillRequest("warm-up", image, mask, width, height, num_inference_steps, seed=0)
+            start = time.perf_counter()
+            self.run(request)
+            seconds[f"{width}x{height}"] = time.perf_counter() - start
+        saved = None
+        if self.config.compile and self.config.compile_cache_dir is not None:
+            saved = self.pipeline.save_compile_cache()
+        return {"seconds": seconds, "compile_cache": saved}
+
     def describe(self) -> dict[str, Any]:
         """What is running: the configuration, device, dtypes and model sizes."""
         from fluxfill_kernels import native
@@ -262,8 +284,14 @@ class FluxFillEngine:
 
         transformer = self.pipeline.transformer
         fill = self.pipeline.fill_transformer
+        plan = fill.quant_plan
         info = {
             "config": self.config.describe(),
+            "quantization": None
+            if plan is None
+            else {"mode": plan.mode, "backend": plan.backend, "why": plan.reason},
+            "compiled": fill.compile_settings is not None,
+            "compile_cache_loaded": self.pipeline.compile_cache,
             "device": str(self.device),
             "transformer_dtype": str(transformer.dtype).replace("torch.", ""),
             "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
