@@ -276,6 +276,10 @@ class FluxFillEngine:
             saved = self.pipeline.save_compile_cache()
         return {"seconds": seconds, "compile_cache": saved}
 
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes of weights per component, before and after quantization (see the pipeline's)."""
+        return self.pipeline.memory_report()
+
     def describe(self) -> dict[str, Any]:
         """What is running: the configuration, device, dtypes and model sizes."""
         from fluxfill_kernels import native

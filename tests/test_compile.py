@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -107,3 +108,12 @@ def test_warm_start_loads_the_compile_cache_in_a_second_process(tmp_path):
     assert not cold["loaded"] and cold["saved"]
     assert warm["loaded"] and warm["fx_cache_hits"] > 0
     np.testing.assert_array_equal(cold_image, warm_image)
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+    import fluxfill_engine.compilation as compilation
+
+    monkeypatch.setattr(compilation.shutil, "which", lambda name: None)
+    pipe = FluxFillPipeline(**tiny_components())
+    with pytest.raises(ValueError, match="compile=True cannot be honoured on cpu.*C\\+\\+ compiler"):
+        pipe.configure(EngineConfig(compile=True))

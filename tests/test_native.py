@@ -348,3 +348,14 @@ def test_opcheck_qk_norm_rope(ops, dtype: torch.dtype) -> None:
     w = _norm_weight("[2, D]", 16, dtype, gen)
     cos, sin = _rope_table(20, 16, gen)
     torch.library.opcheck(ops.qk_norm_rope.default, (q, k, w, w[0], cos, sin, 7, EPS))
+
+
+def test_cuda_kernel_choice_follows_the_environment(monkeypatch):
+    """FLUXFILL_CUDA_KERNELS=native selects the native CUDA kernel, when the library has one."""
+    monkeypatch.setattr(native, "available", lambda op, device_type="cpu": device_type == "cuda")
+    monkeypatch.delenv("FLUXFILL_CUDA_KERNELS", raising=False)
+    assert native.use_native_on_cuda("fill_cond") is False  # triton is installed: Triton by default
+    monkeypatch.setenv("FLUXFILL_CUDA_KERNELS", "native")
+    assert native.use_native_on_cuda("fill_cond") is True
+    monkeypatch.setattr(native, "available", lambda op, device_type="cpu": False)
+    assert native.use_native_on_cuda("fill_cond") is False  # nothing to use

@@ -28,7 +28,7 @@ VALID = [
 
 
 def sqnr(reference: torch.Tensor, output: torch.Tensor) -> float:
-    reference, output = reference.double(), output.double()
+    reference, output = reference.detach().double(), output.detach().double()
     return float(20 * torch.log10(reference.norm() / (reference - output).norm()))
 
 

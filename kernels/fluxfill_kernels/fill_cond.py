@@ -147,7 +147,11 @@ def fill_cond_triton(masked_image_latents: Tensor, mask: Tensor, vae_scale_facto
 
 @torch.library.custom_op("fluxfill::fill_cond", mutates_args=(), device_types="cuda")
 def fill_cond(masked_image_latents: Tensor, mask: Tensor, vae_scale_factor: int) -> Tensor:
-    """``[B, C, h, w]``, ``[B, 1, h*s, w*s]`` -> ``[B, (h/2)*(w/2), 4*C + 4*s*s]`` (CUDA: Triton)."""
+    """``[B, C, h, w]``, ``[B, 1, h*s, w*s]`` -> ``[B, (h/2)*(w/2), 4*C + 4*s*s]`` (CUDA: Triton,
+    or the native kernel, see :func:`native.use_native_on_cuda`)."""
+    if native.use_native_on_cuda("fill_cond"):
+        fill_cond_shape(masked_image_latents, mask, vae_scale_factor)
+        return torch.ops.fluxfill_native.fill_cond(masked_image_latents, mask, vae_scale_factor)
     return fill_cond_triton(masked_image_latents, mask, vae_scale_factor)
 
 

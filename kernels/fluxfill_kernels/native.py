@@ -4,10 +4,15 @@ It defines ops in the ``fluxfill_native`` namespace (``fill_cond``, ``qk_norm_ro
 kernels, and CUDA kernels when torch has CUDA. The ``fluxfill`` ops call them when the library is
 present (preferred on CPU), so a deployment that must not JIT-compile Triton still gets fused kernels.
 The package works without it. ``FLUXFILL_NATIVE=0`` disables loading.
+
+On CUDA the ``fluxfill`` ops run Triton unless ``FLUXFILL_CUDA_KERNELS=native`` (or triton is not
+installed) and the library has a CUDA kernel for the op: that is the cold-start deployment, which must
+not JIT-compile Triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -47,3 +52,10 @@ def available(op: str, device_type: str = "cpu") -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fluxfill_native::{op}", key)
+
+
+def use_native_on_cuda(op: str) -> bool:
+    """Whether the CUDA kernel of ``fluxfill::<op>`` should be the native one rather than Triton's."""
+    wanted = os.environ.get("FLUXFILL_CUDA_KERNELS", "triton") == "native"
+    no_triton = importlib.util.find_spec("triton") is None
+    return (wanted or no_triton) and available(op, "cuda")

@@ -231,7 +231,11 @@ def qk_norm_rope(
     txt_len: int,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """``q, k [B, L, H, D]`` -> ``(rope(rmsnorm(q)), rope(rmsnorm(k)))``, each ``[B, H, L, D]`` (CUDA: Triton)."""
+    """``q, k [B, L, H, D]`` -> ``(rope(rmsnorm(q)), rope(rmsnorm(k)))``, each ``[B, H, L, D]`` (CUDA:
+    Triton, or the native kernel, see :func:`native.use_native_on_cuda`)."""
+    if native.use_native_on_cuda("qk_norm_rope"):
+        qk_norm_rope_shape(q, k, q_norm_w, k_norm_w, cos, sin, txt_len)
+        return torch.ops.fluxfill_native.qk_norm_rope(q, k, q_norm_w, k_norm_w, cos, sin, txt_len, eps)
     return qk_norm_rope_triton(q, k, q_norm_w, k_norm_w, cos, sin, txt_len, eps)
 
 
