@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .attention import ATTENTION_BACKENDS
+from .cache import StepCachePolicy
 from .compilation import COMPILE_MODES
 from .quantization import QUANT_BACKENDS, QUANT_MODES
 
@@ -57,6 +58,12 @@ class EngineConfig:
         compile_dynamic: symbolic sequence length, so new resolutions reuse the compiled graphs.
         compile_cache_dir: where Inductor's artifacts are saved after warm-up and loaded from at start,
             so a second process warms up much faster. ``None``: no persistence beyond torch's own.
+        step_cache_threshold: skip the remaining transformer blocks on steps whose first-block residual
+            changed by less than this relative L1 since the last full step (``None``: off). See
+            :mod:`fluxfill_engine.cache`.
+        step_cache_warmup, step_cache_final: first / last steps always computed in full.
+        step_cache_max_skips: consecutive skipped steps allowed before a forced full step.
+        step_cache_mask_aware: measure the change only over image tokens inside the dilated mask.
         prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
     """
 
@@ -70,6 +77,11 @@ class EngineConfig:
     compile_mode: str = "default"
     compile_dynamic: bool = True
     compile_cache_dir: str | None = None
+    step_cache_threshold: float | None = None
+    step_cache_warmup: int = 1
+    step_cache_final: int = 1
+    step_cache_max_skips: int = 3
+    step_cache_mask_aware: bool = False
     prompt_cache_size: int = 16
 
     def __post_init__(self) -> None:
@@ -86,7 +98,15 @@ class EngineConfig:
             raise TypeError(
                 f"EngineConfig.compile_cache_dir must be a str path, got {self.compile_cache_dir!r}"
             )
-        for name in ("fused_kernels", "quantize_text_encoder", "compile", "compile_dynamic"):
+        self._step_cache_policy(0.0 if self.step_cache_threshold is None else self.step_cache_threshold)
+        names = (
+            "fused_kernels",
+            "quantize_text_encoder",
+            "compile",
+            "compile_dynamic",
+            "step_cache_mask_aware",
+        )
+        for name in names:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.quant not in QUANT_MODES:
@@ -103,6 +123,22 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return parse_dtype(self.dtype)
+
+    def _step_cache_policy(self, threshold: float) -> StepCachePolicy:
+        return StepCachePolicy(
+            threshold=threshold,
+            warmup=self.step_cache_warmup,
+            final=self.step_cache_final,
+            max_skips=self.step_cache_max_skips,
+            mask_aware=self.step_cache_mask_aware,
+        )
+
+    @property
+    def step_cache_policy(self) -> StepCachePolicy | None:
+        """The step cache's policy, or ``None`` when the cache is off."""
+        if self.step_cache_threshold is None:
+            return None
+        return self._step_cache_policy(self.step_cache_threshold)
 
     @property
     def text_encoder_quant(self) -> str:

@@ -378,6 +378,9 @@ class FluxFillEngine:
             "num_images": request.num_images,
             "image_seq_len": image_seq_len(request.height, request.width, self.pipeline.vae_scale_factor),
             "prompt_cache_hit": self.pipeline.prompt_cache.hits > hits_before,
+            "steps_full": self.pipeline.last_stats["steps_full"],
+            "steps_cached": self.pipeline.last_stats["steps_cached"],
+            "step_cache": self.pipeline.last_stats["step_cache"],
             "preset_fields": self.config.describe(),
         }
         emit(Event("done"))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFn, JointQKV, make_attention, resolve_attention
+from .cache import StepCache
 from .compilation import compile_blocks
 from .layers import (
     RowSlice,
@@ -388,11 +389,24 @@ class FillTransformer(nn.Module):
         scale, shift = self.norm_out(F.silu(temb).to(img.dtype)).chunk(2, dim=1)
         return self.proj_out(modulate(layer_norm(img), shift, scale))
 
-    def forward(self, latents: torch.Tensor, step: int, inputs: RequestInputs) -> torch.Tensor:
-        """The velocity prediction ``[B, L, 64]`` for packed noisy ``latents`` at step index ``step``."""
+    def forward(
+        self, latents: torch.Tensor, step: int, inputs: RequestInputs, cache: StepCache | None = None
+    ) -> torch.Tensor:
+        """The velocity prediction ``[B, L, 64]`` for packed noisy ``latents`` at step index ``step``.
+
+        With a ``cache``, the remaining blocks run only on steps the cache does not skip.
+        """
         temb = inputs.temb[step]
         temb_act = F.silu(temb)
         img = self.embed(latents, inputs.cond_proj)
-        img, txt = self.first_block(img, inputs.txt, temb_act, inputs)
-        img = self.remaining_blocks(img, txt, temb_act, inputs)
-        return self.final(img, temb)
+        first_img, txt = self.first_block(img, inputs.txt, temb_act, inputs)
+        if cache is None:
+            return self.final(self.remaining_blocks(first_img, txt, temb_act, inputs), temb)
+        first_residual = first_img - img
+        if cache.can_skip(step, first_residual):
+            out = first_img + cache.remaining_residual
+            cache.skipped()
+        else:
+            out = self.remaining_blocks(first_img, txt, temb_act, inputs)
+            cache.computed(first_residual, out - first_img)
+        return self.final(out, temb)

@@ -21,6 +21,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from .cache import StepCache, mask_token_weights
 from .compilation import load_compile_cache, save_compile_cache
 from .conditioning import (
     bools_to_float,
@@ -92,6 +93,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         self._engine_config = EngineConfig.preset("reference")
         self.prompt_cache = PromptCache(self._engine_config.prompt_cache_size)
         self.compile_cache: dict[str, Any] | None = None  # what load_compile_cache loaded, if anything
+        self.last_stats: dict[str, Any] | None = None  # steps run in full / cached in the last call
 
     # ---- configuration -----------------------------------------------------------------------------
 
@@ -594,12 +596,13 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         )
         sigmas_dev = schedule.sigmas.to(device)
         step_dts = sigmas_dev[1:] - sigmas_dev[:-1]
+        cache = self._step_cache(schedule.num_steps, cond, height, width)
         stage("denoise_start", num_steps=schedule.num_steps)
         with self.progress_bar(total=schedule.num_steps) as progress_bar:
             for i in range(schedule.num_steps):
                 if self.interrupt:
                     continue
-                velocity = fill(latents, i, inputs)
+                velocity = fill(latents, i, inputs, cache)
                 latents = euler_step(latents, velocity, step_dts[i])
                 if callback_on_step_end is not None:
                     local_tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
@@ -613,6 +616,13 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                 progress_bar.update()
                 stage("step", step=i, num_steps=schedule.num_steps)
         stage("denoise_end")
+        cache_stats = None if cache is None else cache.stats()
+        self.last_stats = {
+            "num_steps": schedule.num_steps,
+            "steps_full": schedule.num_steps if cache is None else cache_stats["steps_full"],
+            "steps_cached": 0 if cache is None else cache_stats["steps_cached"],
+            "step_cache": cache_stats,
+        }
         if getattr(self.transformer, "_hf_hook", None) is not None:
             self._drop_fill_transformer()  # offloading: let the hook move the weights back off the device
 
@@ -631,6 +641,18 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if not return_dict:
             return (images,)
         return FluxPipelineOutput(images=images)
+
+    def _step_cache(self, num_steps: int, cond: torch.Tensor, height: int, width: int) -> StepCache | None:
+        policy = self._engine_config.step_cache_policy
+        if policy is None:
+            return None
+        weights = None
+        if policy.mask_aware:
+            latent_channels = self.transformer.config.out_channels or 64
+            latent_height = 2 * (height // (self.vae_scale_factor * 2))
+            latent_width = 2 * (width // (self.vae_scale_factor * 2))
+            weights = mask_token_weights(cond[..., latent_channels:], latent_height, latent_width)
+        return StepCache(policy, num_steps, weights)
 
     def _transformer_for_call(self) -> FillTransformer:
         hook = getattr(self.transformer, "_hf_hook", None)

@@ -1,0 +1,121 @@
+"""Step cache: skip the transformer's remaining blocks on steps where the first block barely changes.
+
+Every step runs the embedding and the first double-stream block. The first block's output residual
+(output minus input, image tokens) is compared with the residual at the last fully computed step:
+
+    rel_l1 = mean|r_t - r_ref| / mean|r_ref|
+
+Below the threshold -- outside the warm-up and final steps, and after fewer than ``max_skips``
+consecutive skips -- the step adds the cached residual of the remaining blocks to the first block's
+output instead of running them. Otherwise all blocks run and the cache is refreshed. For a batch the
+means run over the whole batch: one decision for all images of a call.
+
+Mask-aware variant: the means are taken only over image tokens inside the (dilated) mask, since the
+unmasked region is conditioned on the input image and settles early.
+
+Deciding costs one host sync per step (reading ``rel_l1 < threshold``); forced steps cost none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class StepCachePolicy:
+    """When the cache may skip. ``max_skips``: consecutive skips allowed before a forced full step."""
+
+    threshold: float
+    warmup: int = 1
+    final: int = 1
+    max_skips: int = 3
+    mask_aware: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"step_cache_threshold must be a number or None, got {self.threshold!r}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"step_cache_threshold must be finite and >= 0, got {self.threshold}")
+        for name, low in (("warmup", 0), ("final", 0), ("max_skips", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"step_cache_{name} must be an int >= {low}, got {value!r}")
+
+
+def mask_token_weights(
+    packed_mask: torch.Tensor, latent_height: int, latent_width: int, dilation: int = 1
+) -> torch.Tensor:
+    """``[B, L]`` weights: 1 for image tokens whose patch touches the mask (dilated by ``dilation``
+    tokens), else 0. ``packed_mask`` is the conditioning's mask part ``[B, L, 4*s*s]``. A batch row
+    whose mask is empty gets uniform weights (nothing to focus on)."""
+    grid_height, grid_width = latent_height // 2, latent_width // 2
+    inside = (packed_mask.float().amax(dim=-1) > 0.5).float()
+    grid = inside.view(-1, 1, grid_height, grid_width)
+    if dilation > 0:
+        grid = F.max_pool2d(grid, 2 * dilation + 1, stride=1, padding=dilation)
+    weights = grid.flatten(1)
+    empty = weights.sum(dim=1, keepdim=True) == 0
+    return torch.where(empty, torch.ones_like(weights), weights)
+
+
+class StepCache:
+    """The cache state of one request; see the module docstring for the rule."""
+
+    def __init__(
+        self, policy: StepCachePolicy, num_steps: int, token_weights: torch.Tensor | None = None
+    ) -> None:
+        self.policy = policy
+        self.num_steps = num_steps
+        self.token_weights = None if token_weights is None else token_weights[..., None].float()
+        self.reference_residual: torch.Tensor | None = None
+        self.remaining_residual: torch.Tensor | None = None
+        self.consecutive_skips = 0
+        self._rel_l1: list[torch.Tensor | None] = []
+        self._cached: list[bool] = []
+
+    def relative_change(self, residual: torch.Tensor) -> torch.Tensor:
+        """``mean|r - r_ref| / mean|r_ref|`` (token-weighted when mask-aware), a 0-d fp32 tensor."""
+        change = (residual.float() - self.reference_residual.float()).abs()
+        base = self.reference_residual.float().abs()
+        if self.token_weights is not None:
+            change, base = change * self.token_weights, base * self.token_weights
+        return change.mean() / base.mean().clamp_min(1e-12)
+
+    def can_skip(self, step: int, residual: torch.Tensor) -> bool:
+        """Whether step ``step`` may reuse the cached remaining-blocks residual."""
+        policy = self.policy
+        rel_l1 = None if self.reference_residual is None else self.relative_change(residual)
+        self._rel_l1.append(rel_l1)
+        forced = (
+            rel_l1 is None
+            or step < policy.warmup
+            or step >= self.num_steps - policy.final
+            or self.consecutive_skips >= policy.max_skips
+        )
+        return not forced and bool(rel_l1 < policy.threshold)  # the one host sync of the step
+
+    def skipped(self) -> None:
+        self.consecutive_skips += 1
+        self._cached.append(True)
+
+    def computed(self, first_residual: torch.Tensor, remaining_residual: torch.Tensor) -> None:
+        self.reference_residual = first_residual
+        self.remaining_residual = remaining_residual
+        self.consecutive_skips = 0
+        self._cached.append(False)
+
+    def stats(self) -> dict[str, Any]:
+        """``steps_full``, ``steps_cached`` and ``rel_l1`` per step (``None`` before a reference exists)."""
+        return {
+            "steps_full": self._cached.count(False),
+            "steps_cached": self._cached.count(True),
+            "rel_l1": [None if value is None else float(value) for value in self._rel_l1],
+            "cached": list(self._cached),
+            "threshold": self.policy.threshold,
+            "mask_aware": self.policy.mask_aware,
+        }
