@@ -1,4 +1,4 @@
-"""Command line: ``fluxfill inpaint``.
+"""Command line: ``fluxfill inpaint`` and ``fluxfill bench`` (:mod:`.bench`).
 
 Without ``--model`` it runs the built-in tiny random-weight model (the output is noise; the point is
 that the whole path runs). Without ``--image``/``--mask`` it paints into a built-in demo image.
@@ -80,6 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
+    from .bench import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -162,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inpaint":
             return run_inpaint(args)
+        if args.command == "bench":
+            from .bench import run_bench_command
+
+            return run_bench_command(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

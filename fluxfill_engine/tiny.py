@@ -4,6 +4,9 @@ It has the real model's structure (guidance embedding, double and single stream 
 real scale factor 8 so the mask packs to 256 channels, 16 latent channels, CLIP pooled + T5 sequence
 text) at toy widths. Its tokenizers are built in memory, so nothing is downloaded. Its images are
 noise: the point is that every stage of the real path runs.
+
+:func:`mid_components` builds a larger one (4 + 8 blocks, width 512, 256 image + 128 text tokens at
+256x256) for CPU benchmarks (``fluxfill bench --preset cpu-mid``).
 """
 
 from __future__ import annotations
@@ -165,6 +168,107 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG)
     modules = [transformer, vae, text_encoder, text_encoder_2]
     for module in modules:
+        module.eval()
+        if dtype != torch.float32:
+            module.to(dtype)
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+    }
+
+
+# The mid-size model: structurally faithful, small enough for a 2-core CPU benchmark.
+MID_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 384,
+    "out_channels": 64,
+    "num_layers": 4,
+    "num_single_layers": 8,
+    "attention_head_dim": 64,
+    "num_attention_heads": 8,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 128,
+    "guidance_embeds": True,
+    "axes_dims_rope": (8, 28, 28),  # the real 16/56/56 split, halved for head dim 64
+}
+MID_MAX_SEQUENCE_LENGTH = 128  # T5 tokens of the mid model's prompts (the real model uses 512)
+
+
+def mid_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A mid-size random FLUX Fill model, for CPU benchmarks: the real structure at 1/6 of its width.
+
+    Transformer: 4 double + 8 single stream blocks, 8 heads x 64 (width 512), 384 input / 64 output
+    channels, guidance embedding, RoPE axes 8/28/28. At 256x256 pixels it sees 256 image tokens and,
+    with ``max_sequence_length=128`` (:data:`MID_MAX_SEQUENCE_LENGTH`), 128 text tokens. Text encoders:
+    CLIP (4 layers, width 128) and T5 (4 layers, width 256, gated-GELU). VAE: the real layout (four
+    blocks of two ResNet layers, mid-block attention, 16 latent channels, scale factor 8) at
+    channels 32/64/128/128. Same keys as :func:`tiny_components`.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**MID_TRANSFORMER_CONFIG)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        act_fn="silu",
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )
+    tokenizer = _word_level_tokenizer(77, pad="<pad>", bos="<bos>", eos="<eos>")
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=MID_TRANSFORMER_CONFIG["pooled_projection_dim"],
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.convert_tokens_to_ids("<bos>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<eos>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer_2 = _word_level_tokenizer(512, pad="<pad>", bos=None, eos="</s>")
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=MID_TRANSFORMER_CONFIG["joint_attention_dim"],
+            d_kv=64,
+            d_ff=640,
+            num_layers=4,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.convert_tokens_to_ids("</s>"),
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
         module.eval()
         if dtype != torch.float32:
             module.to(dtype)

@@ -140,7 +140,7 @@ def test_engine_end_to_end_with_each_quant_mode(quant):
     assert report["transformer"]["after"] < 0.6 * report["transformer"]["before"]
     assert report["text_encoder_2"]["after"] < report["text_encoder_2"]["before"]
     assert report["vae"]["after"] == report["vae"]["before"]
-    assert engine.describe()["quantization"]["mode"] == quant
+    assert engine.describe()["quantization"]["mode"] == resolve(quant, "auto", CPU).mode
 
 
 def test_memory_report_unquantized_is_unchanged():
@@ -193,3 +193,8 @@ def test_quantized_pipeline_moves_with_to():
     fill = pipe.fill_transformer
     pipe.to("cpu")
     assert pipe.fill_transformer is fill and fill.is_in_sync()
+
+
+def test_auto_fp8_without_fp8_tensor_cores_runs_int8_weight():
+    plan = resolve("fp8", "auto", CPU)
+    assert (plan.mode, plan.backend) == ("int8-weight", "native") and "tensor cores" in plan.reason
