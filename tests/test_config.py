@@ -45,3 +45,18 @@ def test_configure_returns_pipeline_and_applies_dtype():
     assert pipe.fill_transformer.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="EngineConfig"):
         pipe.configure({"dtype": "bf16"})
+
+
+def test_presets_build_on_each_other():
+    from fluxfill_engine.config import PRESETS
+
+    balanced, fast, fastest = PRESETS["balanced"], PRESETS["fast"], PRESETS["fastest"]
+    assert (balanced.dtype, balanced.compile, balanced.fused_kernels, balanced.attention) == (
+        "bfloat16",
+        True,
+        True,
+        "auto",
+    )
+    assert dataclasses.replace(fast, quant="none", quant_backend="auto") == balanced and fast.quant == "fp8"
+    assert dataclasses.replace(fastest, step_cache_threshold=None) == fast
+    assert fastest.step_cache_threshold == 0.08
