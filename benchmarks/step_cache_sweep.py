@@ -118,7 +118,13 @@ def main() -> None:
     for pipe in (ours, theirs):  # warm-up: the first call of a process is slower (allocator, caches)
         run(pipe, REQUESTS[0], args.steps)
 
-    variants = [("engine", False), ("engine-mask-aware", True), ("diffusers-fbcache", None)]
+    # engine-no-guards: no forced final step and unlimited consecutive skips, diffusers' FBCache rules.
+    variants = [
+        ("engine", False),
+        ("engine-mask-aware", True),
+        ("engine-no-guards", False),
+        ("diffusers-fbcache", None),
+    ]
     total = len(REQUESTS) * (2 + len(thresholds) * len(variants))
     rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
     with tqdm(total=total, desc="step-cache sweep", unit="run") as progress:
@@ -137,8 +143,11 @@ def main() -> None:
                         theirs.transformer.disable_cache()
                         full, base = counter.count, base_theirs
                     else:
+                        no_guards = {"step_cache_final": 0, "step_cache_max_skips": args.steps}
                         config = EngineConfig(
-                            step_cache_threshold=threshold, step_cache_mask_aware=mask_aware
+                            step_cache_threshold=threshold,
+                            step_cache_mask_aware=mask_aware,
+                            **(no_guards if name == "engine-no-guards" else {}),
                         )
                         ours.configure(config)
                         result = run(ours, request, args.steps)
