@@ -91,61 +91,60 @@ def _word_level_tokenizer(model_max_length: int, pad: str, bos: str | None, eos:
     )
 
 
-def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The seven components of a FLUX Fill pipeline, tiny and random, with fixed seeds.
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 384,  # 64 noise-latent + 64 masked-image-latent + 256 mask channels, as in the real model
+    "out_channels": 64,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
 
-    Keys are the constructor arguments of ``FluxFillPipeline``: ``scheduler``, ``vae``,
-    ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``, ``transformer``.
-    """
+
+def _build_components(
+    seed: int,
+    dtype: torch.dtype,
+    transformer: dict[str, Any],
+    vae: dict[str, Any],
+    clip: dict[str, Any],
+    t5: dict[str, Any],
+) -> dict[str, Any]:
+    """The seven pipeline components with the given sizes; fixed seeds per component."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    text_dim = 32
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=384,  # 64 noise-latent + 64 masked-image-latent + 256 mask channels, as in the real model
-        out_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=text_dim,
-        pooled_projection_dim=text_dim,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
+    transformer_model = FluxTransformer2DModel(**transformer)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    vae_model = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=16,
-        block_out_channels=(8, 8, 16, 16),  # four blocks: the real scale factor 8
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # four blocks: the real scale factor 8
         up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4,
-        sample_size=32,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        **vae,
     )
     tokenizer = _word_level_tokenizer(77, pad="<pad>", bos="<bos>", eos="<eos>")
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=text_dim,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
-            projection_dim=text_dim,
+            projection_dim=transformer["pooled_projection_dim"],
             hidden_act="quick_gelu",
             bos_token_id=tokenizer.convert_tokens_to_ids("<bos>"),
             eos_token_id=tokenizer.convert_tokens_to_ids("<eos>"),
             pad_token_id=tokenizer.pad_token_id,
+            **clip,
         )
     )
     tokenizer_2 = _word_level_tokenizer(512, pad="<pad>", bos=None, eos="</s>")
@@ -153,33 +152,48 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
+            d_model=transformer["joint_attention_dim"],
             feed_forward_proj="gated-gelu",
             is_encoder_decoder=False,
             pad_token_id=tokenizer_2.pad_token_id,
             eos_token_id=tokenizer_2.convert_tokens_to_ids("</s>"),
+            **t5,
         )
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG)
-    modules = [transformer, vae, text_encoder, text_encoder_2]
-    for module in modules:
+    for module in (transformer_model, vae_model, text_encoder, text_encoder_2):
         module.eval()
         if dtype != torch.float32:
             module.to(dtype)
     return {
-        "scheduler": scheduler,
-        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG),
+        "vae": vae_model,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "text_encoder_2": text_encoder_2,
         "tokenizer_2": tokenizer_2,
-        "transformer": transformer,
+        "transformer": transformer_model,
     }
+
+
+def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The seven components of a FLUX Fill pipeline, tiny and random, with fixed seeds.
+
+    Keys are the constructor arguments of ``FluxFillPipeline``: ``scheduler``, ``vae``,
+    ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``, ``transformer``.
+    """
+    return _build_components(
+        seed,
+        dtype,
+        transformer=TINY_TRANSFORMER_CONFIG,
+        vae={
+            "block_out_channels": (8, 8, 16, 16),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "sample_size": 32,
+        },
+        clip={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+        t5={"d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8},
+    )
 
 
 # The mid-size model: structurally faithful, small enough for a 2-core CPU benchmark.
@@ -209,78 +223,28 @@ def mid_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[st
     blocks of two ResNet layers, mid-block attention, 16 latent channels, scale factor 8) at
     channels 32/64/128/128. Same keys as :func:`tiny_components`.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**MID_TRANSFORMER_CONFIG)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        act_fn="silu",
-        norm_num_groups=32,
-        sample_size=256,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=True,
+    return _build_components(
+        seed,
+        dtype,
+        transformer=MID_TRANSFORMER_CONFIG,
+        vae={
+            "block_out_channels": (32, 64, 128, 128),
+            "layers_per_block": 2,
+            "act_fn": "silu",
+            "norm_num_groups": 32,
+            "sample_size": 256,
+            "mid_block_add_attention": True,
+        },
+        clip={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
+        t5={
+            "d_kv": 64,
+            "d_ff": 640,
+            "num_layers": 4,
+            "num_heads": 4,
+            "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128,
+        },
     )
-    tokenizer = _word_level_tokenizer(77, pad="<pad>", bos="<bos>", eos="<eos>")
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=MID_TRANSFORMER_CONFIG["pooled_projection_dim"],
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.convert_tokens_to_ids("<bos>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("<eos>"),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    tokenizer_2 = _word_level_tokenizer(512, pad="<pad>", bos=None, eos="</s>")
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=MID_TRANSFORMER_CONFIG["joint_attention_dim"],
-            d_kv=64,
-            d_ff=640,
-            num_layers=4,
-            num_heads=4,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.convert_tokens_to_ids("</s>"),
-        )
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG)
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval()
-        if dtype != torch.float32:
-            module.to(dtype)
-    return {
-        "scheduler": scheduler,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer_2": tokenizer_2,
-        "transformer": transformer,
-    }
 
 
 def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
