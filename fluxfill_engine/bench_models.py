@@ -36,6 +36,7 @@ from .tiny import (
     TINY_VOCAB_WORDS,
     mid_components,
     tiny_components,
+    tokenizer_from_vocab,
 )
 
 # ---- work per step ---------------------------------------------------------------------------------
@@ -336,9 +337,6 @@ def vocab_tokenizer(
     The words of the tiny vocabulary get the first free ids and every other id a placeholder piece, so
     token ids span the real range (what the embedding tables see) and no file is downloaded.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     for token in {pad, eos, unk, *([bos] if bos else [])}:
         if token not in specials:
             raise ValueError(f"special token {token!r} needs an id in `specials`")
@@ -350,21 +348,7 @@ def vocab_tokenizer(
         if i not in by_id:
             by_id[i] = next(words, None) or f"<piece_{i}>"
     vocab = {token: i for i, token in by_id.items()}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bos:
-        template, special_ids = f"{bos} $A {eos}", [(bos, vocab[bos]), (eos, vocab[eos])]
-    else:
-        template, special_ids = f"$A {eos}", [(eos, vocab[eos])]
-    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=special_ids)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        model_max_length=model_max_length,
-        pad_token=pad,
-        eos_token=eos,
-        unk_token=unk,
-        **({"bos_token": bos} if bos else {}),
-    )
+    return tokenizer_from_vocab(vocab, model_max_length, pad=pad, eos=eos, bos=bos, unk=unk)
 
 
 def _fan_in(module: nn.Module, weight: torch.Tensor) -> int:

@@ -69,12 +69,25 @@ TINY_VOCAB_WORDS = [
 
 
 def _word_level_tokenizer(model_max_length: int, pad: str, bos: str | None, eos: str) -> Any:
+    specials = [pad, eos, "<unk>"] + ([bos] if bos else [])
+    vocab = {token: i for i, token in enumerate(specials + list(TINY_VOCAB_WORDS))}
+    return tokenizer_from_vocab(vocab, model_max_length, pad=pad, eos=eos, bos=bos)
+
+
+def tokenizer_from_vocab(
+    vocab: dict[str, int],
+    model_max_length: int,
+    pad: str,
+    eos: str,
+    bos: str | None = None,
+    unk: str = "<unk>",
+) -> Any:
+    """A whitespace word-level ``PreTrainedTokenizerFast`` over ``vocab``, built in memory (no download),
+    adding ``bos``/``eos`` around each text as CLIP and T5 tokenizers do."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = [pad, eos, "<unk>"] + ([bos] if bos else [])
-    vocab = {token: i for i, token in enumerate(specials + list(TINY_VOCAB_WORDS))}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     if bos:
         template, special_ids = f"{bos} $A {eos}", [(bos, vocab[bos]), (eos, vocab[eos])]
@@ -86,7 +99,7 @@ def _word_level_tokenizer(model_max_length: int, pad: str, bos: str | None, eos:
         model_max_length=model_max_length,
         pad_token=pad,
         eos_token=eos,
-        unk_token="<unk>",
+        unk_token=unk,
         **({"bos_token": bos} if bos else {}),
     )
 
