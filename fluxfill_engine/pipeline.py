@@ -156,14 +156,51 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         return report
 
     def to(self, *args: Any, **kwargs: Any) -> FluxFillPipeline:
-        # Moving the diffusers modules gives them fresh tensors; drop the engine's (now stale) views
-        # first so the old device's fused weights are freed, not kept alongside the moved ones. A
-        # quantized engine shares modules (not views) with the diffusers tree and moves with it.
-        fill = self.transformer.__dict__.get(_FILL_ATTR) if getattr(self, "transformer", None) else None
+        self._release_unmovable_weights()
+        self.prompt_cache.clear()
+        super().to(*args, **kwargs)
+        if self.transformer.device.type != "cpu":  # model CPU offload parks the weights on the CPU
+            self._warn_if_quantized_for_another_device(self.transformer.device)
+        return self
+
+    def _warn_if_quantized_for_another_device(self, device: torch.device) -> None:
+        """Quantizing resolves ``quant`` for the device of that moment (``auto`` fp8 runs int8-weight
+        without fp8 tensor cores); say so when the pipeline moves where the choice would differ."""
+        fill = self.transformer.__dict__.get(_FILL_ATTR)
+        if fill is None or fill.quant_plan is None:
+            return
+        config = self._engine_config
+        try:
+            wanted = resolve(config.quant, config.quant_backend, device)
+        except ValueError as error:
+            wanted = None
+            why = str(error)
+        else:
+            why = f"there it would run {wanted.mode} ({wanted.backend})"
+        if wanted is None or (wanted.mode, wanted.backend) != (fill.quant_plan.mode, fill.quant_plan.backend):
+            logger.warning(
+                "the transformer was quantized before the move, as %s (%s); on %s quant=%r: %s. It keeps "
+                "running %s: to get the device's choice, configure after moving the pipeline (load it again)",
+                fill.quant_plan.mode,
+                fill.quant_plan.reason,
+                device,
+                config.quant,
+                why,
+                fill.quant_plan.mode,
+            )
+
+    def _release_unmovable_weights(self) -> None:
+        """Before the diffusers transformer moves: drop the engine's weights that would not move with it.
+
+        Moving gives the diffusers modules fresh tensors, so an unquantized engine's fused QKV (whose
+        views the diffusers layers were) goes stale and would keep the old device's copy alive: it is
+        dropped and rebuilt on next use. A quantized engine shares modules (not views) with the diffusers
+        tree and moves with it; it cannot be rebuilt from the quantized tree, so it is kept.
+        """
+        transformer = getattr(self, "transformer", None)
+        fill = transformer.__dict__.get(_FILL_ATTR) if transformer is not None else None
         if fill is None or fill.quant_plan is None:
             self._drop_fill_transformer()
-        self.prompt_cache.clear()
-        return super().to(*args, **kwargs)
 
     @property
     def fill_transformer(self) -> FillTransformer:
@@ -186,13 +223,20 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             self.transformer.__dict__[_FILL_ATTR] = fill  # a plain attribute: not a registered submodule
         if self._engine_config.quant != "none" and fill.quant_plan is None:
             config = self._engine_config
-            plan = resolve(config.quant, config.quant_backend, self.transformer.device)
+            plan = resolve(config.quant, config.quant_backend, self._transformer_execution_device)
             self._record_weight_bytes("transformer")
             fill.quantize(plan)
         config = self._engine_config
         fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None)
         fill.set_attention(self._engine_config.attention, self._engine_config.fused_kernels)
         return fill
+
+    @property
+    def _transformer_execution_device(self) -> torch.device:
+        """Where the transformer runs: its offload hook's device under model CPU offload, else its own."""
+        hook = getattr(self.transformer, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        return torch.device(device) if device is not None else self.transformer.device
 
     def _drop_fill_transformer(self) -> None:
         transformer = getattr(self, "transformer", None)
@@ -624,7 +668,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             "step_cache": cache_stats,
         }
         if getattr(self.transformer, "_hf_hook", None) is not None:
-            self._drop_fill_transformer()  # offloading: let the hook move the weights back off the device
+            self._release_unmovable_weights()  # model CPU offload: the hook moves the transformer off
 
         # 5. Decode.
         stage("decode_start")

@@ -287,6 +287,67 @@ def test_to_cpu_after_a_call(pipe, make_kwargs, helpers):
     helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
 
 
+def _engine_tensors_the_diffusers_tree_does_not_move(pipe):
+    """Engine parameters/buffers a ``.to()`` of the diffusers transformer would leave behind.
+
+    ``Module.to`` moves what its module tree owns: tensors of modules in the tree, and Parameter objects
+    of the tree (updated in place). Anything else the engine holds would stay on the old device.
+    """
+    tree_modules = {id(m) for m in pipe.transformer.modules()}
+    tree_params = {id(p) for p in pipe.transformer.parameters()}
+    left = []
+    for name, module in pipe.fill_transformer.named_modules():
+        if id(module) in tree_modules:
+            continue
+        left += [f"{name}.{k}" for k, p in module._parameters.items() if id(p) not in tree_params]
+        left += [f"{name}.{k}" for k in module._buffers]
+    return left
+
+
+@pytest.mark.parametrize("quant", ["none", "int8-weight", "int8"])
+def test_model_cpu_offload_runs_the_engine(components, make_kwargs, helpers, quant):
+    """``enable_model_cpu_offload`` (executing on the CPU here: the hooks run, nothing moves).
+
+    Unquantized, the engine's fused QKV is not part of the diffusers tree the hook moves, so it is
+    dropped after every call; a quantized engine is made of the diffusers tree's own modules and kept.
+    """
+    config = EngineConfig(quant=quant)
+    expected = FluxFillPipeline(**tiny_components()).configure(config)
+    helpers.disable_progress(expected)
+    expected = expected(**make_kwargs()).images
+    pipe = FluxFillPipeline(**components)
+    helpers.disable_progress(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.configure(config)
+    for _ in range(2):
+        helpers.assert_close(pipe(**make_kwargs()).images, expected, atol=0)
+        kept = pipe.transformer.__dict__.get("_fluxfill_transformer")
+        assert (kept is not None) == (quant != "none")
+    if quant != "none":
+        assert _engine_tensors_the_diffusers_tree_does_not_move(pipe) == []
+
+
+def test_unquantized_engine_holds_fused_weights_outside_the_diffusers_tree(pipe):
+    # Why the unquantized engine is dropped before a move (the check above is not vacuous).
+    left = _engine_tensors_the_diffusers_tree_does_not_move(pipe)
+    assert "double_blocks.0.img_qkv.weight" in left and "single_blocks.0.qkv_mlp.weight" in left
+
+
+def test_quantization_is_resolved_for_the_offload_execution_device(pipe, monkeypatch):
+    seen = []
+
+    def fake_resolve(mode, backend, device):
+        seen.append(device)
+        raise ValueError("stop")
+
+    monkeypatch.setattr("fluxfill_engine.pipeline.resolve", fake_resolve)
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.transformer._hf_hook.execution_device = torch.device("meta")  # stands for "cuda"
+    with pytest.raises(ValueError, match="stop"):
+        pipe.configure(EngineConfig(quant="fp8"))
+    assert seen == [torch.device("meta")]  # not the CPU the weights wait on
+
+
 def test_engine_transformer_is_reused_between_calls(pipe, make_kwargs):
     pipe(**make_kwargs())
     fill = pipe.fill_transformer

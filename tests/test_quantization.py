@@ -1,5 +1,7 @@
 """Quantization: per-layer and per-forward SQNR bounds for every backend, memory, errors, end to end."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -8,7 +10,7 @@ from torch import nn
 from fluxfill_engine import EngineConfig, FillRequest, FluxFillEngine, FluxFillPipeline
 from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
-from fluxfill_engine.quantization import QuantizedLinear, quantize_linear, resolve, weight_bytes
+from fluxfill_engine.quantization import QuantizedLinear, QuantPlan, quantize_linear, resolve, weight_bytes
 from fluxfill_engine.tiny import tiny_components
 
 CPU = torch.device("cpu")
@@ -198,3 +200,21 @@ def test_quantized_pipeline_moves_with_to():
 def test_auto_fp8_without_fp8_tensor_cores_runs_int8_weight():
     plan = resolve("fp8", "auto", CPU)
     assert (plan.mode, plan.backend) == ("int8-weight", "native") and "tensor cores" in plan.reason
+
+
+def test_moving_a_pipeline_quantized_for_another_device_warns(monkeypatch, caplog):
+    pipe = FluxFillPipeline(**tiny_components()).configure(EngineConfig(quant="fp8"))
+    assert pipe.fill_transformer.quant_plan.mode == "int8-weight"  # auto on a CPU
+    # What resolve says for a GPU with fp8 tensor cores (none here to move to).
+    monkeypatch.setattr(
+        "fluxfill_engine.pipeline.resolve", lambda mode, backend, device: QuantPlan(mode, "native", "native")
+    )
+    with caplog.at_level(logging.WARNING, logger="fluxfill_engine.pipeline"):
+        pipe._warn_if_quantized_for_another_device(torch.device("cuda"))
+    assert "quantized before the move, as int8-weight" in caplog.text
+    assert "there it would run fp8 (native)" in caplog.text and "configure after moving" in caplog.text
+    caplog.clear()
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="fluxfill_engine.pipeline"):
+        pipe._warn_if_quantized_for_another_device(torch.device("cpu"))  # same choice: nothing to say
+    assert caplog.text == ""
