@@ -66,8 +66,9 @@ case "${1:-}" in
         # The whole suite (the kernels' bf16 cases at FLUX shapes run only on a GPU), then the micro
         # benchmarks at the real shapes; one failing does not stop the other.
         status=0
-        parallel=$(python3 -c "import xdist" 2> /dev/null && echo "-n 8" || true)
-        # shellcheck disable=SC2086  # $parallel is empty or two arguments
+        # --dist loadfile: one worker per file, so the native library (a session fixture) builds once.
+        parallel=$(python3 -c "import xdist" 2> /dev/null && echo "-n 8 --dist loadfile" || true)
+        # shellcheck disable=SC2086  # $parallel is empty or a list of arguments
         python3 -m pytest -q -p no:cacheprovider $parallel --junitxml "$OUT/tests-gpu.xml" tests \
             2>&1 | tee "$OUT/tests-gpu.txt" || status=1
         python3 -m pytest -q -p no:cacheprovider benchmarks --benchmark-only -m gpu \

@@ -746,7 +746,10 @@ def _fbcache(transformer: Any, threshold: float) -> bool:
 def _torchao_fp8(transformer: Any) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    # Without set_inductor_config=False torchao would switch on coordinate descent tuning (and more)
+    # for the whole process: every other compiled variant would be compiled differently too.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config)
 
 
 def build_runners(

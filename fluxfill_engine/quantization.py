@@ -115,6 +115,10 @@ def quantize_rows(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
     return values, scale
 
 
+# CUDA's torch._int_mm refuses inputs of 16 rows or fewer; smaller inputs are zero-padded past it.
+INT_MM_MIN_ROWS = 16
+
+
 class QuantizedLinear(nn.Module):
     """A linear layer with fp8/int8 weights and per-output-channel fp32 scales (native backend).
 
@@ -152,17 +156,24 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.fmt == "fp8":
             values, scale = quantize_rows(flat, "fp8")
+            # CUDA's _scaled_mm fuses a bias only into a bf16/fp16 output.
+            fused_bias = self.bias if x.dtype in (torch.bfloat16, torch.float16) else None
             out = torch._scaled_mm(
                 values,
                 self.weight_values.t(),
                 scale_a=scale,
                 scale_b=self.weight_scale.t(),
-                bias=self.bias,
+                bias=fused_bias,
                 out_dtype=x.dtype,
             )
+            if self.bias is not None and fused_bias is None:
+                out = out + self.bias
         else:
             values, scale = quantize_rows(flat, "int8")
-            accumulated = torch._int_mm(values, self.weight_values.t())
+            rows = values.shape[0]
+            if rows <= INT_MM_MIN_ROWS:  # the modulation layers see one row per image
+                values = F.pad(values, (0, 0, 0, INT_MM_MIN_ROWS + 1 - rows))
+            accumulated = torch._int_mm(values, self.weight_values.t())[:rows]
             out = (accumulated.float() * scale * self.weight_scale.t()).to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias
@@ -200,11 +211,15 @@ def _torchao_linear(linear: nn.Linear, mode: str) -> nn.Module:
         quantize_,
     )
 
+    # set_inductor_config=False: torchao would otherwise change global Inductor settings (coordinate
+    # descent tuning, ...) for every model compiled later in the process, not just this one.
     configs = {
-        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        "fp8-weight": Float8WeightOnlyConfig,
-        "int8": Int8DynamicActivationInt8WeightConfig,
-        "int8-weight": Int8WeightOnlyConfig,
+        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow(), set_inductor_config=False
+        ),
+        "fp8-weight": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
+        "int8": lambda: Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        "int8-weight": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
     }
     holder = _sharing_copy(linear)
     quantize_(holder, configs[mode]())

@@ -46,6 +46,42 @@ def test_quantized_linear_against_fp32_matmul(mode, backend, dtype):
     assert linear.weight.dtype == dtype  # the original layer is left as it was
 
 
+def _with_cuda_matmul_checks(monkeypatch):
+    """Make the CPU ``_int_mm`` / ``_scaled_mm`` refuse what their CUDA kernels refuse.
+
+    CUDA's ``_int_mm`` needs more than 16 rows; CUDA's ``_scaled_mm`` fuses a bias only into a bf16 or
+    fp16 output. The CPU kernels accept both, so without this the tests here could not see either.
+    """
+    int_mm, scaled_mm = torch._int_mm, torch._scaled_mm
+
+    def checked_int_mm(a, b):
+        assert a.shape[0] > 16, f"_int_mm on CUDA needs more than 16 rows, got {a.shape[0]}"
+        return int_mm(a, b)
+
+    def checked_scaled_mm(a, b, *args, bias=None, out_dtype=None, **kwargs):
+        assert bias is None or out_dtype in (torch.bfloat16, torch.float16), "bias with a fp32 output"
+        return scaled_mm(a, b, *args, bias=bias, out_dtype=out_dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "_int_mm", checked_int_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 256), (2, 1, 256), (16, 256), (3, 7, 256)], ids=str)
+def test_w8a8_keeps_the_cuda_kernels_contracts_at_any_row_count(monkeypatch, mode, dtype, shape):
+    # The modulation layers run on one row per image; fp32 pipelines run fp8 with an fp32 output.
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 192).to(dtype)
+    x = torch.randn(shape).to(dtype)
+    quantized = quantize_linear(linear, resolve(mode, "native", CPU))
+    _with_cuda_matmul_checks(monkeypatch)
+    out = quantized(x)
+    assert out.shape == (*shape[:-1], 192) and out.dtype == dtype
+    reference = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    assert sqnr(reference, out) >= SQNR_BOUND[mode]
+
+
 def transformer(width_heads: int, head_dim: int, double: int, single: int, dtype: torch.dtype):
     torch.manual_seed(0)
     axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
@@ -218,3 +254,13 @@ def test_moving_a_pipeline_quantized_for_another_device_warns(monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="fluxfill_engine.pipeline"):
         pipe._warn_if_quantized_for_another_device(torch.device("cpu"))  # same choice: nothing to say
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-weight", "fp8-weight"])
+def test_torchao_backend_leaves_global_inductor_settings_alone(mode):
+    # torchao's default would switch on coordinate descent tuning (and more) for every later compile.
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.save_config()
+    quantize_linear(nn.Linear(64, 32), resolve(mode, "torchao", CPU))
+    assert inductor_config.save_config() == before
