@@ -114,14 +114,15 @@ def triton_attention(fused_kernels: bool) -> AttentionFn:
 
 def cuda_time_ms(attend: AttentionFn, qkv: JointQKV, rope: Rope, repeats: int = 5) -> float:
     """Milliseconds for ``repeats`` calls after one warm-up call (Triton JIT, cuDNN plans)."""
-    attend(qkv, rope)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
+    with torch.cuda.device(qkv.q[0].device):  # the events must be on the tensors' GPU
         attend(qkv, rope)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            attend(qkv, rope)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
 
 
 class AutoAttention:

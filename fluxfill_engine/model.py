@@ -246,12 +246,16 @@ class FillTransformer(nn.Module):
             )
         return cls(transformer, attention, fused_kernels).eval().requires_grad_(False)
 
-    def set_attention(self, name: str, fused_kernels: bool = False) -> None:
-        """Switch the attention backend (see :mod:`.attention`); no-op when nothing changes."""
-        if getattr(self, "attention_choice", None) == (name, fused_kernels):
+    def set_attention(
+        self, name: str, fused_kernels: bool = False, device: torch.device | None = None
+    ) -> None:
+        """Switch the attention backend (see :mod:`.attention`) for ``device`` (default: where the
+        weights are; under model CPU offload the hook's execution device); no-op when nothing changes."""
+        device = self.proj_out.weight.device if device is None else device
+        if getattr(self, "attention_choice", None) == (name, fused_kernels, device):
             return
-        self.attention = make_attention(name, self.proj_out.weight.device, fused_kernels)
-        self.attention_choice = (name, fused_kernels)
+        self.attention = make_attention(name, device, fused_kernels)
+        self.attention_choice = (name, fused_kernels, device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -274,8 +278,9 @@ class FillTransformer(nn.Module):
         """``(mode, dynamic)`` the blocks are compiled with, or None when they run eagerly."""
         return self._compile_settings
 
-    def set_compile(self, settings: tuple[str, bool] | None) -> None:
-        """Compile the blocks with ``(mode, dynamic)``, or run them eagerly again with ``None``."""
+    def set_compile(self, settings: tuple[str, bool] | None, device: torch.device | None = None) -> None:
+        """Compile the blocks with ``(mode, dynamic)`` for ``device`` (default: where the weights are),
+        or run them eagerly again with ``None``."""
         if settings == self._compile_settings:
             return
         blocks = [*self.double_blocks, *self.single_blocks]
@@ -283,7 +288,9 @@ class FillTransformer(nn.Module):
             for block in blocks:
                 block._compiled_call_impl = None  # what Module.compile set: back to eager
         else:
-            compile_blocks(blocks, *settings, device=self.proj_out.weight.device)
+            compile_blocks(
+                blocks, *settings, device=self.proj_out.weight.device if device is None else device
+            )
         self._compile_settings = settings
 
     @property

@@ -227,8 +227,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             self._record_weight_bytes("transformer")
             fill.quantize(plan)
         config = self._engine_config
-        fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None)
-        fill.set_attention(self._engine_config.attention, self._engine_config.fused_kernels)
+        device = self._transformer_execution_device
+        fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None, device)
+        fill.set_attention(config.attention, config.fused_kernels, device)
         return fill
 
     @property
@@ -601,6 +602,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if prompt_embeds.shape[0] != total:  # caller-supplied embeddings: one per prompt
             prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
             pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        # Caller-supplied embeddings may wait elsewhere (diffusers' offload hooks move a forward's
+        # arguments; the engine does not call that forward). No copy when already there.
+        prompt_embeds, pooled_prompt_embeds = prompt_embeds.to(device), pooled_prompt_embeds.to(device)
         stage("text_encode_end")
 
         # 3. Image latents, noise, conditioning. The generator is consumed in diffusers' order:
@@ -667,6 +671,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             "steps_cached": 0 if cache is None else cache_stats["steps_cached"],
             "step_cache": cache_stats,
         }
+        del fill, inputs  # nothing below needs them: an unquantized engine's fused weights can go
         if getattr(self.transformer, "_hf_hook", None) is not None:
             self._release_unmovable_weights()  # model CPU offload: the hook moves the transformer off
 

@@ -53,6 +53,33 @@ def _cxx_compiler() -> str | None:
     return None
 
 
+def _cuda_configure(env: dict[str, str]) -> list[str]:
+    """CMake arguments (and ``env`` entries) that help torch's FindCUDA when torch has CUDA.
+
+    torch's CMake config finds the toolkit from ``nvcc`` on PATH, which fails when that is a wrapper
+    outside the toolkit (``/usr/local/bin/nvcc`` gives root ``/usr/local``); it also links nvrtc, which
+    a toolkit assembled from pip wheels keeps only in the ``nvidia`` wheel folders. Building for this
+    GPU's architecture alone keeps the build short.
+    """
+    if torch.version.cuda is None:
+        return []
+    from torch.utils import cpp_extension
+
+    args = []
+    roots = [cpp_extension.CUDA_HOME, "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
+    root = next((Path(r) for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
+    if root is not None:
+        args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+        if not any((root / lib).glob("libnvrtc.so*") for lib in ("lib64", "lib")):
+            wheels = Path(torch.__file__).resolve().parents[1] / "nvidia"
+            nvrtc = sorted(wheels.glob("*/lib/libnvrtc.so*"))
+            if nvrtc:
+                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in env:
+        env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    return args
+
+
 def _registered() -> bool:
     """Whether some library has already registered the ``fluxfill_native`` ops in this process."""
     try:
@@ -81,6 +108,7 @@ def native_library(tmp_path_factory: pytest.TempPathFactory) -> Built:
     if os.environ.get("FLUXFILL_NATIVE", "1") == "0":
         pytest.skip("FLUXFILL_NATIVE=0 disables loading the native kernel library")
     build = tmp_path_factory.mktemp("build-native")
+    env = dict(os.environ)
     commands = [
         [
             cmake,
@@ -91,13 +119,14 @@ def native_library(tmp_path_factory: pytest.TempPathFactory) -> Built:
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DFLUXFILL_NATIVE_OUTPUT_DIR={build}",
+            *_cuda_configure(env),
         ],
         [cmake, "--build", str(build), "-j2"],
     ]
     start = time.perf_counter()
     outputs = []
     for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             pytest.fail(
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"

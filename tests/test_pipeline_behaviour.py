@@ -348,6 +348,22 @@ def test_quantization_is_resolved_for_the_offload_execution_device(pipe, monkeyp
     assert seen == [torch.device("meta")]  # not the CPU the weights wait on
 
 
+def test_attention_and_compile_target_the_offload_execution_device(pipe, monkeypatch):
+    # configure() builds the engine while offloaded weights wait on the CPU: the attention backend
+    # (auto timing, xformers) and compilation must still be chosen for the device it will run on.
+    seen = {}
+    monkeypatch.setattr(
+        "fluxfill_engine.model.make_attention", lambda name, device, fused: seen.update(attention=device)
+    )
+    monkeypatch.setattr(
+        "fluxfill_engine.model.compile_blocks", lambda blocks, mode, dyn, device: seen.update(compile=device)
+    )
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.transformer._hf_hook.execution_device = torch.device("meta")  # stands for "cuda"
+    pipe.configure(EngineConfig(quant="int8-weight", compile=True))
+    assert seen == {"attention": torch.device("meta"), "compile": torch.device("meta")}
+
+
 def test_engine_transformer_is_reused_between_calls(pipe, make_kwargs):
     pipe(**make_kwargs())
     fill = pipe.fill_transformer
