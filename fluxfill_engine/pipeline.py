@@ -159,8 +159,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         self._release_unmovable_weights()
         self.prompt_cache.clear()
         super().to(*args, **kwargs)
-        if self.transformer.device.type != "cpu":  # model CPU offload parks the weights on the CPU
-            self._warn_if_quantized_for_another_device(self.transformer.device)
+        transformer = getattr(self, "transformer", None)
+        if transformer is not None and transformer.device.type != "cpu":  # offload parks weights on the CPU
+            self._warn_if_quantized_for_another_device(transformer.device)
         return self
 
     def _warn_if_quantized_for_another_device(self, device: torch.device) -> None:
