@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fluxfill_engine.bench import bench_inputs
-from fluxfill_engine.bench_models import random_transformer
+from fluxfill_engine.bench.models import random_transformer
+from fluxfill_engine.bench.runner import bench_inputs
 from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
 from fluxfill_engine.pipeline import FluxFillPipeline

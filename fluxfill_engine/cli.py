@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
-    from .bench import add_bench_parser
+    from .bench.cli import add_bench_parser
 
     add_bench_parser(commands)
     return parser
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inpaint":
             return run_inpaint(args)
         if args.command == "bench":
-            from .bench import run_bench_command
+            from .bench.cli import run_bench_command
 
             return run_bench_command(args)
     except (ValueError, TypeError, FileNotFoundError) as err:

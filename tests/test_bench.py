@@ -14,16 +14,7 @@ import torch
 
 from fluxfill_engine import FluxFillPipeline
 from fluxfill_engine.architecture import CLIP_TEXT_CONFIG, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
-from fluxfill_engine.bench import (
-    BenchSettings,
-    memory_estimate,
-    plot_speed_vs_drift,
-    psnr_db,
-    render_markdown,
-    run_benchmark,
-    sqnr_db,
-)
-from fluxfill_engine.bench_models import (
+from fluxfill_engine.bench.models import (
     ComponentConfigs,
     device_peak,
     full_configs,
@@ -33,7 +24,9 @@ from fluxfill_engine.bench_models import (
     shared_clone,
     transformer_flops,
 )
-from fluxfill_engine.bench_variants import (
+from fluxfill_engine.bench.report import plot_speed_vs_drift, render_markdown
+from fluxfill_engine.bench.runner import BenchSettings, memory_estimate, run_benchmark
+from fluxfill_engine.bench.variants import (
     BenchError,
     parse_engine_overrides,
     parse_variant,
@@ -42,6 +35,7 @@ from fluxfill_engine.bench_variants import (
 )
 from fluxfill_engine.cli import main
 from fluxfill_engine.config import PRESETS
+from fluxfill_engine.metrics import psnr_db, sqnr_db
 from fluxfill_engine.tiny import tiny_components
 
 CPU = torch.device("cpu")
@@ -448,9 +442,9 @@ def test_random_components_materialise_on_the_device_with_finite_outputs():
 def test_gpu_full_preset_path_runs_on_cpu_at_a_reduced_size(monkeypatch):
     """The gpu-full preset's whole path (meta build, materialise, real-vocabulary tokenizers, both
     pipelines) with the real configs swapped for reduced ones, on the CPU."""
-    from fluxfill_engine import bench_models
+    from fluxfill_engine.bench import models
 
-    monkeypatch.setattr(bench_models, "full_configs", _reduced_configs)
+    monkeypatch.setattr(models, "full_configs", _reduced_configs)
     settings = BenchSettings(
         preset="gpu-full",
         device="cpu",

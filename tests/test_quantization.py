@@ -1,5 +1,6 @@
 """Quantization: per-layer and per-forward SQNR bounds for every backend, memory, errors, end to end."""
 
+import importlib.util
 import logging
 
 import pytest
@@ -16,16 +17,33 @@ from fluxfill_engine.tiny import tiny_components
 CPU = torch.device("cpu")
 # The issue's bounds per transformer forward; per layer the same bounds apply a fortiori.
 SQNR_BOUND = {"fp8": 25.0, "fp8-weight": 25.0, "int8": 25.0, "int8-weight": 35.0}
+# The optional backends come with the `quant` extra (and `dev`); a lean install skips their cases.
+BACKEND_PACKAGES = {"quanto": "optimum", "torchao": "torchao"}
+
+
+def backend_case(*values: str, backend: str) -> object:
+    """A parameter set that is skipped, with the reason, when ``backend``'s package is not installed."""
+    package = BACKEND_PACKAGES.get(backend)
+    missing = package is not None and importlib.util.find_spec(package) is None
+    reason = (
+        f"quant_backend={backend!r} needs {package}, not installed (pip install 'fluxfill-engine[quant]')"
+    )
+    return pytest.param(*values, marks=pytest.mark.skipif(missing, reason=reason))
+
+
 VALID = [
-    ("fp8", "native"),
-    ("fp8-weight", "native"),
-    ("int8", "native"),
-    ("int8-weight", "native"),
-    ("fp8-weight", "quanto"),
-    ("int8-weight", "quanto"),
-    ("fp8-weight", "torchao"),
-    ("int8", "torchao"),
-    ("int8-weight", "torchao"),
+    backend_case(mode, backend, backend=backend)
+    for mode, backend in [
+        ("fp8", "native"),
+        ("fp8-weight", "native"),
+        ("int8", "native"),
+        ("int8-weight", "native"),
+        ("fp8-weight", "quanto"),
+        ("int8-weight", "quanto"),
+        ("fp8-weight", "torchao"),
+        ("int8", "torchao"),
+        ("int8-weight", "torchao"),
+    ]
 ]
 
 
@@ -191,9 +209,9 @@ def test_memory_report_unquantized_is_unchanged():
 @pytest.mark.parametrize(
     ("mode", "backend", "match"),
     [
-        ("fp8", "quanto", "quant='fp8' with quant_backend='quanto'"),
-        ("int8", "quanto", "quant='int8' with quant_backend='quanto'"),
-        ("fp8", "torchao", "fp8 tensor cores"),
+        backend_case("fp8", "quanto", "quant='fp8' with quant_backend='quanto'", backend="quanto"),
+        backend_case("int8", "quanto", "quant='int8' with quant_backend='quanto'", backend="quanto"),
+        backend_case("fp8", "torchao", "fp8 tensor cores", backend="torchao"),
         ("int4", "native", "quant must be one of"),
         ("int8", "bitsandbytes", "quant_backend must be one of"),
     ],
@@ -256,7 +274,9 @@ def test_moving_a_pipeline_quantized_for_another_device_warns(monkeypatch, caplo
     assert caplog.text == ""
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-weight", "fp8-weight"])
+@pytest.mark.parametrize(
+    "mode", [backend_case(m, backend="torchao") for m in ("int8", "int8-weight", "fp8-weight")]
+)
 def test_torchao_backend_leaves_global_inductor_settings_alone(mode):
     # torchao's default would switch on coordinate descent tuning (and more) for every later compile.
     import torch._inductor.config as inductor_config
@@ -264,3 +284,13 @@ def test_torchao_backend_leaves_global_inductor_settings_alone(mode):
     before = inductor_config.save_config()
     quantize_linear(nn.Linear(64, 32), resolve(mode, "torchao", CPU))
     assert inductor_config.save_config() == before
+
+
+@pytest.mark.parametrize(("backend", "package"), [("quanto", "optimum"), ("torchao", "torchao")])
+def test_a_missing_backend_package_is_named_with_the_extra_to_install(monkeypatch, backend, package):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"not installed \(pip install 'fluxfill-engine\[quant\]'\)"):
+        resolve("int8-weight", backend, CPU)

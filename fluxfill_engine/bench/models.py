@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architecture import (
+from ..architecture import (
     CLIP_TEXT_CONFIG,
     PIPELINE_DEFAULTS,
     T5_CONFIG,
     TRANSFORMER_CONFIG,
     VAE_CONFIG,
 )
-from .tiny import (
+from ..tiny import (
     FLUX_FILL_SCHEDULER_CONFIG,
     MID_MAX_SEQUENCE_LENGTH,
     TINY_VOCAB_WORDS,
@@ -250,7 +250,7 @@ def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int =
     """
     if device.type != "cuda":
         return {}
-    from .quantization import has_fp8_tensor_cores
+    from ..quantization import has_fp8_tensor_cores
 
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compilation import compile_unavailable_reason
-from .config import PRESETS, EngineConfig
+from ..compilation import compile_unavailable_reason
+from ..config import PRESETS, EngineConfig
 
 DIFFUSERS_VARIANTS: dict[str, str] = {
     "diffusers": "diffusers.FluxFillPipeline, eager",
@@ -199,7 +199,7 @@ def unavailable_reason(spec: VariantSpec, device: torch.device) -> str | None:
             if reason:
                 return reason
         if spec.base == "diffusers-fp8-compile":
-            from .quantization import has_fp8_tensor_cores
+            from ..quantization import has_fp8_tensor_cores
 
             if importlib.util.find_spec("torchao") is None:
                 return "needs torchao (pip install 'fluxfill-engine[quant]')"
@@ -211,8 +211,8 @@ def unavailable_reason(spec: VariantSpec, device: torch.device) -> str | None:
             except ImportError:
                 return "this diffusers has no FirstBlockCacheConfig"
         return None
-    from .attention import backend_unavailable_reason
-    from .quantization import resolve
+    from ..attention import backend_unavailable_reason
+    from ..quantization import resolve
 
     config = spec.config
     assert config is not None
@@ -529,7 +529,7 @@ class VariantRunner:
         raise NotImplementedError
 
     def weight_bytes(self) -> int:
-        from .quantization import weight_bytes
+        from ..quantization import weight_bytes
 
         pipe = self.pipe
         return weight_bytes([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae])
@@ -762,14 +762,14 @@ def build_runners(
 
     The ``reference`` engine runs on the original transformer (its lossless QKV fusion happens in place
     first) and so does eager ``diffusers`` (diffusers' forward on the fused views gives the same
-    values). Every other variant gets a :func:`~fluxfill_engine.bench_models.shared_clone`: no weight
+    values). Every other variant gets a :func:`~fluxfill_engine.bench.models.shared_clone`: no weight
     is copied until the variant changes it (dtype cast, QKV fusion, quantization). Text encoders and
     the VAE are shared (a variant that quantizes T5 gets its own clone).
     """
     import diffusers
 
-    from .bench_models import shared_clone
-    from .pipeline import FluxFillPipeline
+    from ..pipeline import FluxFillPipeline
+    from .models import shared_clone
 
     base = components["transformer"]
     ordered = sorted(specs, key=lambda s: not s.is_reference)  # the reference fuses the base first

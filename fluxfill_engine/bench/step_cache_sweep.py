@@ -1,7 +1,7 @@
 """Step-cache sweep on the mid CPU model: skip rate, speed and drift across thresholds, for the engine's
 cache (plain and mask-aware criteria) side by side with diffusers' FirstBlockCacheConfig.
 
-    python benchmarks/step_cache_sweep.py --out benchmarks/results/step-cache-cpu-mid.json \\
+    python -m fluxfill_engine.bench.step_cache_sweep --out benchmarks/results/step-cache-cpu-mid.json \\
         --markdown benchmarks/results/step-cache-cpu-mid.md
 
 Drift is measured against the same implementation with the cache off, on the same request: SQNR of the
@@ -28,6 +28,7 @@ from diffusers.hooks import FirstBlockCacheConfig
 from tqdm.auto import tqdm
 
 from fluxfill_engine import EngineConfig, FluxFillPipeline
+from fluxfill_engine.metrics import psnr_db, sqnr_db
 from fluxfill_engine.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
 
 SIZE = 256
@@ -48,13 +49,13 @@ def make_inputs(seed: int, box: tuple[float, float, float, float]) -> tuple[torc
 
 
 def sqnr(reference: torch.Tensor, output: torch.Tensor) -> float:
-    error = (reference.double() - output.double()).norm()
-    return math.inf if error == 0 else float(20 * torch.log10(reference.double().norm() / error))
+    value = sqnr_db(reference, output)
+    return math.inf if value is None else value  # identical: infinite SQNR (JSON-encoded below)
 
 
 def psnr(reference: np.ndarray, output: np.ndarray) -> float:
-    mse = float(np.mean((reference.astype(np.float64) - output.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    value = psnr_db(reference, output)
+    return math.inf if value is None else value
 
 
 class FullStepCounter:

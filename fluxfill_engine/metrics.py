@@ -1,0 +1,36 @@
+"""Drift measures shared by the benchmark and the tests: SQNR and PSNR in dB."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+ArrayLike = Any  # numpy arrays, torch tensors (on any device), nested lists
+
+
+def _float64(value: ArrayLike) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor: bf16/fp8 have no numpy dtype
+        value = value.detach().double().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def sqnr_db(reference: ArrayLike, output: ArrayLike) -> float | None:
+    """``20 log10(|ref| / |ref - out|)`` in dB; ``None`` when they are identical (or ``ref`` is 0)."""
+    ref, out = _float64(reference), _float64(output)
+    if ref.shape != out.shape:
+        raise ValueError(f"shapes differ: {ref.shape} vs {out.shape}")
+    noise, signal = float(np.linalg.norm(ref - out)), float(np.linalg.norm(ref))
+    if noise == 0.0 or signal == 0.0:
+        return None
+    return 20.0 * math.log10(signal / noise)
+
+
+def psnr_db(reference: ArrayLike, output: ArrayLike) -> float | None:
+    """PSNR of images in [0, 1] in dB; ``None`` when they are identical."""
+    ref, out = _float64(reference), _float64(output)
+    if ref.shape != out.shape:
+        raise ValueError(f"shapes differ: {ref.shape} vs {out.shape}")
+    mse = float(np.mean((ref - out) ** 2))
+    return None if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
