@@ -203,6 +203,11 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if fill is None or fill.quant_plan is None:
             self._drop_fill_transformer()
 
+    def engine_transformer(self) -> FillTransformer:
+        """The engine transformer for ``self.transformer`` under the current configuration, built,
+        quantized and compiled on first use for the device the transformer runs on."""
+        return self.fill_transformer
+
     @property
     def fill_transformer(self) -> FillTransformer:
         """The engine transformer for the current ``self.transformer`` (built on first use)."""
