@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from fluxfill_engine.architecture import SCHEDULER_CONFIG
 from fluxfill_engine.bench.models import random_transformer
 from fluxfill_engine.bench.runner import bench_inputs
 from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
 from fluxfill_engine.pipeline import FluxFillPipeline
 from fluxfill_engine.sampling import calculate_shift, euler_step, make_schedule
-from fluxfill_engine.tiny import FLUX_FILL_SCHEDULER_CONFIG, MID_MAX_SEQUENCE_LENGTH, mid_components
+from fluxfill_engine.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 TIER_PARAMS = [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)]
@@ -49,7 +50,7 @@ class Setup:
         self.pooled = randn(1, config.pooled_projection_dim)
         self.img_ids = latent_image_ids(grid, grid, self.device, self.dtype)
         self.txt_ids = torch.zeros(self.text, 3, device=self.device, dtype=self.dtype)
-        self.schedule = make_schedule(28, self.image_tokens, FLUX_FILL_SCHEDULER_CONFIG, None, 1.0)
+        self.schedule = make_schedule(28, self.image_tokens, SCHEDULER_CONFIG, None, 1.0)
         # The engine's transformer fuses QKV into views of the diffusers module's weights: both run on
         # one copy, so diffusers' forward is timed on exactly the same weights.
         self.fill = FillTransformer.from_diffusers(self.transformer)
@@ -107,7 +108,7 @@ def test_sampling_step(run, tier, impl):
 
     s = setup_for(tier)
     if impl == "diffusers":
-        config = FLUX_FILL_SCHEDULER_CONFIG
+        config = SCHEDULER_CONFIG
         scheduler = FlowMatchEulerDiscreteScheduler(**config)
         mu = calculate_shift(
             s.image_tokens,
@@ -160,13 +161,15 @@ def test_conditioning(run, impl):
             return torch.cat((latents, m), dim=-1)
 
     else:
-        from fluxfill_engine.config import EngineConfig
+        from fluxfill_engine.conditioning import LatentGrid, masked_image_conditioning
 
-        ours.configure(EngineConfig(fused_kernels=impl == "engine-fused"))
+        mask_t = ours.mask_processor.preprocess(mask, height=256, width=256)
+        grid = LatentGrid(batch=1, height=256, width=256, vae_scale_factor=ours.vae_scale_factor)
+        fused = impl == "engine-fused"
 
         def fn() -> torch.Tensor:
             gen = torch.Generator().manual_seed(0)
-            return ours._fill_conditioning(init, mask, 1, 256, 256, torch.float32, CPU, gen)
+            return masked_image_conditioning(ours.vae, init, mask_t, grid, torch.float32, CPU, gen, fused)
 
     out = run(fn, CPU)
     assert out.shape == (1, 256, 320)

@@ -1,10 +1,26 @@
-"""fluxfill-engine: FLUX.1 Fill [dev] inpainting; drop-in for diffusers' FluxFillPipeline."""
+"""fluxfill-engine: FLUX.1 Fill [dev] inpainting; drop-in for diffusers' FluxFillPipeline.
 
-from .config import EngineConfig
-from .engine import Event, FillRequest, FillResult, FluxFillEngine
-from .pipeline import FluxFillPipeline
+The public names load on first use, so ``import fluxfill_engine`` (and ``fluxfill --help``) costs no
+torch or diffusers import; ``from fluxfill_engine import FluxFillPipeline`` imports what that needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "EngineConfig": ".config",
+    "Event": ".engine",
+    "FillRequest": ".engine",
+    "FillResult": ".engine",
+    "FluxFillEngine": ".engine",
+    "FluxFillPipeline": ".pipeline",
+    "PipelineCall": ".call",
+    "PipelineResult": ".call",
+}
 
 __all__ = [
     "EngineConfig",
@@ -13,5 +29,26 @@ __all__ = [
     "FillResult",
     "FluxFillEngine",
     "FluxFillPipeline",
+    "PipelineCall",
+    "PipelineResult",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .call import PipelineCall, PipelineResult
+    from .config import EngineConfig
+    from .engine import Event, FillRequest, FillResult, FluxFillEngine
+    from .pipeline import FluxFillPipeline
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -84,6 +84,18 @@ T5_CONFIG: dict[str, Any] = {
     "is_encoder_decoder": False,
 }
 
+# FLUX.1 Fill [dev]'s scheduler (diffusers' FlowMatchEulerDiscreteScheduler arguments): the flow-matching
+# schedule with FLUX's resolution-dependent shift, from 0.5 at 256 image tokens to 1.15 at 4096.
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
 # What the real pipeline runs with: 1024x1024, 512 T5 tokens, 77 CLIP tokens, guidance 30.
 PIPELINE_DEFAULTS: dict[str, Any] = {
     "height": 1024,

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import ATTENTION_BACKENDS
 from .layers import apply_rope
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "triton", "auto")
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 

@@ -18,33 +18,12 @@ Deciding costs one host sync per step (reading ``rel_l1 < threshold``); forced s
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class StepCachePolicy:
-    """When the cache may skip. ``max_skips``: consecutive skips allowed before a forced full step."""
-
-    threshold: float
-    warmup: int = 1
-    final: int = 1
-    max_skips: int = 3
-    mask_aware: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise TypeError(f"step_cache_threshold must be a number or None, got {self.threshold!r}")
-        if not math.isfinite(self.threshold) or self.threshold < 0:
-            raise ValueError(f"step_cache_threshold must be finite and >= 0, got {self.threshold}")
-        for name, low in (("warmup", 0), ("final", 0), ("max_skips", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"step_cache_{name} must be an int >= {low}, got {value!r}")
+from .config import StepCachePolicy
 
 
 def mask_token_weights(

@@ -2,6 +2,7 @@
 
 Without ``--model`` it runs the built-in tiny random-weight model (the output is noise; the point is
 that the whole path runs). Without ``--image``/``--mask`` it paints into a built-in demo image.
+Heavy imports (torch, diffusers) happen inside the commands, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-import PIL.Image
+from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS, EngineConfig
-from .engine import MAX_IMAGES, MAX_SIZE, MAX_STEPS, MIN_SIZE, Event, FillRequest, FluxFillEngine
+from .limits import MAX_IMAGES, MAX_SIZE, MAX_STEPS, MIN_SIZE
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from .engine import Event, FluxFillEngine
 
 
 def demo_inputs(width: int, height: int) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """A smooth colour gradient and a centred rectangular mask covering half of each side."""
+    import numpy as np
+    import PIL.Image
+
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     rgb = np.stack([xs / max(width - 1, 1), ys / max(height - 1, 1), 0.5 + 0.0 * xs], axis=-1)
     image = PIL.Image.fromarray((rgb * 255).round().astype(np.uint8))
@@ -102,7 +109,7 @@ class _StepProgress:
     """A tqdm progress bar driven by the engine's ``step`` events."""
 
     def __init__(self) -> None:
-        self.bar = None
+        self.bar: Any = None
 
     def __call__(self, event: Event) -> None:
         from tqdm.auto import tqdm
@@ -116,14 +123,28 @@ class _StepProgress:
             self.bar = None
 
 
+def tiny_engine(config: EngineConfig, device: str | None = None, seed: int = 0) -> FluxFillEngine:
+    """An engine on the built-in tiny random-weight model (:mod:`.tiny`): every stage runs, the
+    images are noise."""
+    from .engine import FluxFillEngine
+    from .pipeline import FluxFillPipeline
+    from .tiny import tiny_components
+
+    dtype = config.torch_dtype
+    components = tiny_components(seed) if dtype is None else tiny_components(seed, dtype=dtype)
+    return FluxFillEngine(FluxFillPipeline(**components), config=config, device=device)
+
+
 def run_inpaint(args: argparse.Namespace) -> int:
+    from .engine import FillRequest, FluxFillEngine
+
     device = args.device or _default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     config = EngineConfig.preset(args.preset, dtype=dtype)
     if args.model is None:
         print("No --model given: running the built-in tiny random-weight model. Its output is noise;")
         print("the point is that every stage of the real path runs.")
-        engine = FluxFillEngine.tiny(config=config, device=device)
+        engine = tiny_engine(config, device=device)
     else:
         print(f"Loading {args.model} ...")
         engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device, base=args.base)

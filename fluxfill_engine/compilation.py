@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+from .config import COMPILE_MODES
+
 CACHE_FILE = "fluxfill-compile-cache.bin"
 
 

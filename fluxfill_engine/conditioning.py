@@ -1,4 +1,4 @@
-"""Fill conditioning: input checks, image/mask loading, latent packing and the 320-channel condition.
+"""Fill conditioning: latent packing, the starting latents and the 320-channel condition.
 
 Shapes (s = VAE scale factor, 8 for FLUX): image ``[B, 3, H, W]`` -> latents ``[B, 16, H/s, W/s]``
 -> packed ``[B, L, 64]`` with ``L = (H/2s) * (W/2s)``; mask ``[B, 1, H, W]`` -> pixel-unshuffle by s
@@ -7,65 +7,13 @@ Shapes (s = VAE scale factor, 8 for FLUX): image ``[B, 3, H, W]`` -> latents ``[
 
 from __future__ import annotations
 
-import math
-import numbers
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-ImageInput = Any  # PIL image, numpy array, torch tensor, a path, or a list of those
-
-
-def load_image_input(value: ImageInput, name: str) -> ImageInput:
-    """Open paths as PIL images and check the type of everything else.
-
-    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for an unreadable file and
-    ``TypeError`` for anything that is not an image, naming the parameter ``name``.
-    """
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            raise ValueError(f"`{name}` is an empty list; pass at least one image")
-        return [load_image_input(item, name) for item in value]
-    if isinstance(value, (str, Path)):
-        path = Path(value)
-        if not path.is_file():
-            raise FileNotFoundError(f"`{name}`: no such image file: {str(path)!r}")
-        try:
-            with PIL.Image.open(path) as opened:
-                return opened.convert("RGB") if opened.mode not in ("RGB", "L") else opened.copy()
-        except (OSError, PIL.UnidentifiedImageError) as err:
-            raise ValueError(f"`{name}`: cannot read {str(path)!r} as an image: {err}") from err
-    if isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-        return value
-    raise TypeError(
-        f"`{name}` must be a PIL.Image.Image, numpy.ndarray, torch.Tensor, a file path, or a list of those; "
-        f"got {type(value).__name__}"
-    )
-
-
-def _arrays(value: ImageInput) -> list[np.ndarray | torch.Tensor]:
-    items = value if isinstance(value, list) else [value]
-    return [item for item in items if isinstance(item, (np.ndarray, torch.Tensor))]
-
-
-def check_image_values(value: ImageInput, name: str, unit_range: bool = False) -> None:
-    """Reject non-finite values (and, with ``unit_range``, values outside [0, 1]) in array inputs."""
-    for array in _arrays(value):
-        tensor = torch.as_tensor(array)
-        if tensor.dtype == torch.bool or not tensor.is_floating_point():
-            tensor = tensor.to(torch.float32)
-        if tensor.numel() == 0:
-            raise ValueError(f"`{name}` is empty (shape {tuple(tensor.shape)})")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"`{name}` contains NaN or infinite values")
-        if unit_range and (tensor.min() < 0 or tensor.max() > 1):
-            raise ValueError(
-                f"`{name}` values must lie in [0, 1] (white = repaint, black = keep); "
-                f"got min {tensor.min().item():.4g}, max {tensor.max().item():.4g}"
-            )
+from .sampling import Schedule, noise_latents
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -139,17 +87,107 @@ def image_seq_len(height: int, width: int, vae_scale_factor: int) -> int:
     return (int(height) // vae_scale_factor // 2) * (int(width) // vae_scale_factor // 2)
 
 
-def is_finite_number(value: Any) -> bool:
-    """A real, finite number (Python or numpy scalar; not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+# ---- what one call conditions on -------------------------------------------------------------------
 
 
-def bools_to_float(value: ImageInput) -> ImageInput:
-    """Boolean mask arrays/tensors as float32 (True = 1 = repaint); everything else unchanged."""
-    if isinstance(value, list):
-        return [bools_to_float(item) for item in value]
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-        return value.to(torch.float32)
-    if isinstance(value, np.ndarray) and value.dtype == np.bool_:
-        return value.astype(np.float32)
-    return value
+@dataclass(frozen=True)
+class LatentGrid:
+    """The latent geometry of a call: ``batch`` images of ``height x width`` pixels (multiples of
+    ``2 * vae_scale_factor``)."""
+
+    batch: int
+    height: int
+    width: int
+    vae_scale_factor: int
+
+    @property
+    def latent_height(self) -> int:
+        return 2 * (self.height // (self.vae_scale_factor * 2))
+
+    @property
+    def latent_width(self) -> int:
+        return 2 * (self.width // (self.vae_scale_factor * 2))
+
+
+def vae_latents(vae: Any, image: torch.Tensor, generator: Any, per_image: bool = True) -> torch.Tensor:
+    """Sampled, shifted and scaled VAE latents of ``image``. With a list of generators and
+    ``per_image``, each image is encoded on its own with its generator (diffusers encodes the init image
+    so, and the masked image in one batch)."""
+    if isinstance(generator, list) and per_image:
+        samples = [vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(len(image))]
+        sample = torch.cat(samples)
+    else:
+        sample = vae.encode(image).latent_dist.sample(generator)
+    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def _draw_skipped_encode_noise(vae: Any, image: torch.Tensor, generator: Any, grid: LatentGrid) -> None:
+    """Draw the random numbers a VAE encode's sampling would draw, in the same order, without encoding."""
+    shape = (image.shape[0], vae.config.latent_channels, image.shape[2] // grid.vae_scale_factor)
+    shape = (*shape, image.shape[3] // grid.vae_scale_factor)
+    if isinstance(generator, list):
+        for i in range(image.shape[0]):
+            randn_tensor((1, *shape[1:]), generator=generator[i], device=vae.device, dtype=vae.dtype)
+    else:
+        randn_tensor(shape, generator=generator, device=vae.device, dtype=vae.dtype)
+
+
+def initial_latents(
+    vae: Any,
+    init_image: torch.Tensor | None,
+    schedule: Schedule,
+    grid: LatentGrid,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: Any,
+    latents: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed starting latents ``[B, L, 64]`` and the image position ids ``[L, 3]``.
+
+    Noise at the schedule's first sigma, mixed with the image's latents when it starts below 1
+    (``strength < 1``). The generator is consumed in diffusers' order (init-image encode, then noise).
+    """
+    channels = vae.config.latent_channels
+    img_ids = latent_image_ids(grid.latent_height // 2, grid.latent_width // 2, device, dtype)
+    if latents is not None:
+        return latents.to(device=device, dtype=dtype), img_ids
+    image_latents = None
+    if init_image is not None:
+        image = init_image.to(device=device, dtype=dtype)
+        if image.shape[1] == channels:
+            image_latents = image
+        elif schedule.first_sigma == 1.0:
+            # Pure noise start: the image latents would be multiplied by (1 - 1.0) = 0.
+            _draw_skipped_encode_noise(vae, image, generator, grid)
+        else:
+            image_latents = vae_latents(vae, image, generator)
+        if image_latents is not None:
+            image_latents = repeat_to_batch(image_latents, grid.batch, "images")
+    shape = (grid.batch, channels, grid.latent_height, grid.latent_width)
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if image_latents is not None:
+        noise = noise_latents(image_latents, noise, schedule.sigmas[0].to(device=device, dtype=dtype))
+    return pack_latents(noise), img_ids
+
+
+def masked_image_conditioning(
+    vae: Any,
+    init_image: torch.Tensor,
+    mask: torch.Tensor,
+    grid: LatentGrid,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: Any,
+    fused: bool = False,
+) -> torch.Tensor:
+    """The packed 320-channel conditioning of ``init_image`` ``[B, 3, H, W]`` and its ``mask``
+    ``[B, 1, H, W]`` (1 = repaint): the latents of the image with the masked part blacked out, and the
+    8x8-unshuffled mask (as BFL's ``prepare_fill`` builds it)."""
+    masked_image = (init_image * (1 - mask)).to(device=device, dtype=dtype)
+    if masked_image.shape[1] == vae.config.latent_channels:
+        masked_latents = (masked_image - vae.config.shift_factor) * vae.config.scaling_factor
+    else:
+        masked_latents = vae_latents(vae, masked_image, generator, per_image=False)
+    masked_latents = repeat_to_batch(masked_latents.to(device=device, dtype=dtype), grid.batch, "images")
+    mask = repeat_to_batch(mask, grid.batch, "masks").to(device=device, dtype=dtype)
+    return fill_conditioning(masked_latents, mask, grid.vae_scale_factor, fused)

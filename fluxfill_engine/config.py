@@ -3,35 +3,76 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+# This module imports no torch: `fluxfill --help` and the command-line parsers read it, and must answer
+# at once. The choices of each switch are defined here; the modules that implement them import these.
+if TYPE_CHECKING:
+    import torch
 
-from .attention import ATTENTION_BACKENDS
-from .cache import StepCachePolicy
-from .compilation import COMPILE_MODES
-from .quantization import QUANT_BACKENDS, QUANT_MODES
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+ATTENTION_BACKENDS = ("sdpa", "xformers", "triton", "auto")
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+QUANT_MODES = ("none", "fp8", "fp8-weight", "int8", "int8-weight")
+QUANT_BACKENDS = ("auto", "native", "quanto", "torchao")
+# Accepted names of the compute dtypes -> torch attribute names.
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 
 
 def parse_dtype(dtype: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
     """Turn a dtype name (``"bf16"``, ``"float32"``, ...) or a ``torch.dtype`` into a ``torch.dtype``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
-            raise ValueError(f"`{name}` must be one of float32, bfloat16, float16, got {dtype}")
-        return dtype
-    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
-        raise ValueError(f"`{name}` must be one of {sorted(set(DTYPES))} or None, got {dtype!r}")
-    return DTYPES[dtype.lower()]
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"`{name}` must be one of {sorted(set(DTYPES))} or None, got {dtype!r}")
+        import torch
+
+        return getattr(torch, DTYPES[dtype.lower()])
+    import torch
+
+    allowed = {getattr(torch, attr) for attr in DTYPES.values()}
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        raise ValueError(f"`{name}` must be one of float32, bfloat16, float16, got {dtype!r}")
+    return dtype
+
+
+def check_dtype_name(dtype: Any, name: str) -> None:
+    """:func:`parse_dtype`'s check without importing torch, for names (``torch.dtype`` values go through
+    :func:`parse_dtype`)."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() in DTYPES):
+        return
+    parse_dtype(dtype, name)
+
+
+@dataclass(frozen=True)
+class StepCachePolicy:
+    """When the step cache may skip (see :mod:`.cache`). ``max_skips``: consecutive skips allowed before
+    a forced full step."""
+
+    threshold: float
+    warmup: int = 1
+    final: int = 1
+    max_skips: int = 3
+    mask_aware: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"step_cache_threshold must be a number or None, got {self.threshold!r}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"step_cache_threshold must be finite and >= 0, got {self.threshold}")
+        for name, low in (("warmup", 0), ("final", 0), ("max_skips", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"step_cache_{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +126,7 @@ class EngineConfig:
     prompt_cache_size: int = 16
 
     def __post_init__(self) -> None:
-        parse_dtype(self.dtype, "EngineConfig.dtype")
+        check_dtype_name(self.dtype, "EngineConfig.dtype")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"EngineConfig.attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}"
@@ -121,7 +162,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
 
     @property
-    def torch_dtype(self) -> torch.dtype | None:
+    def torch_dtype(self) -> torch.dtype | None:  # noqa: F821 (torch is imported for type checking only)
         return parse_dtype(self.dtype)
 
     def _step_cache_policy(self, threshold: float) -> StepCachePolicy:

@@ -8,28 +8,24 @@ the seed used, per-stage timings and stats, and reports lifecycle :class:`Event`
 
 from __future__ import annotations
 
-import dataclasses
-import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import PIL.Image
 import torch
 
-from .conditioning import check_image_values, image_seq_len, is_finite_number, load_image_input
+from .call import PipelineCall
 from .config import EngineConfig, parse_dtype
+from .limits import MAX_SEQUENCE_LENGTH
 from .pipeline import FluxFillPipeline
+from .validation import check_fill_request
 
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 1536, 16
-MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 100, 100.0, 8
-MAX_SEED = 2**64 - 1
-MAX_SEQUENCE_LENGTH = 512
-# ITU-R 601 luma, what PIL's convert("L") uses, so array masks convert like image masks.
-_LUMA = (0.299, 0.587, 0.114)
+if TYPE_CHECKING:
+    from .call import ImageInput
 
 
 @dataclass(frozen=True)
@@ -62,8 +58,8 @@ class FillRequest:
     """
 
     prompt: str
-    image: Any
-    mask: Any
+    image: ImageInput
+    mask: ImageInput
     width: int | None = None
     height: int | None = None
     num_inference_steps: int = 28
@@ -76,27 +72,7 @@ class FillRequest:
 
         Raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the field and what is allowed.
         """
-        if not isinstance(self.prompt, str):
-            raise TypeError(f"`prompt` must be a string, got {type(self.prompt).__name__}")
-        if self.image is None or self.mask is None:
-            raise ValueError("`image` and `mask` are both required")
-        image = _to_pil(load_image_input(self.image, "image"), "image", mode="RGB")
-        mask = _to_pil(load_image_input(self.mask, "mask"), "mask", mode="L")
-        width = _checked_size("width", image.width if self.width is None else self.width)
-        height = _checked_size("height", image.height if self.height is None else self.height)
-        _check_int_range("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
-        if not is_finite_number(self.guidance_scale) or not 0 <= self.guidance_scale <= MAX_GUIDANCE:
-            raise ValueError(
-                f"`guidance_scale` must be a finite number in [0, {MAX_GUIDANCE:g}], "
-                f"got {self.guidance_scale!r}"
-            )
-        _check_int_range("num_images", self.num_images, 1, MAX_IMAGES)
-        seed = self.seed
-        if seed is None:
-            seed = secrets.randbits(63)
-        else:
-            _check_int_range("seed", seed, 0, MAX_SEED)
-        return dataclasses.replace(self, image=image, mask=mask, width=width, height=height, seed=int(seed))
+        return check_fill_request(self)
 
 
 @dataclass
@@ -104,58 +80,14 @@ class FillResult:
     """What a request produced.
 
     ``timings`` are seconds per stage: ``text_encode``, ``vae_encode``, ``denoise``, ``decode``, ``total``.
-    ``stats`` holds the resolved request (size, steps, image tokens) and ``prompt_cache_hit``.
+    ``stats`` holds the resolved request (size, steps, image tokens), ``prompt_cache_hit``, the step
+    cache's ``steps_full`` / ``steps_cached`` / ``step_cache`` and the configuration (``preset_fields``).
     """
 
     images: list[PIL.Image.Image]
     seed: int
     timings: dict[str, float]
     stats: dict[str, Any]
-
-
-def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}")
-
-
-def _checked_size(name: str, value: Any) -> int:
-    _check_int_range(name, value, MIN_SIZE, MAX_SIZE)
-    return int(value) // SIZE_MULTIPLE * SIZE_MULTIPLE
-
-
-def _to_pil(value: Any, name: str, mode: str) -> PIL.Image.Image:
-    """One PIL image from a PIL image, an ``[H, W(, C)]`` array or a ``[(C,) H, W]`` tensor in [0, 1]."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise ValueError(f"`{name}` must be a single image, got a list of {len(value)}")
-        value = value[0]
-    if isinstance(value, PIL.Image.Image):
-        return value.convert(mode)
-    check_image_values(value, name, unit_range=True)
-    if isinstance(value, torch.Tensor):
-        array = value.detach().to("cpu", torch.float32)
-        if array.dim() == 4 and array.shape[0] == 1:
-            array = array[0]
-        if array.dim() == 3:
-            array = array.permute(1, 2, 0)
-        array = array.numpy()
-    else:
-        array = np.asarray(value, dtype=np.float32)
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]
-    if array.ndim == 3 and array.shape[-1] == 3 and mode == "L":
-        array = array @ np.asarray(_LUMA, dtype=np.float32)
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-        raise ValueError(
-            f"`{name}` must be one image: [H, W], [H, W, 1|3|4] (numpy) or [1|3, H, W] (tensor); "
-            f"got shape {tuple(np.shape(value))}"
-        )
-    pil = PIL.Image.fromarray(np.round(array * 255).astype(np.uint8))
-    return pil.convert(mode)
 
 
 def _diffusers_folder(path: Path, name: str) -> Path:
@@ -191,8 +123,12 @@ def load_pipeline(
 class FluxFillEngine:
     """Loads and configures the model once, then serves :class:`FillRequest` objects.
 
-    Build it with :meth:`from_pretrained` (a diffusers folder), :meth:`tiny` (the built-in tiny
-    random model) or directly from a :class:`FluxFillPipeline`.
+    Build it with :meth:`from_pretrained` (a diffusers folder) or from a :class:`FluxFillPipeline`
+    (``FluxFillEngine(FluxFillPipeline(**components))``).
+
+    Calls from several threads run one at a time (a lock around :meth:`run`): one engine holds one
+    model on one device, where concurrent requests would only contend; each request's results and
+    stats are its own.
     """
 
     def __init__(
@@ -212,7 +148,8 @@ class FluxFillEngine:
             self.pipeline.to(device)
         self.pipeline.configure(self.config)
         self.pipeline.set_progress_bar_config(disable=not progress)
-        _ = self.pipeline.fill_transformer  # build now: fails fast on an unavailable backend
+        self.pipeline.engine_transformer()  # build now: fails fast on an unavailable backend
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -234,21 +171,6 @@ class FluxFillEngine:
         dtype = parse_dtype(torch_dtype, "torch_dtype") or config.torch_dtype
         pipeline = load_pipeline(model, base=base, dtype=dtype)
         return cls(pipeline, config=config, device=device, progress=progress)
-
-    @classmethod
-    def tiny(
-        cls,
-        config: EngineConfig | None = None,
-        device: str | torch.device | None = None,
-        seed: int = 0,
-        progress: bool = False,
-    ) -> FluxFillEngine:
-        """The built-in tiny random-weight model: every stage runs, the images are noise."""
-        from .tiny import tiny_components
-
-        dtype = (config.torch_dtype if config else None) or torch.float32
-        components = tiny_components(seed, dtype=dtype)
-        return cls(FluxFillPipeline(**components), config=config, device=device, progress=progress)
 
     @property
     def device(self) -> torch.device:
@@ -287,7 +209,7 @@ class FluxFillEngine:
         from .attention import AutoAttention
 
         transformer = self.pipeline.transformer
-        fill = self.pipeline.fill_transformer
+        fill = self.pipeline.engine_transformer()
         plan = fill.quant_plan
         info = {
             "config": self.config.describe(),
@@ -324,64 +246,33 @@ class FluxFillEngine:
             raise
 
     def _run(self, request: FillRequest, emit: EventHandler) -> FillResult:
-        marks: dict[str, float] = {}
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         public = {"preprocess_start", "preprocess_end", "decode_start", "decode_end"}
 
-        def on_stage(name: str, **info: Any) -> None:
+        def on_stage(name: str, step: int | None = None, total: int | None = None) -> None:
             if name == "step":
-                emit(Event("step", step=info["step"] + 1, total=info["num_steps"]))
-                return
-            if name.endswith("_end") or name == "decode_start":
-                sync()
-            marks[name] = time.perf_counter()
-            if name in public:
+                emit(Event("step", step=step + 1, total=total))
+            elif name in public:
                 emit(Event(name))
 
-        hits_before = self.pipeline.prompt_cache.hits
-        start = time.perf_counter()
-        output = self.pipeline._generate(
+        call = PipelineCall(
             prompt=request.prompt,
-            prompt_2=None,
             image=request.image,
             mask_image=request.mask,
-            masked_image_latents=None,
             height=request.height,
             width=request.width,
-            strength=1.0,
             num_inference_steps=request.num_inference_steps,
-            sigmas=None,
             guidance_scale=float(request.guidance_scale),
             num_images_per_prompt=request.num_images,
             generator=torch.Generator("cpu").manual_seed(request.seed),
-            latents=None,
-            prompt_embeds=None,
-            pooled_prompt_embeds=None,
-            output_type="pil",
-            return_dict=True,
-            joint_attention_kwargs=None,
-            callback_on_step_end=None,
-            callback_on_step_end_tensor_inputs=["latents"],
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-            on_stage=on_stage,
         )
-        total = time.perf_counter() - start
-        timings = {
-            stage: marks[f"{stage}_end"] - marks[f"{stage}_start"]
-            for stage in ("text_encode", "vae_encode", "denoise", "decode")
-        }
-        timings["total"] = total
+        with self._lock:
+            result = self.pipeline.generate(call, on_stage=on_stage)
         stats = {
-            "width": request.width,
-            "height": request.height,
+            **result.stats,
             "num_inference_steps": request.num_inference_steps,
             "num_images": request.num_images,
-            "image_seq_len": image_seq_len(request.height, request.width, self.pipeline.vae_scale_factor),
-            "prompt_cache_hit": self.pipeline.prompt_cache.hits > hits_before,
-            "steps_full": self.pipeline.last_stats["steps_full"],
-            "steps_cached": self.pipeline.last_stats["steps_cached"],
-            "step_cache": self.pipeline.last_stats["step_cache"],
             "preset_fields": self.config.describe(),
         }
         emit(Event("done"))
-        return FillResult(images=list(output.images), seed=request.seed, timings=timings, stats=stats)
+        return FillResult(images=list(result.images), seed=request.seed, timings=result.timings, stats=stats)

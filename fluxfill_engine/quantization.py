@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANT_MODES = ("none", "fp8", "fp8-weight", "int8", "int8-weight")
-QUANT_BACKENDS = ("auto", "native", "quanto", "torchao")
+from .config import QUANT_BACKENDS, QUANT_MODES
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 INT8_MAX = 127.0

@@ -16,16 +16,7 @@ from typing import Any
 
 import torch
 
-# FLUX.1 Fill [dev]'s scheduler configuration (the real one: the tiny model samples like the real model).
-FLUX_FILL_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
+from .architecture import SCHEDULER_CONFIG
 
 TINY_VOCAB_WORDS = [
     "a",
@@ -178,7 +169,7 @@ def _build_components(
         if dtype != torch.float32:
             module.to(dtype)
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         "vae": vae_model,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,

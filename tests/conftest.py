@@ -1,146 +1,24 @@
-"""Shared fixtures: tiny random FLUX Fill components, both pipelines, deterministic inputs.
-
-Everything is tiny (32x48 images, 2 steps, 48 T5 tokens) so the whole suite runs in well under a minute on
-a CPU. Components are rebuilt for every test (~0.03 s): our pipeline fuses the transformer's QKV weights in
-place the first time it runs, so components must not be shared across tests. Within one test, diffusers'
-pipeline and ours are built on the *same* components; diffusers' forward gives identical results on the
-fused views (the values are unchanged), which is what makes the parity tests meaningful.
-"""
+"""Shared fixtures: tiny random FLUX Fill components and both pipelines (helpers: ``helpers.py``)."""
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter. This must be set before anything
 # imports triton (diffusers does), or triton's own jitted helpers are set up for GPU compilation.
+# This is the one place the test suite sets it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import diffusers  # noqa: E402
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
-
-# Make the package importable when pytest is run without installing it (``pytest`` instead of
-# ``python -m pytest`` from the repository root).
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+from helpers import build_pipes, disable_progress  # noqa: E402
 
 from fluxfill_engine import FluxFillPipeline  # noqa: E402
 from fluxfill_engine.tiny import tiny_components  # noqa: E402
-
-HEIGHT, WIDTH = 32, 48
-STEPS = 2
-MAX_SEQ = 48
-PROMPT = "a white paper cup on the table"
-ATOL = 1e-4
-
-
-# ---- inputs ----------------------------------------------------------------------------------------
-
-
-def image_tensor(height: int = HEIGHT, width: int = WIDTH, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    """A deterministic image ``[batch, 3, height, width]`` in [0, 1]: smooth gradients plus noise."""
-    gen = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(0, 1, height)[:, None].expand(height, width)
-    xs = torch.linspace(0, 1, width)[None, :].expand(height, width)
-    base = torch.stack([ys, xs, (ys + xs) / 2])[None].repeat(batch, 1, 1, 1)
-    noise = torch.rand(batch, 3, height, width, generator=gen)
-    return (0.6 * base + 0.4 * noise).clamp(0, 1)
-
-
-def mask_tensor(height: int = HEIGHT, width: int = WIDTH, batch: int = 1) -> torch.Tensor:
-    """A mask ``[batch, 1, height, width]``: black (keep) with a white (repaint) rectangle in the middle."""
-    mask = torch.zeros(batch, 1, height, width)
-    mask[:, :, height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1.0
-    return mask
-
-
-def to_pil(tensor: torch.Tensor) -> PIL.Image.Image:
-    """``[1, C, H, W]`` (or ``[C, H, W]``) in [0, 1] -> an RGB image (C = 3) or an L image (C = 1)."""
-    if tensor.dim() == 4:
-        tensor = tensor[0]
-    array = (tensor.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    if array.shape[-1] == 1:
-        return PIL.Image.fromarray(array[..., 0], mode="L")
-    return PIL.Image.fromarray(array, mode="RGB")
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """``[B, C, H, W]`` -> float32 ``[B, H, W, C]`` (diffusers' numpy image layout)."""
-    return tensor.permute(0, 2, 3, 1).numpy().astype(np.float32)
-
-
-def generators(seeds: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
-    """A fresh CPU generator for an int seed, a list of them for a list of seeds, ``None`` for ``None``."""
-    if seeds is None:
-        return None
-    if isinstance(seeds, int):
-        return torch.Generator("cpu").manual_seed(seeds)
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
-def call_kwargs(seed: int | Sequence[int] | None = 0, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a small, fast, valid call (fresh generator(s) every time)."""
-    height = overrides.get("height", HEIGHT)
-    width = overrides.get("width", WIDTH)
-    # Invalid sizes (validation tests) still get valid default-sized images.
-    image_height = height if isinstance(height, int) and height >= 16 else HEIGHT
-    image_width = width if isinstance(width, int) and width >= 16 else WIDTH
-    kwargs: dict[str, Any] = {
-        "prompt": PROMPT,
-        "image": image_tensor(image_height, image_width),
-        "mask_image": mask_tensor(image_height, image_width),
-        "height": height,
-        "width": width,
-        "num_inference_steps": STEPS,
-        "max_sequence_length": MAX_SEQ,
-        "output_type": "np",
-        "generator": generators(seed),
-    }
-    kwargs.update(overrides)
-    return kwargs
-
-
-def as_array(images: Any) -> np.ndarray:
-    """Pipeline output of any output type as a float64 numpy array (PIL images as values in [0, 1])."""
-    if isinstance(images, list):
-        return np.stack([np.asarray(im, dtype=np.float64) / 255.0 for im in images])
-    if isinstance(images, torch.Tensor):
-        return images.detach().to(torch.float64).cpu().numpy()
-    return np.asarray(images, dtype=np.float64)
-
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    a, b = as_array(a), as_array(b)
-    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
-    return float(np.abs(a - b).max())
-
-
-def assert_close(a: Any, b: Any, atol: float = ATOL) -> None:
-    diff = max_abs_diff(a, b)
-    assert diff <= atol, f"max abs difference {diff:.3g} > {atol:g}"
-
-
-def disable_progress(*pipes: Any) -> None:
-    for pipe in pipes:
-        pipe.set_progress_bar_config(disable=True)
-
-
-def build_pipes(components: dict[str, Any]) -> tuple[diffusers.FluxFillPipeline, FluxFillPipeline]:
-    """diffusers' pipeline and ours on the same components, progress bars off."""
-    reference = diffusers.FluxFillPipeline(**components)
-    ours = FluxFillPipeline(**components)
-    disable_progress(reference, ours)
-    return reference, ours
-
 
 # ---- fixtures --------------------------------------------------------------------------------------
 
@@ -163,19 +41,3 @@ def pipe(components: dict[str, Any]) -> FluxFillPipeline:
     ours = FluxFillPipeline(**components)
     disable_progress(ours)
     return ours
-
-
-@pytest.fixture
-def make_kwargs() -> Callable[..., dict[str, Any]]:
-    """``make_kwargs(seed=0, **overrides)``: kwargs of a valid small call, fresh generators each time."""
-    return call_kwargs
-
-
-@pytest.fixture
-def helpers() -> Any:
-    """This module, for its helpers (``helpers.image_tensor(...)``, ``helpers.assert_close(...)``, ...).
-
-    A fixture rather than ``from conftest import ...`` so the tests do not depend on how pytest puts
-    ``tests/`` on ``sys.path``.
-    """
-    return sys.modules[__name__]

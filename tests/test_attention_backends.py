@@ -37,7 +37,7 @@ def test_unavailable_backend_says_why_and_lists_the_available_ones():
 def test_pipeline_with_unavailable_backend_fails_at_first_use_with_the_reason():
     pipe = FluxFillPipeline(**tiny_components()).configure(EngineConfig(attention="xformers"))
     with pytest.raises(ValueError, match="xformers needs a CUDA device"):
-        _ = pipe.fill_transformer
+        pipe.engine_transformer()
 
 
 def random_qkv(batch=1, txt=5, img=7, heads=2, dim=16, seed=0):

@@ -369,7 +369,7 @@ def test_shared_clone_shares_storage_and_isolates_changes():
     clone = shared_clone(base)
     for (name, p), (_, q) in zip(base.named_parameters(), clone.named_parameters(), strict=True):
         assert p is not q and p.data_ptr() == q.data_ptr(), name
-    fill = FluxFillPipeline(**dict(tiny_components(0), transformer=clone)).fill_transformer  # fuses QKV
+    fill = FluxFillPipeline(**dict(tiny_components(0), transformer=clone)).engine_transformer()  # fuses QKV
     assert fill.source[0] is clone
     clone.to(torch.bfloat16)
     for name, p in base.named_parameters():

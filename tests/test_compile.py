@@ -73,10 +73,11 @@ WARM_START_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np, torch
     from torch._dynamo.utils import counters
-    from fluxfill_engine import EngineConfig, FluxFillEngine, FillRequest
+    from fluxfill_engine import EngineConfig, FillRequest
+    from fluxfill_engine.cli import tiny_engine
 
     cache_dir, out = sys.argv[1], sys.argv[2]
-    engine = FluxFillEngine.tiny(config=EngineConfig(compile=True, compile_cache_dir=cache_dir))
+    engine = tiny_engine(EngineConfig(compile=True, compile_cache_dir=cache_dir))
     report = engine.warmup(sizes=[(256, 256)], num_inference_steps=1)
     image = np.linspace(0, 1, 256 * 256 * 3, dtype=np.float32).reshape(256, 256, 3)
     mask = np.zeros((256, 256), np.float32)

@@ -42,7 +42,7 @@ def test_configure_returns_pipeline_and_applies_dtype():
     assert pipe.engine_config == EngineConfig.preset("reference")
     assert pipe.configure(EngineConfig(dtype="bfloat16")) is pipe
     assert pipe.transformer.dtype == torch.bfloat16
-    assert pipe.fill_transformer.dtype == torch.bfloat16
+    assert pipe.engine_transformer().dtype == torch.bfloat16
     with pytest.raises(TypeError, match="EngineConfig"):
         pipe.configure({"dtype": "bf16"})
 

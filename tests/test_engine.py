@@ -1,5 +1,6 @@
 """FluxFillEngine: request validation, events, seeds, prompt cache, timings."""
 
+import helpers
 import numpy as np
 import PIL.Image
 import pytest
@@ -13,7 +14,7 @@ SIZE = 256
 
 @pytest.fixture(scope="module")
 def engine():
-    return FluxFillEngine.tiny(config=EngineConfig.preset("reference"))
+    return helpers.tiny_engine(EngineConfig.preset("reference"))
 
 
 def make_inputs(width=SIZE, height=SIZE):
@@ -87,19 +88,19 @@ def test_engine_matches_drop_in_pipeline(engine):
 
 
 def test_prompt_cache_hits():
-    engine = FluxFillEngine.tiny(config=EngineConfig.preset("reference", prompt_cache_size=1))
+    engine = helpers.tiny_engine(EngineConfig.preset("reference", prompt_cache_size=1))
     assert engine.run(request(prompt="red cat")).stats["prompt_cache_hit"] is False
     assert engine.run(request(prompt="red cat")).stats["prompt_cache_hit"] is True
     assert engine.run(request(prompt="blue dog")).stats["prompt_cache_hit"] is False
     # size 1: "red cat" was evicted by "blue dog"
     assert engine.run(request(prompt="red cat")).stats["prompt_cache_hit"] is False
-    uncached = FluxFillEngine.tiny(config=EngineConfig.preset("reference", prompt_cache_size=0))
+    uncached = helpers.tiny_engine(EngineConfig.preset("reference", prompt_cache_size=0))
     uncached.run(request(prompt="red cat"))
     assert uncached.run(request(prompt="red cat")).stats["prompt_cache_hit"] is False
 
 
 def test_cached_prompt_gives_the_same_images():
-    engine = FluxFillEngine.tiny()
+    engine = helpers.tiny_engine()
     first = engine.run(request(seed=3))
     second = engine.run(request(seed=3))
     assert second.stats["prompt_cache_hit"]
@@ -161,7 +162,7 @@ def test_mask_inputs_are_converted_to_one_channel(engine):
 
 
 def test_error_during_run_emits_error_and_reraises():
-    engine = FluxFillEngine.tiny()
+    engine = helpers.tiny_engine()
 
     def broken(*args, **kwargs):
         raise RuntimeError("decoder exploded")

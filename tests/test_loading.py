@@ -1,6 +1,7 @@
 """Loading saved folders, and the engine transformer's weight sharing (no second copy)."""
 
 import diffusers
+import helpers
 import numpy as np
 import PIL.Image
 import pytest
@@ -47,11 +48,11 @@ def test_moving_the_diffusers_module_is_detected_and_the_engine_rebuilt():
         ).images
 
     first = run()
-    fill = pipe.fill_transformer
+    fill = pipe.engine_transformer()
     pipe.transformer.to(torch.float64).to(torch.float32)  # fresh tensors, same values
     assert not fill.is_in_sync()
     second = run()
-    assert pipe.fill_transformer is not fill and pipe.fill_transformer.is_in_sync()
+    assert pipe.engine_transformer() is not fill and pipe.engine_transformer().is_in_sync()
     np.testing.assert_array_equal(first, second)
 
 
@@ -72,7 +73,7 @@ def fill_request(seed=0):
 
 def test_saved_folder_loads_through_engine_and_pipeline(tmp_path):
     path = save_tiny_model(tmp_path / "tiny")
-    in_memory = FluxFillEngine.tiny().run(fill_request()).images[0]
+    in_memory = helpers.tiny_engine().run(fill_request()).images[0]
     loaded = FluxFillEngine.from_pretrained(path, config=EngineConfig.preset("reference")).run(fill_request())
     # Same weights bit for bit, but freshly loaded tensors can take other BLAS paths (~1e-7 apart),
     # which may flip the rounding of a uint8 pixel: allow one level.
@@ -135,8 +136,8 @@ def test_pipelines_sharing_a_transformer_share_one_engine_transformer():
     assert second.transformer is first.transformer
     params = list(first.transformer.parameters())
     before = storage_bytes(params)
-    fill = first.fill_transformer
-    assert second.fill_transformer is fill
-    assert first.fill_transformer is fill and fill.is_in_sync()
+    fill = first.engine_transformer()
+    assert second.engine_transformer() is fill
+    assert first.engine_transformer() is fill and fill.is_in_sync()
     assert storage_bytes([*params, *fill.parameters(), *fill.buffers()]) == before
     assert "fluxfill" not in " ".join(name for name, _ in first.transformer.named_modules())

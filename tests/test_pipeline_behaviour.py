@@ -8,6 +8,7 @@ never makes a call differ from what diffusers would give for the pipeline's curr
 from __future__ import annotations
 
 import diffusers
+import helpers
 import numpy as np
 import PIL.Image
 import pytest
@@ -22,73 +23,73 @@ from fluxfill_engine.tiny import tiny_components
 
 
 @pytest.mark.parametrize("run_before_saving", [True, False], ids=["fused", "unfused"])
-def test_save_and_reload(pipe, make_kwargs, helpers, tmp_path, run_before_saving):
-    before = pipe(**make_kwargs()).images if run_before_saving else None
+def test_save_and_reload(pipe, tmp_path, run_before_saving):
+    before = pipe(**helpers.call_kwargs()).images if run_before_saving else None
     pipe.save_pretrained(tmp_path)
     if before is None:
-        before = pipe(**make_kwargs()).images
+        before = pipe(**helpers.call_kwargs()).images
     assert (tmp_path / "model_index.json").is_file()
 
     loaded = FluxFillPipeline.from_pretrained(tmp_path)
     assert type(loaded) is FluxFillPipeline
     assert loaded.engine_config == EngineConfig.preset("reference")
     helpers.disable_progress(loaded)
-    helpers.assert_close(loaded(**make_kwargs()).images, before)
+    helpers.assert_close(loaded(**helpers.call_kwargs()).images, before)
 
 
-def test_diffusers_loads_a_folder_saved_by_our_pipeline(pipe, make_kwargs, helpers, tmp_path):
-    before = pipe(**make_kwargs()).images
+def test_diffusers_loads_a_folder_saved_by_our_pipeline(pipe, tmp_path):
+    before = pipe(**helpers.call_kwargs()).images
     pipe.save_pretrained(tmp_path)
     loaded = diffusers.FluxFillPipeline.from_pretrained(tmp_path)
     assert type(loaded) is diffusers.FluxFillPipeline
     helpers.disable_progress(loaded)
-    helpers.assert_close(loaded(**make_kwargs()).images, before)
+    helpers.assert_close(loaded(**helpers.call_kwargs()).images, before)
 
 
-def test_our_pipeline_loads_a_folder_saved_by_diffusers(pipes, make_kwargs, helpers, tmp_path):
+def test_our_pipeline_loads_a_folder_saved_by_diffusers(pipes, tmp_path):
     reference, _ = pipes
-    expected = reference(**make_kwargs()).images
+    expected = reference(**helpers.call_kwargs()).images
     reference.save_pretrained(tmp_path)
     loaded = FluxFillPipeline.from_pretrained(tmp_path)
     helpers.disable_progress(loaded)
-    helpers.assert_close(loaded(**make_kwargs()).images, expected)
+    helpers.assert_close(loaded(**helpers.call_kwargs()).images, expected)
 
 
 @pytest.mark.parametrize("source", ["diffusers", "ours"])
-def test_from_pipe(pipes, make_kwargs, helpers, source):
+def test_from_pipe(pipes, source):
     reference, ours = pipes
-    expected = reference(**make_kwargs()).images
+    expected = reference(**helpers.call_kwargs()).images
     new = FluxFillPipeline.from_pipe(reference if source == "diffusers" else ours)
     assert type(new) is FluxFillPipeline
     assert new.transformer is reference.transformer
     helpers.disable_progress(new)
-    helpers.assert_close(new(**make_kwargs()).images, expected)
+    helpers.assert_close(new(**helpers.call_kwargs()).images, expected)
 
 
-def test_from_pipe_with_model_components_passed_explicitly(pipes, make_kwargs, helpers):
+def test_from_pipe_with_model_components_passed_explicitly(pipes):
     reference, _ = pipes
-    expected = reference(**make_kwargs()).images
+    expected = reference(**helpers.call_kwargs()).images
     new = FluxFillPipeline.from_pipe(reference, vae=reference.vae, transformer=reference.transformer)
     assert type(new) is FluxFillPipeline
     assert new.text_encoder is reference.text_encoder
     helpers.disable_progress(new)
-    helpers.assert_close(new(**make_kwargs()).images, expected)
+    helpers.assert_close(new(**helpers.call_kwargs()).images, expected)
 
 
-def test_diffusers_from_pipe_of_our_pipeline(pipes, make_kwargs, helpers):
+def test_diffusers_from_pipe_of_our_pipeline(pipes):
     reference, ours = pipes
-    expected = ours(**make_kwargs()).images
+    expected = ours(**helpers.call_kwargs()).images
     new = diffusers.FluxFillPipeline.from_pipe(ours)
     assert type(new) is diffusers.FluxFillPipeline
     helpers.disable_progress(new)
-    helpers.assert_close(new(**make_kwargs()).images, expected)
+    helpers.assert_close(new(**helpers.call_kwargs()).images, expected)
 
 
 # ---- batching ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.75])
-def test_batch_consistency(pipe, make_kwargs, helpers, strength):
+def test_batch_consistency(pipe, strength):
     """A batch of 2 identical requests with generators (s0, s1) == two single runs seeded s0 and s1.
 
     The image and mask are batched too: with one image and a list of generators, diffusers (and so the
@@ -97,7 +98,7 @@ def test_batch_consistency(pipe, make_kwargs, helpers, strength):
     image, mask = helpers.image_tensor(), helpers.mask_tensor()
     common = dict(strength=strength, num_inference_steps=4)
     batched = pipe(
-        **make_kwargs(
+        **helpers.call_kwargs(
             seed=[21, 22],
             prompt=[helpers.PROMPT] * 2,
             image=torch.cat([image, image]),
@@ -106,7 +107,8 @@ def test_batch_consistency(pipe, make_kwargs, helpers, strength):
         )
     ).images
     singles = [
-        pipe(**make_kwargs(seed=s, image=image, mask_image=mask, **common)).images[0] for s in (21, 22)
+        pipe(**helpers.call_kwargs(seed=s, image=image, mask_image=mask, **common)).images[0]
+        for s in (21, 22)
     ]
     assert batched.shape[0] == 2
     for i in range(2):
@@ -114,8 +116,8 @@ def test_batch_consistency(pipe, make_kwargs, helpers, strength):
     assert helpers.max_abs_diff(batched[0], batched[1]) > 1e-3  # the seeds matter
 
 
-def test_num_images_per_prompt_with_one_generator_repeats_prompts(pipe, make_kwargs, helpers):
-    images = pipe(**make_kwargs(prompt=["a cat", "a dog"], num_images_per_prompt=2)).images
+def test_num_images_per_prompt_with_one_generator_repeats_prompts(pipe):
+    images = pipe(**helpers.call_kwargs(prompt=["a cat", "a dog"], num_images_per_prompt=2)).images
     assert images.shape[0] == 4
     # every image gets its own noise
     for i in range(4):
@@ -125,10 +127,12 @@ def test_num_images_per_prompt_with_one_generator_repeats_prompts(pipe, make_kwa
 
 @pytest.mark.parametrize("num_prompts", [1, 2])
 @pytest.mark.parametrize("num_images_per_prompt", [1, 2, 3])
-def test_num_images_per_prompt_shapes(pipe, make_kwargs, helpers, num_prompts, num_images_per_prompt):
+def test_num_images_per_prompt_shapes(pipe, num_prompts, num_images_per_prompt):
     prompt = helpers.PROMPT if num_prompts == 1 else ["a cat", "a dog"]
     images = pipe(
-        **make_kwargs(prompt=prompt, num_images_per_prompt=num_images_per_prompt, num_inference_steps=1)
+        **helpers.call_kwargs(
+            prompt=prompt, num_images_per_prompt=num_images_per_prompt, num_inference_steps=1
+        )
     ).images
     assert images.shape == (num_prompts * num_images_per_prompt, helpers.HEIGHT, helpers.WIDTH, 3)
 
@@ -136,62 +140,62 @@ def test_num_images_per_prompt_shapes(pipe, make_kwargs, helpers, num_prompts, n
 # ---- outputs -------------------------------------------------------------------------------------------
 
 
-def test_output_type_pil(pipe, make_kwargs, helpers):
-    images = pipe(**make_kwargs(output_type="pil", num_images_per_prompt=2)).images
+def test_output_type_pil(pipe):
+    images = pipe(**helpers.call_kwargs(output_type="pil", num_images_per_prompt=2)).images
     assert isinstance(images, list) and len(images) == 2
     for image in images:
         assert isinstance(image, PIL.Image.Image)
         assert image.size == (helpers.WIDTH, helpers.HEIGHT) and image.mode == "RGB"
 
 
-def test_output_type_np(pipe, make_kwargs, helpers):
-    images = pipe(**make_kwargs(output_type="np", num_images_per_prompt=2)).images
+def test_output_type_np(pipe):
+    images = pipe(**helpers.call_kwargs(output_type="np", num_images_per_prompt=2)).images
     assert isinstance(images, np.ndarray)
     assert images.shape == (2, helpers.HEIGHT, helpers.WIDTH, 3) and images.dtype == np.float32
     assert images.min() >= 0 and images.max() <= 1
 
 
-def test_output_type_pt(pipe, make_kwargs, helpers):
-    images = pipe(**make_kwargs(output_type="pt", num_images_per_prompt=2)).images
+def test_output_type_pt(pipe):
+    images = pipe(**helpers.call_kwargs(output_type="pt", num_images_per_prompt=2)).images
     assert isinstance(images, torch.Tensor)
     assert images.shape == (2, 3, helpers.HEIGHT, helpers.WIDTH) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
 
 
-def test_output_type_latent(pipe, make_kwargs, helpers):
-    latents = pipe(**make_kwargs(output_type="latent", num_images_per_prompt=2)).images
+def test_output_type_latent(pipe):
+    latents = pipe(**helpers.call_kwargs(output_type="latent", num_images_per_prompt=2)).images
     seq_len = (helpers.HEIGHT // 16) * (helpers.WIDTH // 16)
     assert isinstance(latents, torch.Tensor)
     assert latents.shape == (2, seq_len, 64) and torch.isfinite(latents).all()
 
 
-def test_output_types_agree(pipe, make_kwargs, helpers):
-    as_np = pipe(**make_kwargs(output_type="np")).images
-    as_pt = pipe(**make_kwargs(output_type="pt")).images
-    as_pil = pipe(**make_kwargs(output_type="pil")).images
+def test_output_types_agree(pipe):
+    as_np = pipe(**helpers.call_kwargs(output_type="np")).images
+    as_pt = pipe(**helpers.call_kwargs(output_type="pt")).images
+    as_pil = pipe(**helpers.call_kwargs(output_type="pil")).images
     helpers.assert_close(as_pt.permute(0, 2, 3, 1), as_np, atol=1e-6)
     assert helpers.max_abs_diff(as_pil, as_np) <= 0.5 / 255 + 1e-6  # 8-bit rounding only
 
 
-def test_return_dict(pipe, make_kwargs, helpers):
-    output = pipe(**make_kwargs())
+def test_return_dict(pipe):
+    output = pipe(**helpers.call_kwargs())
     assert isinstance(output, FluxPipelineOutput)
-    as_tuple = pipe(**make_kwargs(), return_dict=False)
+    as_tuple = pipe(**helpers.call_kwargs(), return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
     helpers.assert_close(as_tuple[0], output.images, atol=0)
 
 
-def test_repeated_calls_are_deterministic(pipe, make_kwargs, helpers):
-    first = pipe(**make_kwargs()).images
-    second = pipe(**make_kwargs()).images
+def test_repeated_calls_are_deterministic(pipe):
+    first = pipe(**helpers.call_kwargs()).images
+    second = pipe(**helpers.call_kwargs()).images
     helpers.assert_close(first, second, atol=0)
-    assert helpers.max_abs_diff(first, pipe(**make_kwargs(seed=1)).images) > 1e-3
+    assert helpers.max_abs_diff(first, pipe(**helpers.call_kwargs(seed=1)).images) > 1e-3
 
 
 # ---- callbacks -----------------------------------------------------------------------------------------
 
 
-def test_callback_receives_the_requested_tensor_inputs(pipe, make_kwargs, helpers):
+def test_callback_receives_the_requested_tensor_inputs(pipe):
     assert set(pipe._callback_tensor_inputs) == {"latents", "prompt_embeds"}
     calls = []
 
@@ -201,7 +205,7 @@ def test_callback_receives_the_requested_tensor_inputs(pipe, make_kwargs, helper
         return kwargs
 
     pipe(
-        **make_kwargs(
+        **helpers.call_kwargs(
             num_inference_steps=3,
             num_images_per_prompt=2,
             callback_on_step_end=callback,
@@ -216,24 +220,28 @@ def test_callback_receives_the_requested_tensor_inputs(pipe, make_kwargs, helper
         assert shapes == {"latents": (2, seq_len, 64), "prompt_embeds": (2, helpers.MAX_SEQ, 32)}
 
 
-def test_callback_gets_only_the_listed_inputs(pipe, make_kwargs):
+def test_callback_gets_only_the_listed_inputs(pipe):
     keys = []
 
     def callback(p, step, timestep, kwargs):
         keys.append(sorted(kwargs))
         return {}
 
-    pipe(**make_kwargs(callback_on_step_end=callback))
+    pipe(**helpers.call_kwargs(callback_on_step_end=callback))
     assert keys == [["latents"], ["latents"]]  # the default is ["latents"]
     keys.clear()
-    pipe(**make_kwargs(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"]))
+    pipe(
+        **helpers.call_kwargs(
+            callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"]
+        )
+    )
     assert keys == [["prompt_embeds"], ["prompt_embeds"]]
 
 
-def test_callback_returning_its_inputs_changes_nothing(pipe, make_kwargs, helpers):
-    expected = pipe(**make_kwargs()).images
+def test_callback_returning_its_inputs_changes_nothing(pipe):
+    expected = pipe(**helpers.call_kwargs()).images
     actual = pipe(
-        **make_kwargs(
+        **helpers.call_kwargs(
             callback_on_step_end=lambda p, i, t, kwargs: kwargs,
             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
         )
@@ -241,37 +249,41 @@ def test_callback_returning_its_inputs_changes_nothing(pipe, make_kwargs, helper
     helpers.assert_close(actual, expected, atol=0)
 
 
-def test_callback_with_unknown_tensor_input_raises(pipe, make_kwargs):
+def test_callback_with_unknown_tensor_input_raises(pipe):
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        pipe(**make_kwargs(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]))
+        pipe(
+            **helpers.call_kwargs(
+                callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]
+            )
+        )
 
 
 # ---- progress bar, configure, to -----------------------------------------------------------------------
 
 
-def test_set_progress_bar_config(pipe, make_kwargs, capsys):
+def test_set_progress_bar_config(pipe, capsys):
     capsys.readouterr()
-    pipe(**make_kwargs())
+    pipe(**helpers.call_kwargs())
     assert "denoising-now" not in capsys.readouterr().err
 
     pipe.set_progress_bar_config(disable=False, desc="denoising-now")
-    pipe(**make_kwargs(num_inference_steps=3))
+    pipe(**helpers.call_kwargs(num_inference_steps=3))
     err = capsys.readouterr().err
     assert "denoising-now" in err and "3/3" in err
 
     pipe.set_progress_bar_config(disable=True)
-    pipe(**make_kwargs())
+    pipe(**helpers.call_kwargs())
     assert capsys.readouterr().err == ""
 
 
-def test_configure_returns_the_pipeline(pipe, make_kwargs, helpers):
-    before = pipe(**make_kwargs()).images
+def test_configure_returns_the_pipeline(pipe):
+    before = pipe(**helpers.call_kwargs()).images
     config = EngineConfig.preset("reference")
     assert pipe.configure(config) is pipe
     assert pipe.engine_config == config
-    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+    helpers.assert_close(pipe(**helpers.call_kwargs()).images, before, atol=0)
     assert pipe.configure(EngineConfig(prompt_cache_size=0)).engine_config.prompt_cache_size == 0
-    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+    helpers.assert_close(pipe(**helpers.call_kwargs()).images, before, atol=0)
 
 
 def test_configure_rejects_other_objects(pipe):
@@ -279,12 +291,12 @@ def test_configure_rejects_other_objects(pipe):
         pipe.configure({"attention": "sdpa"})
 
 
-def test_to_cpu_after_a_call(pipe, make_kwargs, helpers):
-    before = pipe(**make_kwargs()).images
+def test_to_cpu_after_a_call(pipe):
+    before = pipe(**helpers.call_kwargs()).images
     assert pipe.to("cpu") is pipe
-    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+    helpers.assert_close(pipe(**helpers.call_kwargs()).images, before, atol=0)
     assert pipe.to(torch.device("cpu"), torch.float32) is pipe
-    helpers.assert_close(pipe(**make_kwargs()).images, before, atol=0)
+    helpers.assert_close(pipe(**helpers.call_kwargs()).images, before, atol=0)
 
 
 def _engine_tensors_the_diffusers_tree_does_not_move(pipe):
@@ -296,7 +308,7 @@ def _engine_tensors_the_diffusers_tree_does_not_move(pipe):
     tree_modules = {id(m) for m in pipe.transformer.modules()}
     tree_params = {id(p) for p in pipe.transformer.parameters()}
     left = []
-    for name, module in pipe.fill_transformer.named_modules():
+    for name, module in pipe.engine_transformer().named_modules():
         if id(module) in tree_modules:
             continue
         left += [f"{name}.{k}" for k, p in module._parameters.items() if id(p) not in tree_params]
@@ -305,7 +317,7 @@ def _engine_tensors_the_diffusers_tree_does_not_move(pipe):
 
 
 @pytest.mark.parametrize("quant", ["none", "int8-weight", "int8"])
-def test_model_cpu_offload_runs_the_engine(components, make_kwargs, helpers, quant):
+def test_model_cpu_offload_runs_the_engine(components, quant):
     """``enable_model_cpu_offload`` (executing on the CPU here: the hooks run, nothing moves).
 
     Unquantized, the engine's fused QKV is not part of the diffusers tree the hook moves, so it is
@@ -314,14 +326,14 @@ def test_model_cpu_offload_runs_the_engine(components, make_kwargs, helpers, qua
     config = EngineConfig(quant=quant)
     expected = FluxFillPipeline(**tiny_components()).configure(config)
     helpers.disable_progress(expected)
-    expected = expected(**make_kwargs()).images
+    expected = expected(**helpers.call_kwargs()).images
     pipe = FluxFillPipeline(**components)
     helpers.disable_progress(pipe)
     pipe.enable_model_cpu_offload(device="cpu")
     pipe.configure(config)
     for _ in range(2):
-        helpers.assert_close(pipe(**make_kwargs()).images, expected, atol=0)
-        kept = pipe.transformer.__dict__.get("_fluxfill_transformer")
+        helpers.assert_close(pipe(**helpers.call_kwargs()).images, expected, atol=0)
+        kept = pipe.runtime.current
         assert (kept is not None) == (quant != "none")
     if quant != "none":
         assert _engine_tensors_the_diffusers_tree_does_not_move(pipe) == []
@@ -340,7 +352,7 @@ def test_quantization_is_resolved_for_the_offload_execution_device(pipe, monkeyp
         seen.append(device)
         raise ValueError("stop")
 
-    monkeypatch.setattr("fluxfill_engine.pipeline.resolve", fake_resolve)
+    monkeypatch.setattr("fluxfill_engine.runtime.resolve", fake_resolve)
     pipe.enable_model_cpu_offload(device="cpu")
     pipe.transformer._hf_hook.execution_device = torch.device("meta")  # stands for "cuda"
     with pytest.raises(ValueError, match="stop"):
@@ -364,11 +376,11 @@ def test_attention_and_compile_target_the_offload_execution_device(pipe, monkeyp
     assert seen == {"attention": torch.device("meta"), "compile": torch.device("meta")}
 
 
-def test_engine_transformer_is_reused_between_calls(pipe, make_kwargs):
-    pipe(**make_kwargs())
-    fill = pipe.fill_transformer
-    pipe(**make_kwargs(prompt="another prompt"))
-    assert pipe.fill_transformer is fill
+def test_engine_transformer_is_reused_between_calls(pipe):
+    pipe(**helpers.call_kwargs())
+    fill = pipe.engine_transformer()
+    pipe(**helpers.call_kwargs(prompt="another prompt"))
+    assert pipe.engine_transformer() is fill
 
 
 # ---- the engine follows changes to the diffusers modules -----------------------------------------------
@@ -418,26 +430,26 @@ def _replace_norm_parameter(transformer):
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
-def test_engine_follows_changes_to_the_transformer(pipes, make_kwargs, helpers, change):
+def test_engine_follows_changes_to_the_transformer(pipes, change):
     reference, ours = pipes
-    before = ours(**make_kwargs()).images  # builds and caches the engine's transformer
+    before = ours(**helpers.call_kwargs()).images  # builds and caches the engine's transformer
     with torch.no_grad():
         change(ours.transformer)
-    expected = reference(**make_kwargs()).images
+    expected = reference(**helpers.call_kwargs()).images
     assert helpers.max_abs_diff(expected, before) > 1e-3  # the change matters
-    helpers.assert_close(ours(**make_kwargs()).images, expected)
+    helpers.assert_close(ours(**helpers.call_kwargs()).images, expected)
 
 
-def test_prompt_cache_serves_repeated_prompts(pipe, make_kwargs, helpers):
-    first = pipe(**make_kwargs())
+def test_prompt_cache_serves_repeated_prompts(pipe):
+    first = pipe(**helpers.call_kwargs())
     hits = pipe.prompt_cache.hits
-    second = pipe(**make_kwargs())
+    second = pipe(**helpers.call_kwargs())
     assert pipe.prompt_cache.hits == hits + 1
     helpers.assert_close(first.images, second.images, atol=0)
 
 
-def test_prompt_cache_is_not_corrupted_by_in_place_edits(pipe, make_kwargs, helpers):
-    expected = pipe(**make_kwargs()).images
+def test_prompt_cache_is_not_corrupted_by_in_place_edits(pipe):
+    expected = pipe(**helpers.call_kwargs()).images
     embeds, pooled, _ = pipe.encode_prompt(helpers.PROMPT, max_sequence_length=helpers.MAX_SEQ)
     embeds.mul_(0.0)
     pooled.mul_(0.0)
@@ -448,27 +460,27 @@ def test_prompt_cache_is_not_corrupted_by_in_place_edits(pipe, make_kwargs, help
         return {}
 
     pipe(
-        **make_kwargs(
+        **helpers.call_kwargs(
             callback_on_step_end=zero_prompt_embeds,
             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
         )
     )
-    helpers.assert_close(pipe(**make_kwargs()).images, expected, atol=0)
+    helpers.assert_close(pipe(**helpers.call_kwargs()).images, expected, atol=0)
 
 
 @pytest.mark.parametrize("encoder", ["text_encoder", "text_encoder_2"])
-def test_prompt_cache_follows_text_encoder_weights(pipes, make_kwargs, helpers, encoder):
+def test_prompt_cache_follows_text_encoder_weights(pipes, encoder):
     reference, ours = pipes
-    before = ours(**make_kwargs()).images  # fills the prompt cache
+    before = ours(**helpers.call_kwargs()).images  # fills the prompt cache
     with torch.no_grad():
         getattr(ours, encoder).load_state_dict(tiny_components(1)[encoder].state_dict())
-    expected = reference(**make_kwargs()).images
+    expected = reference(**helpers.call_kwargs()).images
     assert helpers.max_abs_diff(expected, before) > 1e-3
-    helpers.assert_close(ours(**make_kwargs()).images, expected)
+    helpers.assert_close(ours(**helpers.call_kwargs()).images, expected)
 
 
-def test_to_clears_the_prompt_cache(pipe, make_kwargs):
-    pipe(**make_kwargs())
+def test_to_clears_the_prompt_cache(pipe):
+    pipe(**helpers.call_kwargs())
     assert len(pipe.prompt_cache) == 1
     pipe.to("cpu")
     assert len(pipe.prompt_cache) == 0
@@ -494,20 +506,20 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("bad", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
-def test_rejected_call_leaves_the_pipeline_as_it_was(pipe, make_kwargs, helpers, bad):
-    good = pipe(**make_kwargs(num_images_per_prompt=2)).images
+def test_rejected_call_leaves_the_pipeline_as_it_was(pipe, bad):
+    good = pipe(**helpers.call_kwargs(num_images_per_prompt=2)).images
     with pytest.raises((ValueError, TypeError, RuntimeError)):
-        pipe(**make_kwargs(**bad))
-    helpers.assert_close(pipe(**make_kwargs(num_images_per_prompt=2)).images, good, atol=0)
+        pipe(**helpers.call_kwargs(**bad))
+    helpers.assert_close(pipe(**helpers.call_kwargs(num_images_per_prompt=2)).images, good, atol=0)
 
 
-def test_interrupted_call_does_not_interrupt_the_next(pipe, make_kwargs, helpers):
-    good = pipe(**make_kwargs(num_inference_steps=3)).images
+def test_interrupted_call_does_not_interrupt_the_next(pipe):
+    good = pipe(**helpers.call_kwargs(num_inference_steps=3)).images
 
     def interrupt(p, step, timestep, kwargs):
         p._interrupt = True
         return {}
 
-    interrupted = pipe(**make_kwargs(num_inference_steps=3, callback_on_step_end=interrupt)).images
+    interrupted = pipe(**helpers.call_kwargs(num_inference_steps=3, callback_on_step_end=interrupt)).images
     assert helpers.max_abs_diff(interrupted, good) > 1e-3
-    helpers.assert_close(pipe(**make_kwargs(num_inference_steps=3)).images, good, atol=0)
+    helpers.assert_close(pipe(**helpers.call_kwargs(num_inference_steps=3)).images, good, atol=0)

@@ -6,9 +6,9 @@ maximum absolute difference of output pixels in [0, 1] (``output_type="np"`` unl
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -17,11 +17,11 @@ from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
 
 
-def run_both(pipes: Any, make_kwargs: Callable[..., dict[str, Any]], **overrides: Any) -> tuple[Any, Any]:
+def run_both(pipes: Any, **overrides: Any) -> tuple[Any, Any]:
     """Run diffusers' pipeline and ours with identical (freshly built) arguments; return both outputs."""
     reference, ours = pipes
-    expected = reference(**make_kwargs(**overrides)).images
-    actual = ours(**make_kwargs(**overrides)).images
+    expected = reference(**helpers.call_kwargs(**overrides)).images
+    actual = ours(**helpers.call_kwargs(**overrides)).images
     return expected, actual
 
 
@@ -41,8 +41,8 @@ def run_both(pipes: Any, make_kwargs: Callable[..., dict[str, Any]], **overrides
         (50, 35),  # not multiples of 16, odd: rounded down to 48x32
     ],
 )
-def test_sizes(pipes, make_kwargs, helpers, height, width):
-    expected, actual = run_both(pipes, make_kwargs, height=height, width=width)
+def test_sizes(pipes, height, width):
+    expected, actual = run_both(pipes, height=height, width=width)
     assert expected.shape == (1, height // 16 * 16, width // 16 * 16, 3)
     helpers.assert_close(expected, actual)
 
@@ -51,30 +51,29 @@ def test_sizes(pipes, make_kwargs, helpers, height, width):
 
 
 @pytest.mark.parametrize("seed", [0, [11, 12, 13, 14]], ids=["one-generator", "generator-list"])
-def test_batch_of_prompts_with_num_images_per_prompt(pipes, make_kwargs, helpers, seed):
+def test_batch_of_prompts_with_num_images_per_prompt(pipes, seed):
     expected, actual = run_both(
-        pipes, make_kwargs, seed=seed, prompt=["a red cat", "a blue car on the road"], num_images_per_prompt=2
+        pipes, seed=seed, prompt=["a red cat", "a blue car on the road"], num_images_per_prompt=2
     )
     assert expected.shape[0] == 4
     helpers.assert_close(expected, actual)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6], ids=["strength-1", "strength-0.6"])
-def test_list_of_generators(pipes, make_kwargs, helpers, strength):
+def test_list_of_generators(pipes, strength):
     # One image, three generators: diffusers draws the init-image VAE sample from generator 0 only.
     expected, actual = run_both(
-        pipes, make_kwargs, seed=[5, 6, 7], num_images_per_prompt=3, strength=strength, num_inference_steps=5
+        pipes, seed=[5, 6, 7], num_images_per_prompt=3, strength=strength, num_inference_steps=5
     )
     assert expected.shape[0] == 3
     helpers.assert_close(expected, actual)
 
 
-def test_batch_of_images_with_list_of_generators(pipes, make_kwargs, helpers):
+def test_batch_of_images_with_list_of_generators(pipes):
     images = torch.cat([helpers.image_tensor(seed=1), helpers.image_tensor(seed=2)])
     masks = torch.cat([helpers.mask_tensor(), 1 - helpers.mask_tensor()])
     expected, actual = run_both(
         pipes,
-        make_kwargs,
         seed=[3, 4],
         prompt=["a cat", "a dog"],
         image=images,
@@ -91,8 +90,8 @@ def test_batch_of_images_with_list_of_generators(pipes, make_kwargs, helpers):
 @pytest.mark.parametrize(
     ("strength", "steps"), [(0.6, 5), (0.5, 4), (0.99, 3)], ids=["0.6x5", "0.5x4", "0.99x3"]
 )
-def test_strength_below_one(pipes, make_kwargs, helpers, strength, steps):
-    expected, actual = run_both(pipes, make_kwargs, strength=strength, num_inference_steps=steps)
+def test_strength_below_one(pipes, strength, steps):
+    expected, actual = run_both(pipes, strength=strength, num_inference_steps=steps)
     helpers.assert_close(expected, actual)
     reference, ours = pipes
     assert ours.num_timesteps == reference.num_timesteps
@@ -107,35 +106,35 @@ def test_strength_below_one(pipes, make_kwargs, helpers, strength, steps):
     ],
     ids=["from-1", "from-0.9", "numpy"],
 )
-def test_custom_sigmas(pipes, make_kwargs, helpers, sigmas):
-    expected, actual = run_both(pipes, make_kwargs, sigmas=sigmas)
+def test_custom_sigmas(pipes, sigmas):
+    expected, actual = run_both(pipes, sigmas=sigmas)
     helpers.assert_close(expected, actual)
 
 
-def test_custom_sigmas_with_strength(pipes, make_kwargs, helpers):
-    expected, actual = run_both(pipes, make_kwargs, sigmas=[1.0, 0.8, 0.6, 0.4, 0.2], strength=0.7)
+def test_custom_sigmas_with_strength(pipes):
+    expected, actual = run_both(pipes, sigmas=[1.0, 0.8, 0.6, 0.4, 0.2], strength=0.7)
     helpers.assert_close(expected, actual)
 
 
-def test_one_step(pipes, make_kwargs, helpers):
-    expected, actual = run_both(pipes, make_kwargs, num_inference_steps=1)
+def test_one_step(pipes):
+    expected, actual = run_both(pipes, num_inference_steps=1)
     helpers.assert_close(expected, actual)
 
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 3.5, 30])
-def test_guidance_scale(pipes, make_kwargs, helpers, guidance_scale):
-    expected, actual = run_both(pipes, make_kwargs, guidance_scale=guidance_scale)
+def test_guidance_scale(pipes, guidance_scale):
+    expected, actual = run_both(pipes, guidance_scale=guidance_scale)
     helpers.assert_close(expected, actual)
 
 
 # ---- prompts -----------------------------------------------------------------------------------------
 
 
-def test_prompt_2(pipes, make_kwargs, helpers):
-    expected, actual = run_both(pipes, make_kwargs, prompt_2="a green tree in front of a house")
+def test_prompt_2(pipes):
+    expected, actual = run_both(pipes, prompt_2="a green tree in front of a house")
     helpers.assert_close(expected, actual)
     # prompt_2 really reaches T5: the images differ from the prompt-only ones.
-    _, without = run_both(pipes, make_kwargs)
+    _, without = run_both(pipes)
     assert helpers.max_abs_diff(actual, without) > 1e-3
 
 
@@ -147,7 +146,7 @@ def test_prompt_2(pipes, make_kwargs, helpers):
         (["a cat", "a small dog"], ["sky", "sea with sun"], 3),
     ],
 )
-def test_encode_prompt(pipes, helpers, prompt, prompt_2, num_images_per_prompt):
+def test_encode_prompt(pipes, prompt, prompt_2, num_images_per_prompt):
     reference, ours = pipes
     kwargs = dict(
         prompt=prompt, prompt_2=prompt_2, num_images_per_prompt=num_images_per_prompt, max_sequence_length=20
@@ -161,7 +160,7 @@ def test_encode_prompt(pipes, helpers, prompt, prompt_2, num_images_per_prompt):
 
 
 @pytest.mark.parametrize("encoder", ["ours", "diffusers"])
-def test_prompt_embeds(pipes, make_kwargs, helpers, encoder):
+def test_prompt_embeds(pipes, encoder):
     reference, ours = pipes
     source = ours if encoder == "ours" else reference
     prompt_embeds, pooled_prompt_embeds, _ = source.encode_prompt(
@@ -169,7 +168,6 @@ def test_prompt_embeds(pipes, make_kwargs, helpers, encoder):
     )
     expected, actual = run_both(
         pipes,
-        make_kwargs,
         prompt=None,
         prompt_embeds=prompt_embeds,
         pooled_prompt_embeds=pooled_prompt_embeds,
@@ -177,16 +175,15 @@ def test_prompt_embeds(pipes, make_kwargs, helpers, encoder):
     assert expected.shape[0] == 2
     helpers.assert_close(expected, actual)
     # ... and the same as passing the prompts themselves.
-    from_prompts = ours(**make_kwargs(prompt=["a cat", "a dog"])).images
+    from_prompts = ours(**helpers.call_kwargs(prompt=["a cat", "a dog"])).images
     helpers.assert_close(from_prompts, actual)
 
 
-def test_prompt_embeds_with_num_images_per_prompt(pipes, make_kwargs, helpers):
+def test_prompt_embeds_with_num_images_per_prompt(pipes):
     reference, ours = pipes
     prompt_embeds, pooled_prompt_embeds, _ = ours.encode_prompt("a cat", max_sequence_length=helpers.MAX_SEQ)
     expected, actual = run_both(
         pipes,
-        make_kwargs,
         prompt=None,
         prompt_embeds=prompt_embeds,
         pooled_prompt_embeds=pooled_prompt_embeds,
@@ -200,8 +197,8 @@ def test_prompt_embeds_with_num_images_per_prompt(pipes, make_kwargs, helpers):
 
 
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
-def test_output_types(pipes, make_kwargs, helpers, output_type):
-    expected, actual = run_both(pipes, make_kwargs, output_type=output_type, num_images_per_prompt=2)
+def test_output_types(pipes, output_type):
+    expected, actual = run_both(pipes, output_type=output_type, num_images_per_prompt=2)
     assert type(expected) is type(actual)
     if output_type == "pil":
         a, b = helpers.as_array(expected), helpers.as_array(actual)
@@ -218,7 +215,7 @@ def test_output_types(pipes, make_kwargs, helpers, output_type):
 # ---- input types ---------------------------------------------------------------------------------------
 
 
-def _image_inputs(kind: str, helpers: Any) -> dict[str, Any]:
+def _image_inputs(kind: str) -> dict[str, Any]:
     image, mask = helpers.image_tensor(), helpers.mask_tensor()
     if kind == "tensor":
         return {"image": image, "mask_image": mask}
@@ -236,57 +233,54 @@ def _image_inputs(kind: str, helpers: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("kind", ["tensor", "tensor-3d", "pil", "pil-list", "numpy", "numpy-hwc"])
-def test_image_input_types(pipes, make_kwargs, helpers, kind):
-    expected, actual = run_both(pipes, make_kwargs, **_image_inputs(kind, helpers))
+def test_image_input_types(pipes, kind):
+    expected, actual = run_both(pipes, **_image_inputs(kind))
     helpers.assert_close(expected, actual)
 
 
-def test_pil_inputs_are_resized(pipes, make_kwargs, helpers):
+def test_pil_inputs_are_resized(pipes):
     # A 96x64 PIL image and mask for a 32x48 request: both pipelines resize the same way.
     image = helpers.to_pil(helpers.image_tensor(64, 96))
     mask = helpers.to_pil(helpers.mask_tensor(64, 96))
-    expected, actual = run_both(pipes, make_kwargs, image=image, mask_image=mask)
+    expected, actual = run_both(pipes, image=image, mask_image=mask)
     helpers.assert_close(expected, actual)
 
 
-def test_latents_given(pipes, make_kwargs, helpers):
+def test_latents_given(pipes):
     latents = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(9))
-    expected, actual = run_both(pipes, make_kwargs, latents=latents.clone(), num_inference_steps=3)
+    expected, actual = run_both(pipes, latents=latents.clone(), num_inference_steps=3)
     helpers.assert_close(expected, actual)
 
 
 # ---- callbacks -----------------------------------------------------------------------------------------
 
 
-def test_callback_edits_latents(pipes, make_kwargs, helpers):
+def test_callback_edits_latents(pipes):
     def shrink_latents_at_step_0(pipe, step, timestep, kwargs):
         return {"latents": kwargs["latents"] * 0.9} if step == 0 else {}
 
-    expected, actual = run_both(
-        pipes, make_kwargs, num_inference_steps=3, callback_on_step_end=shrink_latents_at_step_0
-    )
+    expected, actual = run_both(pipes, num_inference_steps=3, callback_on_step_end=shrink_latents_at_step_0)
     helpers.assert_close(expected, actual)
-    _, unedited = run_both(pipes, make_kwargs, num_inference_steps=3)
+    _, unedited = run_both(pipes, num_inference_steps=3)
     assert helpers.max_abs_diff(actual, unedited) > 1e-3  # the edit took effect
 
 
-def test_callback_edits_prompt_embeds(pipes, make_kwargs, helpers):
+def test_callback_edits_prompt_embeds(pipes):
     def scale_prompt_embeds_at_step_0(pipe, step, timestep, kwargs):
         return {"prompt_embeds": kwargs["prompt_embeds"] * 0.5} if step == 0 else {}
 
     expected, actual = run_both(
         pipes,
-        make_kwargs,
         num_inference_steps=3,
         callback_on_step_end=scale_prompt_embeds_at_step_0,
         callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
     )
     helpers.assert_close(expected, actual)
-    _, unedited = run_both(pipes, make_kwargs, num_inference_steps=3)
+    _, unedited = run_both(pipes, num_inference_steps=3)
     assert helpers.max_abs_diff(actual, unedited) > 1e-3
 
 
-def test_callback_sees_same_steps_and_timesteps(pipes, make_kwargs):
+def test_callback_sees_same_steps_and_timesteps(pipes):
     reference, ours = pipes
     seen: dict[str, list[tuple[int, float]]] = {"reference": [], "ours": []}
 
@@ -298,23 +292,21 @@ def test_callback_sees_same_steps_and_timesteps(pipes, make_kwargs):
         return callback
 
     kwargs = dict(num_inference_steps=5, strength=0.6)
-    reference(**make_kwargs(**kwargs, callback_on_step_end=recorder("reference")))
-    ours(**make_kwargs(**kwargs, callback_on_step_end=recorder("ours")))
+    reference(**helpers.call_kwargs(**kwargs, callback_on_step_end=recorder("reference")))
+    ours(**helpers.call_kwargs(**kwargs, callback_on_step_end=recorder("ours")))
     assert [s for s, _ in seen["ours"]] == [0, 1, 2]
     np.testing.assert_allclose(
         [t for _, t in seen["ours"]], [t for _, t in seen["reference"]], rtol=0, atol=1e-3
     )
 
 
-def test_interrupt(pipes, make_kwargs, helpers):
+def test_interrupt(pipes):
     def interrupt_after_step_1(pipe, step, timestep, kwargs):
         if step == 1:
             pipe._interrupt = True
         return {}
 
-    expected, actual = run_both(
-        pipes, make_kwargs, num_inference_steps=4, callback_on_step_end=interrupt_after_step_1
-    )
+    expected, actual = run_both(pipes, num_inference_steps=4, callback_on_step_end=interrupt_after_step_1)
     helpers.assert_close(expected, actual)
 
 

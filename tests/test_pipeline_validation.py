@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -114,44 +115,44 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
-def test_bad_input_is_rejected_before_any_work(pipe, make_kwargs, monkeypatch, case):
+def test_bad_input_is_rejected_before_any_work(pipe, monkeypatch, case):
     overrides, error, match = BAD_INPUTS[case]
     vae_calls = []
     monkeypatch.setattr(pipe.vae, "encode", lambda *a, **k: vae_calls.append("encode"))
     monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: vae_calls.append("decode"))
     with pytest.raises(error, match=match):
-        pipe(**make_kwargs(**overrides))
+        pipe(**helpers.call_kwargs(**overrides))
     # Nothing ran: no prompt was encoded, the VAE was not used.
     assert pipe.prompt_cache.misses == 0 and len(pipe.prompt_cache) == 0
     assert vae_calls == []
 
 
 @pytest.mark.parametrize("name", ["height", "width"])
-def test_zero_height_or_width_is_rejected(pipe, make_kwargs, name):
+def test_zero_height_or_width_is_rejected(pipe, name):
     with pytest.raises(ValueError, match=name):
-        pipe(**make_kwargs(**{name: 0}, num_inference_steps=1))
+        pipe(**helpers.call_kwargs(**{name: 0}, num_inference_steps=1))
 
 
-def test_missing_image_path(pipe, make_kwargs, tmp_path):
+def test_missing_image_path(pipe, tmp_path):
     with pytest.raises(FileNotFoundError, match="`image`"):
-        pipe(**make_kwargs(image=str(tmp_path / "missing.png")))
+        pipe(**helpers.call_kwargs(image=str(tmp_path / "missing.png")))
     with pytest.raises(FileNotFoundError, match="`mask_image`"):
-        pipe(**make_kwargs(mask_image=tmp_path / "missing-mask.png"))
+        pipe(**helpers.call_kwargs(mask_image=tmp_path / "missing-mask.png"))
     with pytest.raises(FileNotFoundError, match="`image`"):
-        pipe(**make_kwargs(image=str(tmp_path)))  # a directory is not an image file
+        pipe(**helpers.call_kwargs(image=str(tmp_path)))  # a directory is not an image file
 
 
-def test_file_that_is_not_an_image(pipe, make_kwargs, tmp_path):
+def test_file_that_is_not_an_image(pipe, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("this is not a PNG")
     with pytest.raises(ValueError, match="`image`"):
-        pipe(**make_kwargs(image=str(not_an_image)))
+        pipe(**helpers.call_kwargs(image=str(not_an_image)))
     with pytest.raises(ValueError, match="`mask_image`"):
-        pipe(**make_kwargs(mask_image=not_an_image))
+        pipe(**helpers.call_kwargs(mask_image=not_an_image))
 
 
 @pytest.mark.parametrize("as_str", [True, False], ids=["str", "pathlib"])
-def test_image_and_mask_file_paths(pipe, make_kwargs, helpers, tmp_path, as_str):
+def test_image_and_mask_file_paths(pipe, tmp_path, as_str):
     image = helpers.to_pil(helpers.image_tensor())
     mask = helpers.to_pil(helpers.mask_tensor())
     image.save(tmp_path / "image.png")
@@ -160,22 +161,24 @@ def test_image_and_mask_file_paths(pipe, make_kwargs, helpers, tmp_path, as_str)
     if as_str:
         image_path, mask_path = str(image_path), str(mask_path)
 
-    from_pil = pipe(**make_kwargs(image=image, mask_image=mask)).images
-    from_paths = pipe(**make_kwargs(image=image_path, mask_image=mask_path)).images
+    from_pil = pipe(**helpers.call_kwargs(image=image, mask_image=mask)).images
+    from_paths = pipe(**helpers.call_kwargs(image=image_path, mask_image=mask_path)).images
     helpers.assert_close(from_paths, from_pil, atol=0)
-    from_path_list = pipe(**make_kwargs(image=[image_path], mask_image=[mask_path])).images
+    from_path_list = pipe(**helpers.call_kwargs(image=[image_path], mask_image=[mask_path])).images
     helpers.assert_close(from_path_list, from_pil, atol=0)
 
 
-def test_rgba_and_palette_files_are_converted(pipe, make_kwargs, helpers, tmp_path):
+def test_rgba_and_palette_files_are_converted(pipe, tmp_path):
     image = helpers.to_pil(helpers.image_tensor())
     image.convert("RGBA").save(tmp_path / "image.png")
     helpers.to_pil(helpers.mask_tensor()).save(tmp_path / "mask.png")
-    images = pipe(**make_kwargs(image=tmp_path / "image.png", mask_image=tmp_path / "mask.png")).images
+    images = pipe(
+        **helpers.call_kwargs(image=tmp_path / "image.png", mask_image=tmp_path / "mask.png")
+    ).images
     assert images.shape == (1, helpers.HEIGHT, helpers.WIDTH, 3) and np.isfinite(images).all()
 
 
-def test_edge_values_are_accepted(pipe, make_kwargs, helpers):
+def test_edge_values_are_accepted(pipe):
     # Boundary values that are valid: strength 1, mask all 0 / all 1, max_sequence_length 512.
     full = torch.ones(1, 1, helpers.HEIGHT, helpers.WIDTH)
     for overrides in (
@@ -186,32 +189,32 @@ def test_edge_values_are_accepted(pipe, make_kwargs, helpers):
         dict(joint_attention_kwargs={"scale": 1.0}),
         dict(num_inference_steps=np.int64(2), height=np.int64(helpers.HEIGHT)),
     ):
-        images = pipe(**make_kwargs(**overrides)).images
+        images = pipe(**helpers.call_kwargs(**overrides)).images
         assert images.shape == (1, helpers.HEIGHT, helpers.WIDTH, 3), overrides
         assert np.isfinite(images).all(), overrides
 
 
-def test_numpy_float_scalars_are_accepted(pipes, make_kwargs, helpers):
+def test_numpy_float_scalars_are_accepted(pipes):
     reference, ours = pipes
     kwargs = dict(guidance_scale=np.float32(3.5), strength=np.float32(0.75), num_inference_steps=4)
-    expected = reference(**make_kwargs(**kwargs)).images
-    helpers.assert_close(ours(**make_kwargs(**kwargs)).images, expected)
+    expected = reference(**helpers.call_kwargs(**kwargs)).images
+    helpers.assert_close(ours(**helpers.call_kwargs(**kwargs)).images, expected)
 
 
-def test_validation_messages_show_the_bad_value(pipe, make_kwargs):
+def test_validation_messages_show_the_bad_value(pipe):
     with pytest.raises(ValueError, match=r"num_inference_steps.*2\.5"):
-        pipe(**make_kwargs(num_inference_steps=2.5))
+        pipe(**helpers.call_kwargs(num_inference_steps=2.5))
     with pytest.raises(ValueError, match="guidance_scale.*nan"):
-        pipe(**make_kwargs(guidance_scale=math.nan))
+        pipe(**helpers.call_kwargs(guidance_scale=math.nan))
     with pytest.raises(ValueError, match="output_type.*jpeg"):
-        pipe(**make_kwargs(output_type="jpeg"))
+        pipe(**helpers.call_kwargs(output_type="jpeg"))
     with pytest.raises(ValueError, match=r"generator.*list of 3.*effective batch size.*2"):
-        pipe(**make_kwargs(seed=[1, 2, 3], num_images_per_prompt=2))
+        pipe(**helpers.call_kwargs(seed=[1, 2, 3], num_images_per_prompt=2))
 
 
-def test_boolean_mask_equals_float_mask(pipe, make_kwargs, helpers):
+def test_boolean_mask_equals_float_mask(pipe):
     """A bool mask (True = repaint) is accepted and means the same as the 0/1 float mask."""
-    float_kwargs = make_kwargs()
-    bool_kwargs = make_kwargs(mask_image=float_kwargs["mask_image"] > 0.5)
+    float_kwargs = helpers.call_kwargs()
+    bool_kwargs = helpers.call_kwargs(mask_image=float_kwargs["mask_image"] > 0.5)
     assert bool_kwargs["mask_image"].dtype == torch.bool
     helpers.assert_close(pipe(**float_kwargs).images, pipe(**bool_kwargs).images, atol=0.0)

@@ -3,12 +3,13 @@
 import importlib.util
 import logging
 
+import helpers
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from fluxfill_engine import EngineConfig, FillRequest, FluxFillEngine, FluxFillPipeline
+from fluxfill_engine import EngineConfig, FillRequest, FluxFillPipeline
 from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
 from fluxfill_engine.quantization import QuantizedLinear, QuantPlan, quantize_linear, resolve, weight_bytes
@@ -186,7 +187,7 @@ def test_real_architecture_transformer_bytes_at_most_0_52_of_bf16():
 
 @pytest.mark.parametrize("quant", ["fp8", "fp8-weight", "int8", "int8-weight"])
 def test_engine_end_to_end_with_each_quant_mode(quant):
-    engine = FluxFillEngine.tiny(config=EngineConfig(quant=quant, quantize_text_encoder=True))
+    engine = helpers.tiny_engine(EngineConfig(quant=quant, quantize_text_encoder=True))
     image = torch.rand(3, 256, 256)
     mask = torch.zeros(256, 256)
     mask[64:192, 64:192] = 1
@@ -246,9 +247,9 @@ def test_quantization_cannot_be_changed_in_place():
 
 def test_quantized_pipeline_moves_with_to():
     pipe = FluxFillPipeline(**tiny_components()).configure(EngineConfig(quant="int8-weight"))
-    fill = pipe.fill_transformer
+    fill = pipe.engine_transformer()
     pipe.to("cpu")
-    assert pipe.fill_transformer is fill and fill.is_in_sync()
+    assert pipe.engine_transformer() is fill and fill.is_in_sync()
 
 
 def test_auto_fp8_without_fp8_tensor_cores_runs_int8_weight():
@@ -258,19 +259,21 @@ def test_auto_fp8_without_fp8_tensor_cores_runs_int8_weight():
 
 def test_moving_a_pipeline_quantized_for_another_device_warns(monkeypatch, caplog):
     pipe = FluxFillPipeline(**tiny_components()).configure(EngineConfig(quant="fp8"))
-    assert pipe.fill_transformer.quant_plan.mode == "int8-weight"  # auto on a CPU
+    assert pipe.engine_transformer().quant_plan.mode == "int8-weight"  # auto on a CPU
     # What resolve says for a GPU with fp8 tensor cores (none here to move to).
     monkeypatch.setattr(
-        "fluxfill_engine.pipeline.resolve", lambda mode, backend, device: QuantPlan(mode, "native", "native")
+        "fluxfill_engine.runtime.resolve", lambda mode, backend, device: QuantPlan(mode, "native", "native")
     )
-    with caplog.at_level(logging.WARNING, logger="fluxfill_engine.pipeline"):
-        pipe._warn_if_quantized_for_another_device(torch.device("cuda"))
+    with caplog.at_level(logging.WARNING, logger="fluxfill_engine.runtime"):
+        pipe.runtime.warn_if_quantized_for_another_device(pipe.engine_config, torch.device("cuda"))
     assert "quantized before the move, as int8-weight" in caplog.text
     assert "there it would run fp8 (native)" in caplog.text and "configure after moving" in caplog.text
     caplog.clear()
     monkeypatch.undo()
-    with caplog.at_level(logging.WARNING, logger="fluxfill_engine.pipeline"):
-        pipe._warn_if_quantized_for_another_device(torch.device("cpu"))  # same choice: nothing to say
+    with caplog.at_level(logging.WARNING, logger="fluxfill_engine.runtime"):
+        pipe.runtime.warn_if_quantized_for_another_device(
+            pipe.engine_config, torch.device("cpu")
+        )  # same choice: nothing to say
     assert caplog.text == ""
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from fluxfill_engine.architecture import SCHEDULER_CONFIG as FLUX_FILL_SCHEDULER_CONFIG
 from fluxfill_engine.sampling import calculate_shift, euler_step, make_schedule
-from fluxfill_engine.tiny import FLUX_FILL_SCHEDULER_CONFIG
 
 FLUX_SCHEDULER = FLUX_FILL_SCHEDULER_CONFIG
 

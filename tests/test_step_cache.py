@@ -1,10 +1,11 @@
 """The step cache: exactness at threshold 0, forced steps, monotonicity, statistics, batches, masks."""
 
+import helpers
 import numpy as np
 import pytest
 import torch
 
-from fluxfill_engine import EngineConfig, FillRequest, FluxFillEngine, FluxFillPipeline
+from fluxfill_engine import EngineConfig, FillRequest, FluxFillPipeline
 from fluxfill_engine.cache import StepCachePolicy, mask_token_weights
 from fluxfill_engine.tiny import tiny_components
 
@@ -114,7 +115,7 @@ def test_mask_token_weights():
 
 
 def test_engine_reports_cache_statistics():
-    engine = FluxFillEngine.tiny(config=EngineConfig(step_cache_threshold=1e9))
+    engine = helpers.tiny_engine(EngineConfig(step_cache_threshold=1e9))
     image, mask = torch.rand(3, 256, 256), torch.zeros(256, 256)
     mask[64:128, 64:192] = 1
     result = engine.run(FillRequest("a cup", image, mask, num_inference_steps=6, seed=0))

@@ -6,20 +6,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import parse_dtype
-from .models import MODEL_PRESETS, device_name_of, precision_class
-from .report import plot_speed_vs_drift, render_markdown, write_json
-from .runner import DEFAULT_PROMPT, SCHEMA, BenchSettings, _resolve_device, plan, run_benchmark
-from .variants import (
+from .catalog import (
+    DEFAULT_PROMPT,
+    MODEL_PRESET_DTYPES,
+    MODEL_PRESET_NAMES,
+    SCHEMA,
     BenchError,
-    dtype_name,
     known_variants,
-    parse_variant,
-    split_variant_list,
-    unavailable_reason,
 )
+
+if TYPE_CHECKING:
+    from .runner import BenchSettings
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -78,7 +77,7 @@ def add_bench_parser(commands: Any) -> argparse.ArgumentParser:
             "--repeats 3 --plot gpu.png"
         ),
     )
-    bench.add_argument("--preset", default="cpu-tiny", choices=list(MODEL_PRESETS), help="model size")
+    bench.add_argument("--preset", default="cpu-tiny", choices=list(MODEL_PRESET_NAMES), help="model size")
     bench.add_argument(
         "--variants",
         action="append",
@@ -144,10 +143,15 @@ def add_bench_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    from ..config import parse_dtype
+    from .models import precision_class
+    from .runner import BenchSettings
+    from .variants import split_variant_list
+
     variants = None
     if args.variants:
         variants = [item for text in args.variants for item in split_variant_list(text)]
-    dtype = args.dtype or dtype_name(MODEL_PRESETS[args.preset].dtype)
+    dtype = args.dtype or MODEL_PRESET_DTYPES[args.preset]
     peaks = dict(args.peak_tflops or {})
     if "" in peaks:
         peaks[precision_class(parse_dtype(dtype))] = peaks.pop("")
@@ -176,7 +180,11 @@ def _settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def _list_variants(settings: BenchSettings) -> int:
-    device = _resolve_device(settings)
+    from .models import device_name_of
+    from .runner import resolve_device
+    from .variants import parse_variant, unavailable_reason
+
+    device = resolve_device(settings)
     print(f"variants on {device} ({device_name_of(device)}):")
     for name in known_variants():
         reason = unavailable_reason(parse_variant(name), device)
@@ -198,6 +206,8 @@ def _render_existing(args: argparse.Namespace) -> int:
 
 def _write_outputs(record: dict[str, Any], out: Path, args: argparse.Namespace) -> list[str]:
     """Print the markdown; write it (``--markdown``) and the plot (``--plot``); what was written."""
+    from .report import plot_speed_vs_drift, render_markdown
+
     report = render_markdown(record)
     print(report)
     written = []
@@ -220,6 +230,9 @@ def _write_outputs(record: dict[str, Any], out: Path, args: argparse.Namespace) 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """``fluxfill bench``: run, print the markdown table, write JSON / markdown / plot."""
+    from .report import write_json
+    from .runner import plan, run_benchmark
+
     if args.render is not None:
         return _render_existing(args)
     settings = _settings_from_args(args)

@@ -26,12 +26,13 @@ from torch import nn
 from ..architecture import (
     CLIP_TEXT_CONFIG,
     PIPELINE_DEFAULTS,
+    SCHEDULER_CONFIG,
     T5_CONFIG,
     TRANSFORMER_CONFIG,
     VAE_CONFIG,
 )
+from ..runtime import RUNTIME_ATTR
 from ..tiny import (
-    FLUX_FILL_SCHEDULER_CONFIG,
     MID_MAX_SEQUENCE_LENGTH,
     TINY_VOCAB_WORDS,
     mid_components,
@@ -464,7 +465,7 @@ def random_components(
     for module in (transformer, vae, text_encoder, text_encoder_2):
         materialize_(module, device, dtype, generator)
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_FILL_SCHEDULER_CONFIG),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
@@ -492,8 +493,6 @@ def random_transformer(
 
 # ---- weight-sharing clones -------------------------------------------------------------------------
 
-_ENGINE_ATTR = "_fluxfill_transformer"  # where the pipeline caches its engine transformer (pipeline.py)
-
 
 def shared_clone(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters are new ``Parameter`` objects sharing the same storage.
@@ -509,13 +508,13 @@ def shared_clone(module: nn.Module) -> nn.Module:
     for buffer in module.buffers():
         memo[id(buffer)] = buffer
     for submodule in module.modules():
-        engine = submodule.__dict__.get(_ENGINE_ATTR)
+        engine = submodule.__dict__.get(RUNTIME_ATTR)
         if engine is not None:
             memo[id(engine)] = None
     clone = copy.deepcopy(module, memo)
     for submodule in clone.modules():
-        if submodule.__dict__.get(_ENGINE_ATTR, 0) is None:
-            del submodule.__dict__[_ENGINE_ATTR]
+        if submodule.__dict__.get(RUNTIME_ATTR, 0) is None:
+            del submodule.__dict__[RUNTIME_ATTR]
     return clone
 
 

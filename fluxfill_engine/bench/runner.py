@@ -38,6 +38,7 @@ import torch
 
 from ..config import parse_dtype
 from ..metrics import psnr_db, sqnr_db
+from .catalog import DEFAULT_PROMPT, SCHEMA, BenchError
 from .models import (
     MODEL_PRESETS,
     device_name_of,
@@ -50,7 +51,6 @@ from .models import (
 )
 from .variants import (
     STAGES,
-    BenchError,
     BenchInputs,
     EngineRunner,
     MemoryMeter,
@@ -62,8 +62,6 @@ from .variants import (
     resolve_variants,
 )
 
-SCHEMA = "fluxfill-bench/1"
-DEFAULT_PROMPT = "a white paper cup on the table"
 BASELINE, REFERENCE = "diffusers", "reference"
 
 
@@ -280,7 +278,7 @@ def _compiles(spec: VariantSpec) -> bool:
     return bool(spec.config and spec.config.compile)
 
 
-def _resolve_device(settings: BenchSettings) -> torch.device:
+def resolve_device(settings: BenchSettings) -> torch.device:
     preset = MODEL_PRESETS[settings.preset]
     device = torch.device(settings.device or preset.device_type)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -295,7 +293,7 @@ def _resolve_device(settings: BenchSettings) -> torch.device:
 def plan(settings: BenchSettings) -> tuple[torch.device, list[VariantSpec], dict[str, str]]:
     """Check the settings and resolve the device and variants (fails before anything is built)."""
     settings.check()
-    device = _resolve_device(settings)
+    device = resolve_device(settings)
     specs, skipped = resolve_variants(settings.variants, device, settings.include_baselines)
     return device, specs, skipped
 

@@ -14,7 +14,8 @@ A variant is a way to run the same model on the same request:
 
 Timing: every run is bracketed by device synchronisation. Stage boundaries are CUDA events on a GPU
 (read once the run has finished, so nothing waits in between) and host clocks on a CPU. The engine
-reports its stages through ``FluxFillPipeline._generate(on_stage=...)``; diffusers' pipeline is timed
+reports its stage times in the :class:`~fluxfill_engine.call.PipelineResult` of
+``FluxFillPipeline.generate`` (the same clocks); diffusers' pipeline is timed
 with forward hooks on its text encoders and transformer, and both pipelines' final latents are
 captured at the entry of ``vae.decode``.
 """
@@ -35,22 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..call import STAGES, PipelineCall, PipelineResult
 from ..compilation import compile_unavailable_reason
 from ..config import PRESETS, EngineConfig
+from ..timing import Clock
+from .catalog import DIFFUSERS_VARIANTS, ENGINE_PREFIX, BenchError, known_variants
 
-DIFFUSERS_VARIANTS: dict[str, str] = {
-    "diffusers": "diffusers.FluxFillPipeline, eager",
-    "diffusers-compile": "diffusers.FluxFillPipeline, regional torch.compile (compile_repeated_blocks)",
-    "diffusers-fp8-compile": "diffusers.FluxFillPipeline, torchao fp8 W8A8 (row-wise) + regional compile",
-    "diffusers-fbcache": "diffusers.FluxFillPipeline, diffusers' FirstBlockCacheConfig",
-}
 DEFAULT_FBCACHE_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
-ENGINE_PREFIX = "engine"
-STAGES = ("text_encode", "vae_encode", "denoise", "decode")
-
-
-class BenchError(ValueError):
-    """A benchmark request that cannot run as asked (unknown variant, unavailable hardware, ...)."""
 
 
 # ---- variant specs ---------------------------------------------------------------------------------
@@ -80,11 +72,6 @@ class VariantSpec:
         if self.options:
             info["options"] = dict(self.options)
         return info
-
-
-def known_variants() -> list[str]:
-    """Every variant name: the diffusers baselines, then the engine presets (``PRESETS`` order)."""
-    return [*DIFFUSERS_VARIANTS, *PRESETS]
 
 
 def split_variant_list(text: str) -> list[str]:
@@ -273,36 +260,12 @@ def resolve_variants(
 # ---- clocks, recorders, memory ---------------------------------------------------------------------
 
 
-class Clock:
-    """Marks on a timeline: CUDA events on a GPU (no waiting in between), ``perf_counter`` on a CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            return float(start.elapsed_time(end)) / 1000.0
-        return float(end - start)
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
 class RunRecorder:
     """What one run records: named marks, intervals per key, the decoder's input latents."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.marks: dict[str, Any] = {}
-        self.step_marks: list[Any] = []
         self.intervals: dict[str, list[tuple[Any, Any]]] = {}
         self._open: dict[str, Any] = {}
         self.decode_input: torch.Tensor | None = None
@@ -638,8 +601,9 @@ class EngineRunner(VariantRunner):
 
     def __init__(self, spec: VariantSpec, pipe: Any, device: torch.device, setup_s: float) -> None:
         super().__init__(spec, pipe, device, setup_s)
-        fill = pipe.fill_transformer
+        fill = pipe.engine_transformer()
         self.dtype = fill.dtype
+        self.last_result: PipelineResult | None = None
         self.quant_plan = fill.quant_plan
 
     @property
@@ -661,50 +625,28 @@ class EngineRunner(VariantRunner):
             self.pipe.prompt_cache.clear()  # every run encodes its prompt, as diffusers does
 
     def _call(self, inputs: BenchInputs, recorder: RunRecorder) -> Any:
-        def on_stage(name: str, **info: Any) -> None:
-            if name == "step":
-                recorder.step_marks.append(recorder.clock.mark())
-            else:
-                recorder.mark(name)
-
-        output = self.pipe._generate(
+        call = PipelineCall(
             prompt=inputs.prompt,
-            prompt_2=None,
             image=inputs.image,
             mask_image=inputs.mask,
-            masked_image_latents=None,
             height=inputs.height,
             width=inputs.width,
-            strength=1.0,
             num_inference_steps=inputs.steps,
-            sigmas=None,
             guidance_scale=inputs.guidance_scale,
-            num_images_per_prompt=1,
             generator=torch.Generator("cpu").manual_seed(inputs.seed),
-            latents=None,
-            prompt_embeds=None,
-            pooled_prompt_embeds=None,
             output_type="np",
-            return_dict=True,
-            joint_attention_kwargs=None,
-            callback_on_step_end=None,
-            callback_on_step_end_tensor_inputs=["latents"],
             max_sequence_length=inputs.max_sequence_length,
-            on_stage=on_stage,
         )
-        return output.images
+        self.last_result = self.pipe.generate(call)
+        return self.last_result.images
 
     def _stage_times(self, recorder: RunRecorder, steps: int) -> tuple[dict[str, float], float]:
-        stages = {stage: recorder.span(f"{stage}_start", f"{stage}_end") for stage in STAGES}
-        marks = recorder.step_marks
-        if not marks:
-            raise RuntimeError(f"{self.spec.name}: no sampling step was reported")
-        per_step = recorder.clock.seconds(recorder.marks["denoise_start"], marks[-1]) / len(marks)
-        return stages, per_step
+        result: PipelineResult = self.last_result
+        stages = {stage: result.timings[stage] for stage in STAGES}
+        return stages, result.timings["denoise"] / result.stats["num_steps"]
 
     def _stats(self, recorder: RunRecorder) -> dict[str, Any] | None:
-        stats = getattr(self.pipe, "last_stats", None)  # the step cache's, where the pipeline has it
-        return _jsonable(stats) if stats else None
+        return _jsonable(self.last_result.stats)
 
 
 # ---- building ---------------------------------------------------------------------------------------
@@ -782,7 +724,7 @@ def build_runners(
             start = time.perf_counter()
             pipe = FluxFillPipeline(**_components_for(components, base))
             pipe.configure(spec.config)
-            _ = pipe.fill_transformer
+            pipe.engine_transformer()
             built[spec.name] = EngineRunner(spec, pipe, device, time.perf_counter() - start)
             if on_built:
                 on_built(spec)

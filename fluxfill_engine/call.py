@@ -1,0 +1,78 @@
+"""One typed request path: a :class:`PipelineCall` goes into ``FluxFillPipeline.generate`` and one
+:class:`PipelineResult` comes out. The drop-in's ``__call__``, :class:`~.engine.FluxFillEngine` and the
+benchmark all build a call and read a result; nothing comes back through side channels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+ImageInput = Any  # PIL image, numpy array, torch tensor, a file path, or a list of those
+Generator = torch.Generator | list[torch.Generator] | None
+StepCallback = Callable[..., dict[str, Any]]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+STAGES = ("text_encode", "vae_encode", "denoise", "decode")
+
+
+@dataclass
+class PipelineCall:
+    """The arguments of ``diffusers.FluxFillPipeline.__call__`` (same names and defaults), less
+    ``return_dict``, which only shapes the drop-in's return value.
+
+    ``image`` and ``mask_image`` may also be file paths; ``masked_image_latents`` is the packed
+    320-channel conditioning ``[B, L, 320]`` and may replace them (with ``strength=1`` or ``latents``).
+    """
+
+    prompt: str | list[str] | None = None
+    prompt_2: str | list[str] | None = None
+    image: ImageInput = None
+    mask_image: ImageInput = None
+    masked_image_latents: torch.Tensor | None = None
+    height: int | None = None
+    width: int | None = None
+    strength: float = 1.0
+    num_inference_steps: int = 50
+    sigmas: Sequence[float] | None = None
+    guidance_scale: float = 30.0
+    num_images_per_prompt: int = 1
+    generator: Generator = None
+    latents: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    output_type: str = "pil"
+    joint_attention_kwargs: dict[str, Any] | None = None
+    callback_on_step_end: StepCallback | None = None
+    callback_on_step_end_tensor_inputs: list[str] = field(default_factory=lambda: ["latents"])
+    max_sequence_length: int = 512
+
+
+@dataclass
+class PipelineResult:
+    """What one call produced.
+
+    Attributes:
+        images: in the call's ``output_type`` (PIL images, ``np`` array, ``pt`` tensor, or the packed
+            latents for ``"latent"``).
+        latents: the final packed latents ``[B, L, 64]``, before unpacking and decoding.
+        stats: ``width``, ``height`` (what the transformer saw), ``image_seq_len``, ``num_steps``,
+            ``steps_full``, ``steps_cached``, ``step_cache`` (the step cache's record, or ``None``) and
+            ``prompt_cache_hit`` (``None`` when the caller passed prompt embeddings).
+        timings: seconds per stage (:data:`STAGES`) and ``total``; on a GPU measured with CUDA events, so
+            nothing waits between stages.
+    """
+
+    images: Any
+    latents: torch.Tensor
+    stats: dict[str, Any]
+    timings: dict[str, float]
+
+
+class StageHook(Protocol):
+    """Told when each stage starts and ends (``"<stage>_start"``, ``"<stage>_end"``, also
+    ``"preprocess_start"`` / ``"preprocess_end"`` around text and VAE encoding) and after every sampling
+    step (``"step"`` with ``step`` = 0-based index and ``total``)."""
+
+    def __call__(self, name: str, step: int | None = None, total: int | None = None) -> None: ...

@@ -1,0 +1,256 @@
+"""Every input check, shared by the drop-in pipeline, the engine and the command line.
+
+Checks run before any work and raise ``ValueError`` / ``TypeError`` (``FileNotFoundError`` for a missing
+path) naming the parameter and what is allowed, so a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .call import OUTPUT_TYPES, ImageInput, PipelineCall
+from .conditioning import image_seq_len
+from .images import bools_to_float, load_image_input, to_pil
+from .limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+
+if TYPE_CHECKING:
+    from .engine import FillRequest
+    from .sampling import Schedule
+
+
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (Python or numpy scalar; not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int_range(name: str, value: Any, low: int, high: int) -> None:
+    if not is_int(value) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}")
+
+
+def _arrays(value: ImageInput) -> list[np.ndarray | torch.Tensor]:
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, (np.ndarray, torch.Tensor))]
+
+
+def check_image_values(value: ImageInput, name: str, unit_range: bool = False) -> None:
+    """Reject non-finite values (and, with ``unit_range``, values outside [0, 1]) in array inputs."""
+    for array in _arrays(value):
+        tensor = torch.as_tensor(array)
+        if tensor.dtype == torch.bool or not tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        if tensor.numel() == 0:
+            raise ValueError(f"`{name}` is empty (shape {tuple(tensor.shape)})")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values")
+        if unit_range and (tensor.min() < 0 or tensor.max() > 1):
+            raise ValueError(
+                f"`{name}` values must lie in [0, 1] (white = repaint, black = keep); "
+                f"got min {tensor.min().item():.4g}, max {tensor.max().item():.4g}"
+            )
+
+
+# ---- the drop-in's call ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the checks need to know of the loaded model."""
+
+    vae_scale_factor: int
+    in_channels: int
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class CheckedCall:
+    """A call that passed :func:`check_call`: images opened, the size floored to the packing multiple."""
+
+    call: PipelineCall
+    image: ImageInput
+    mask_image: ImageInput
+    height: int
+    width: int
+    total: int  # prompts x num_images_per_prompt
+
+    @property
+    def batch(self) -> int:
+        return self.total // self.call.num_images_per_prompt
+
+
+def check_strength(strength: Any) -> None:
+    if not is_finite_number(strength):
+        raise ValueError(f"`strength` must be a number in [0, 1], got {strength!r}")
+
+
+def check_call(call: PipelineCall, height: Any, width: Any, model: ModelShape) -> CheckedCall:
+    """The checks diffusers does not make (``height``/``width`` already defaulted)."""
+    scale = model.vae_scale_factor
+    for name, value in (("height", height), ("width", width)):
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if value < scale * 2:
+            raise ValueError(f"`{name}` must be at least {scale * 2} pixels, got {value}")
+    if not is_int(call.num_inference_steps) or call.num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be an int >= 1, got {call.num_inference_steps!r}")
+    if call.sigmas is not None:
+        values = np.asarray(call.sigmas, dtype=np.float64) if len(call.sigmas) else np.zeros(0)
+        if values.ndim != 1 or values.size == 0 or not np.all((values > 0) & (values <= 1)):
+            raise ValueError(
+                f"`sigmas` must be a non-empty 1-D sequence of values in (0, 1], got {call.sigmas!r}"
+            )
+    if not is_finite_number(call.guidance_scale):
+        raise ValueError(f"`guidance_scale` must be a finite number, got {call.guidance_scale!r}")
+    if not is_int(call.num_images_per_prompt) or call.num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {call.num_images_per_prompt!r}")
+    if call.output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {call.output_type!r}")
+    if not is_int(call.max_sequence_length) or not 1 <= call.max_sequence_length <= 512:
+        raise ValueError(
+            f"`max_sequence_length` must be an int in [1, 512], got {call.max_sequence_length!r}"
+        )
+    if call.callback_on_step_end is not None and not callable(call.callback_on_step_end):
+        raise TypeError("`callback_on_step_end` must be callable")
+    extra_kwargs = sorted(set(call.joint_attention_kwargs or {}) - {"scale"})
+    if extra_kwargs:
+        raise ValueError(
+            f"`joint_attention_kwargs` keys {extra_kwargs} are not supported by fluxfill-engine's "
+            "transformer (only 'scale', the LoRA scale, is)"
+        )
+
+    image, mask_image = call.image, call.mask_image
+    if image is None and call.masked_image_latents is None:
+        raise ValueError("`image` and `mask_image` are required (or pass `masked_image_latents`)")
+    if image is not None:
+        image = load_image_input(image, "image")
+        check_image_values(image, "image")
+    if mask_image is not None:
+        mask_image = bools_to_float(load_image_input(mask_image, "mask_image"))
+        check_image_values(mask_image, "mask_image", unit_range=True)
+
+    total = _prompt_batch(call) * call.num_images_per_prompt
+    if isinstance(call.generator, list) and len(call.generator) != total:
+        raise ValueError(
+            f"`generator` is a list of {len(call.generator)} generators, but the effective batch size "
+            f"(prompts x num_images_per_prompt) is {total}; pass one generator per image"
+        )
+    seq_len = image_seq_len(height, width, scale)
+    latents = call.latents
+    if latents is not None:
+        expected = (total, seq_len, model.out_channels)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must be a packed tensor of shape {expected}, got {shape}")
+    conditioning = call.masked_image_latents
+    if conditioning is not None:
+        channels = model.in_channels - model.out_channels
+        if (
+            not isinstance(conditioning, torch.Tensor)
+            or conditioning.dim() != 3
+            or tuple(conditioning.shape[1:]) != (seq_len, channels)
+            or total % conditioning.shape[0] != 0
+        ):
+            raise ValueError(
+                f"`masked_image_latents` must be the packed conditioning [batch, {seq_len}, {channels}] "
+                f"(masked-image latents + mask) with a batch dividing {total}"
+            )
+    multiple = scale * 2
+    return CheckedCall(
+        call=call,
+        image=image,
+        mask_image=mask_image,
+        height=int(height) // multiple * multiple,
+        width=int(width) // multiple * multiple,
+        total=total,
+    )
+
+
+def _prompt_batch(call: PipelineCall) -> int:
+    prompt = call.prompt
+    if isinstance(prompt, str):
+        batch = 1
+    elif prompt is not None:
+        if len(prompt) == 0 or not all(isinstance(p, str) for p in prompt):
+            raise ValueError("`prompt` must be a string or a non-empty list of strings")
+        batch = len(prompt)
+    else:
+        if not isinstance(call.prompt_embeds, torch.Tensor) or call.prompt_embeds.dim() != 3:
+            raise ValueError("`prompt_embeds` must be a tensor [batch, sequence, dim]")
+        batch = call.prompt_embeds.shape[0]
+    pooled = call.pooled_prompt_embeds
+    if call.prompt_embeds is not None and (
+        not isinstance(pooled, torch.Tensor)
+        or pooled.dim() != 2
+        or pooled.shape[0] != call.prompt_embeds.shape[0]
+    ):
+        raise ValueError(
+            "`pooled_prompt_embeds` must be a tensor [batch, dim] with the same batch as `prompt_embeds`"
+        )
+    return batch
+
+
+def check_schedule(schedule: Schedule, checked: CheckedCall) -> None:
+    """What the schedule leaves to run must be runnable from what was given."""
+    if schedule.num_steps < 1:
+        raise ValueError(
+            f"`strength`={checked.call.strength} leaves {schedule.num_steps} of the schedule's steps to "
+            "run; raise `strength` or `num_inference_steps` so at least one step runs"
+        )
+    if checked.image is None and checked.call.latents is None and schedule.first_sigma != 1.0:
+        raise ValueError(
+            "without `image`, sampling must start from pure noise: use strength=1 and sigmas starting "
+            "at 1.0, or pass `latents`"
+        )
+
+
+# ---- the engine's request --------------------------------------------------------------------------
+
+
+def _checked_size(name: str, value: Any) -> int:
+    check_int_range(name, value, MIN_SIZE, MAX_SIZE)
+    return int(value) // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+def _single_image(value: Any, name: str, mode: str) -> Any:
+    loaded = load_image_input(value, name)
+    check_image_values(loaded, name, unit_range=True)
+    return to_pil(loaded, name, mode)
+
+
+def check_fill_request(request: FillRequest) -> FillRequest:
+    """A checked copy of ``request``: images opened, the mask one-channel, the size floored, the seed
+    chosen (``None`` draws one)."""
+    if not isinstance(request.prompt, str):
+        raise TypeError(f"`prompt` must be a string, got {type(request.prompt).__name__}")
+    if request.image is None or request.mask is None:
+        raise ValueError("`image` and `mask` are both required")
+    image = _single_image(request.image, "image", mode="RGB")
+    mask = _single_image(request.mask, "mask", mode="L")
+    width = _checked_size("width", image.width if request.width is None else request.width)
+    height = _checked_size("height", image.height if request.height is None else request.height)
+    check_int_range("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
+    guidance = request.guidance_scale
+    if not is_finite_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(
+            f"`guidance_scale` must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}"
+        )
+    check_int_range("num_images", request.num_images, 1, MAX_IMAGES)
+    seed = request.seed
+    if seed is None:
+        seed = secrets.randbits(63)
+    else:
+        check_int_range("seed", seed, 0, MAX_SEED)
+    return dataclasses.replace(request, image=image, mask=mask, width=width, height=height, seed=int(seed))
