@@ -8,9 +8,7 @@ without CUDA. Not part of the CI test command (``python -m pytest`` collects ``t
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,15 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
 HAS_CUDA = torch.cuda.is_available()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,8 +15,9 @@ tree, so it is kept, and a change that broke the sharing is an error.
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,6 +57,11 @@ class TransformerRuntime:
         self.transformer = transformer
         self._fill: FillTransformer | None = None
         self.unquantized_bytes: int | None = None  # weight bytes before quantization, once quantized
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TransformerRuntime:
+        # A copied diffusers module gets an empty runtime of its own: it builds its own engine
+        # transformer on first use instead of duplicating (and then sharing nothing with) this one.
+        return TransformerRuntime(copy.deepcopy(self.transformer, memo))
 
     @property
     def current(self) -> FillTransformer | None:

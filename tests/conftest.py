@@ -20,6 +20,17 @@ from helpers import build_pipes, disable_progress  # noqa: E402
 from fluxfill_engine import FluxFillPipeline  # noqa: E402
 from fluxfill_engine.tiny import tiny_components  # noqa: E402
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, where there is no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=marker.kwargs.get("reason", "needs a CUDA GPU")))
+
+
 # ---- fixtures --------------------------------------------------------------------------------------
 
 

@@ -1,25 +1,19 @@
 """Attention backends and fused kernels in the engine: availability errors, auto selection, parity."""
 
-import os
-
+import numpy as np
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from fluxfill_engine import EngineConfig, FluxFillPipeline  # noqa: E402
-from fluxfill_engine.attention import (  # noqa: E402
+from fluxfill_engine import EngineConfig, FluxFillPipeline
+from fluxfill_engine.attention import (
     AutoAttention,
     JointQKV,
     available_backends,
     make_attention,
     sdpa_attention,
 )
-from fluxfill_engine.layers import rope_table  # noqa: E402
-from fluxfill_engine.tiny import tiny_components  # noqa: E402
+from fluxfill_engine.layers import rope_table
+from fluxfill_engine.tiny import tiny_components
 
 CPU = torch.device("cpu")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -39,6 +40,7 @@ def run(pipe, height, width):
     ).images
 
 
+@pytest.mark.slow
 def test_compiled_blocks_fullgraph_one_graph_per_block_type_and_no_recompile_per_size():
     # Quantized layers, custom ops and the step cache (a huge threshold: only forced steps run in full,
     # so eager and compiled runs skip the same steps) all inside / around the compiled blocks.
@@ -58,7 +60,7 @@ def test_compiled_blocks_fullgraph_one_graph_per_block_type_and_no_recompile_per
         expected, actual = run(eager, height, width), run(compiled, height, width)
         # int8 W8A8 rounds activations to integers: Inductor's x/scale may round a few of them to the
         # neighbouring step, so compare as a lossy path (SQNR) rather than bit for bit.
-        sqnr = 20 * torch.log10(expected.norm() / (expected - actual).norm())
+        sqnr = helpers.sqnr(expected, actual)
         print(f"{height}x{width}: compiled vs eager SQNR {sqnr:.1f} dB")
         assert sqnr >= 40
         assert compiled.last_stats["steps_cached"] == eager.last_stats["steps_cached"] > 0
@@ -94,6 +96,7 @@ WARM_START_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_warm_start_loads_the_compile_cache_in_a_second_process(tmp_path):
     cache_dir = tmp_path / "compile-cache"
     runs = []

@@ -184,5 +184,15 @@ def test_engine_requires_our_pipeline():
 
 def test_describe(engine):
     info = engine.describe()
-    assert info["device"] == "cpu" and info["config"]["attention"] == "sdpa"
-    assert info["transformer_parameters"] > 0
+    transformer = engine.pipeline.transformer
+    assert info["config"] == EngineConfig.preset("reference").describe()
+    assert info["device"] == "cpu" and info["transformer_dtype"] == "float32"
+    assert info["transformer_parameters"] == sum(p.numel() for p in transformer.parameters())
+    assert (info["attention"], info["fused_kernels"]) == ("sdpa", False)
+    assert info["quantization"] is None and info["compiled"] is False
+    assert info["compile_cache_loaded"] is None
+
+    quantized = helpers.tiny_engine(EngineConfig(quant="int8-weight", fused_kernels=True)).describe()
+    assert quantized["quantization"]["mode"] == "int8-weight"
+    assert quantized["quantization"]["backend"] == "native" and quantized["quantization"]["why"]
+    assert quantized["fused_kernels"] is True and quantized["config"]["quant"] == "int8-weight"

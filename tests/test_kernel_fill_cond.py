@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import os
+import types
 
+import helpers
+import pytest
 import torch
+from fluxfill_kernels import fill_cond as fill_cond_module
+from fluxfill_kernels._triton import HAS_TRITON
+from fluxfill_kernels.fill_cond import fill_cond_ref, fill_cond_triton
+from fluxfill_kernels.tolerances import assert_matches_reference
 
-# Before fluxfill_kernels defines its @triton.jit kernels: without a GPU they run in Triton's interpreter.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-from fluxfill_kernels import fill_cond as fill_cond_module  # noqa: E402
-from fluxfill_kernels._triton import HAS_TRITON  # noqa: E402
-from fluxfill_kernels.fill_cond import fill_cond_ref, fill_cond_triton  # noqa: E402
-from fluxfill_kernels.tolerances import assert_matches_reference  # noqa: E402
-
-from fluxfill_engine.conditioning import fill_conditioning  # noqa: E402
+from fluxfill_engine.conditioning import fill_conditioning
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter handles fp32 and fp16 reliably; bf16 only on a GPU.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+KERNEL_DTYPES = helpers.KERNEL_DTYPES
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 # (B, C, h, w, s): FLUX's C = 16 and s = 8, non-square, odd channel counts, a small scale factor.
@@ -87,7 +80,7 @@ def test_registered_op_on_cpu_matches_ref() -> None:
     assert torch.equal(torch.ops.fluxfill.fill_cond(latents, mask, 8), fill_conditioning(latents, mask, 8))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_registered_op_on_cuda_matches_ref() -> None:
     latents, mask = make_inputs(2, 16, 64, 96, 8, dtype=torch.bfloat16, mask_dtype=torch.float32)
     assert torch.equal(torch.ops.fluxfill.fill_cond(latents, mask, 8), fill_conditioning(latents, mask, 8))

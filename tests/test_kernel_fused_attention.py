@@ -4,25 +4,18 @@ formulation (per-stream ``F.rms_norm``, ``apply_rope``, SDPA), and the op's regi
 Without a GPU the Triton kernel runs in Triton's CPU interpreter (fp32 and fp16 only), so shapes are small.
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Must precede the first import of triton / fluxfill_kernels: @triton.jit reads it at definition time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from fluxfill_kernels._triton import HAS_TRITON  # noqa: E402
-from fluxfill_kernels.fused_attention import (  # noqa: E402
+import torch.nn.functional as F
+from fluxfill_kernels._triton import HAS_TRITON
+from fluxfill_kernels.fused_attention import (
     fused_attention,
     fused_attention_ref,
     fused_attention_triton,
 )
-from fluxfill_kernels.tolerances import assert_matches_reference  # noqa: E402
+from fluxfill_kernels.tolerances import assert_matches_reference
 
-from fluxfill_engine.layers import apply_rope, rope_table  # noqa: E402
+from fluxfill_engine.layers import apply_rope, rope_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -111,7 +104,7 @@ def test_triton_k_prologues_agree() -> None:
 
 
 @needs_triton
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the Triton interpreter")
+@pytest.mark.gpu(reason="bf16 needs a GPU: the Triton interpreter's bf16 tl.dot is wrong")
 def test_triton_bf16_on_gpu() -> None:
     inputs = make_inputs(2, SEQ_LEN, 2, 128, torch.bfloat16)
     out = fused_attention_triton(*inputs, TXT_LEN, EPS)

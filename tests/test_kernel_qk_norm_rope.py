@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import os
+import types
 
+import helpers
+import pytest
 import torch
+import torch.nn.functional as F
+from fluxfill_kernels import qk_norm_rope as qk_module
+from fluxfill_kernels._triton import HAS_TRITON
+from fluxfill_kernels.qk_norm_rope import qk_norm_rope_ref, qk_norm_rope_triton
+from fluxfill_kernels.tolerances import assert_matches_reference
 
-# Before fluxfill_kernels defines its @triton.jit kernels: without a GPU they run in Triton's interpreter.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from fluxfill_kernels import qk_norm_rope as qk_module  # noqa: E402
-from fluxfill_kernels._triton import HAS_TRITON  # noqa: E402
-from fluxfill_kernels.qk_norm_rope import qk_norm_rope_ref, qk_norm_rope_triton  # noqa: E402
-from fluxfill_kernels.tolerances import assert_matches_reference  # noqa: E402
-
-from fluxfill_engine.layers import apply_rope, rope_table  # noqa: E402
+from fluxfill_engine.layers import apply_rope, rope_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter handles fp32 and fp16 reliably; bf16 only on a GPU.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+KERNEL_DTYPES = helpers.KERNEL_DTYPES
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 EPS = 1e-6
 AXES = {16: [4, 6, 6], 24: [8, 8, 8], 64: [8, 28, 28], 128: [16, 56, 56]}
@@ -138,7 +131,7 @@ def test_registered_op_on_cpu_matches_ref() -> None:
             assert torch.equal(out, ref)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_registered_op_on_cuda_matches_ref(dtype) -> None:
     q, k, q_w, k_w, cos, sin = make_inputs(2, 512 + 77, 4, 128, "two", dtype)

@@ -4,6 +4,7 @@ import importlib.util
 import logging
 
 import helpers
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -48,11 +49,6 @@ VALID = [
 ]
 
 
-def sqnr(reference: torch.Tensor, output: torch.Tensor) -> float:
-    reference, output = reference.detach().double(), output.detach().double()
-    return float(20 * torch.log10(reference.norm() / (reference - output).norm()))
-
-
 @pytest.mark.parametrize(("mode", "backend"), VALID)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_against_fp32_matmul(mode, backend, dtype):
@@ -61,7 +57,7 @@ def test_quantized_linear_against_fp32_matmul(mode, backend, dtype):
     x = torch.randn(2, 37, 256).to(dtype)
     reference = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
     quantized = quantize_linear(linear, resolve(mode, backend, CPU))
-    assert sqnr(reference, quantized(x)) >= SQNR_BOUND[mode]
+    assert helpers.sqnr(reference, quantized(x)) >= SQNR_BOUND[mode]
     assert linear.weight.dtype == dtype  # the original layer is left as it was
 
 
@@ -98,7 +94,7 @@ def test_w8a8_keeps_the_cuda_kernels_contracts_at_any_row_count(monkeypatch, mod
     out = quantized(x)
     assert out.shape == (*shape[:-1], 192) and out.dtype == dtype
     reference = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
-    assert sqnr(reference, out) >= SQNR_BOUND[mode]
+    assert helpers.sqnr(reference, out) >= SQNR_BOUND[mode]
 
 
 def transformer(width_heads: int, head_dim: int, double: int, single: int, dtype: torch.dtype):
@@ -146,7 +142,7 @@ def test_transformer_forward_sqnr(size, mode, backend):
         quantized = FillTransformer.from_diffusers(transformer(*MODELS[size], torch.float32))
         quantized.quantize(resolve(mode, backend, CPU))
         output = quantized(latents, 0, forward_inputs(quantized)[1])
-    assert sqnr(reference, output) >= SQNR_BOUND[mode]
+    assert helpers.sqnr(reference, output) >= SQNR_BOUND[mode]
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8", "int8-weight", "fp8-weight"])
@@ -245,11 +241,17 @@ def test_quantization_cannot_be_changed_in_place():
     assert pipe.configure(EngineConfig(quant="int8", fused_kernels=True)) is pipe  # other switches may change
 
 
-def test_quantized_pipeline_moves_with_to():
+def test_quantized_engine_moves_with_the_pipeline():
     pipe = FluxFillPipeline(**tiny_components()).configure(EngineConfig(quant="int8-weight"))
+    helpers.disable_progress(pipe)
     fill = pipe.engine_transformer()
-    pipe.to("cpu")
-    assert pipe.engine_transformer() is fill and fill.is_in_sync()
+    qkv = fill.double_blocks[0].img_qkv
+    pipe.to(torch.bfloat16)  # a real move of the diffusers tree: every float tensor is replaced
+    assert pipe.engine_transformer() is fill and fill.is_in_sync()  # kept: it cannot be rebuilt
+    assert fill.dtype == torch.bfloat16 and qkv.bias.dtype == torch.bfloat16  # moved with the tree
+    assert qkv.weight_bits.dtype == torch.int8 and qkv.weight_scale.dtype == torch.float32  # never cast
+    images = pipe(**helpers.call_kwargs(output_type="np")).images
+    assert images.shape == (1, helpers.HEIGHT, helpers.WIDTH, 3) and np.isfinite(images).all()
 
 
 def test_auto_fp8_without_fp8_tensor_cores_runs_int8_weight():

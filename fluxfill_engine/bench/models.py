@@ -31,7 +31,6 @@ from ..architecture import (
     TRANSFORMER_CONFIG,
     VAE_CONFIG,
 )
-from ..runtime import RUNTIME_ATTR
 from ..tiny import (
     MID_MAX_SEQUENCE_LENGTH,
     TINY_VOCAB_WORDS,
@@ -499,23 +498,15 @@ def shared_clone(module: nn.Module) -> nn.Module:
 
     No weight memory is added. Replacing a layer, a parameter or a parameter's ``.data`` in the clone
     (QKV fusion, quantization, ``.to(dtype)``, diffusers hooks, ``compile``) leaves the original as it
-    was; writing into the shared storage in place would not. The engine transformer cached on a
-    diffusers module is not copied (the clone builds its own).
+    was; writing into the shared storage in place would not. The engine transformer kept on a
+    diffusers module is not copied (a copied module builds its own, see :mod:`fluxfill_engine.runtime`).
     """
     memo: dict[int, Any] = {}
     for param in module.parameters():
         memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
     for buffer in module.buffers():
         memo[id(buffer)] = buffer
-    for submodule in module.modules():
-        engine = submodule.__dict__.get(RUNTIME_ATTR)
-        if engine is not None:
-            memo[id(engine)] = None
-    clone = copy.deepcopy(module, memo)
-    for submodule in clone.modules():
-        if submodule.__dict__.get(RUNTIME_ATTR, 0) is None:
-            del submodule.__dict__[RUNTIME_ATTR]
-    return clone
+    return copy.deepcopy(module, memo)
 
 
 # ---- benchmark model presets -----------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""Start-up: the command line's help and ``import fluxfill_engine`` load no heavy or optional package."""
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "transformers", "torchao", "optimum", "triton")
+
+
+def _loaded_after(code: str) -> set[str]:
+    # The help text goes to stdout too: the modules loaded are reported on stderr's last line.
+    report = f"print('loaded:', *sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys\n{code}\n{report}"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(done.stderr.strip().splitlines()[-1].split()[1:])
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import fluxfill_engine",
+        "from fluxfill_engine import EngineConfig; EngineConfig.preset('fast')",
+        "from fluxfill_engine.cli import _build_parser; _build_parser().format_help()",
+        "from fluxfill_engine.cli import main\ntry:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass",
+    ],
+    ids=["import", "config", "help", "bench-help"],
+)
+def test_nothing_heavy_is_imported(code):
+    assert _loaded_after(code) == set()
+
+
+def test_the_public_names_load_on_first_use():
+    loaded = _loaded_after("import fluxfill_engine\nfluxfill_engine.FluxFillPipeline")
+    assert {"torch", "diffusers"} <= loaded
+
+
+def test_fluxfill_help_answers():
+    done = subprocess.run([sys.executable, "-m", "fluxfill_engine", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "inpaint" in done.stdout and "bench" in done.stdout
