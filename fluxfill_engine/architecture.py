@@ -30,9 +30,8 @@ def meta_transformer() -> Any:
         return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
 
 
-# The other components of FLUX.1 Fill [dev] (public model configs; see
-# ../shared/flux1-fill-dev-architecture.json). Keys are the constructor arguments of
-# diffusers.AutoencoderKL, transformers.CLIPTextConfig and transformers.T5Config.
+# The other components of FLUX.1 Fill [dev] (from its public component configs). Keys are the constructor
+# arguments of diffusers.AutoencoderKL, transformers.CLIPTextConfig and transformers.T5Config.
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,

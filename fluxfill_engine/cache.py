@@ -1,19 +1,8 @@
 """Step cache: skip the transformer's remaining blocks on steps where the first block barely changes.
 
-Every step runs the embedding and the first double-stream block. The first block's output residual
-(output minus input, image tokens) is compared with the residual at the last fully computed step:
-
-    rel_l1 = mean|r_t - r_ref| / mean|r_ref|
-
-Below the threshold -- outside the warm-up and final steps, and after fewer than ``max_skips``
-consecutive skips -- the step adds the cached residual of the remaining blocks to the first block's
-output instead of running them. Otherwise all blocks run and the cache is refreshed. For a batch the
-means run over the whole batch: one decision for all images of a call.
-
-Mask-aware variant: the means are taken only over image tokens inside the (dilated) mask, since the
-unmasked region is conditioned on the input image and settles early.
-
-Deciding costs one host sync per step (reading ``rel_l1 < threshold``); forced steps cost none.
+Every step runs the first double-stream block; when its residual changed by less than the threshold
+(relative L1) since the last full step, the cached residual of the remaining blocks is reused. The
+rule, its guards and costs are described once, in ``docs/architecture.md`` ("Step cache").
 """
 
 from __future__ import annotations

@@ -208,12 +208,12 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
 
-# How the threshold was chosen: quality can only be judged on trained weights, which no session here
-# can load. The measured operating point for FLUX.1-dev (same transformer) is ParaAttention's First Block
-# Cache at 0.08 (1.55x at 28 steps, quality judged acceptable there); our criterion is the same relative
-# L1 of the first block's residual, so we take 0.08. Our own sweep (benchmarks/results/step-cache-cpu-mid.md)
-# cannot calibrate it: on random weights the first-block change is ~0.4 every step, so 0.08 skips nothing
-# there and `fastest` runs like `fast`. Re-choose when trained-weight measurements exist.
+# Why 0.08: a threshold's quality can only be judged on trained weights. The published operating point
+# for FLUX.1-dev (the same transformer) is ParaAttention's First Block Cache at 0.08 (1.55x at 28 steps,
+# quality judged acceptable there), and the step cache's criterion is the same relative L1 of the first
+# block's residual. The random-weight sweep (benchmarks/results/step-cache-cpu-mid.md) cannot calibrate
+# it: there the first-block change is ~0.4 every step, so 0.08 skips nothing and `fastest` runs like
+# `fast`. To be re-chosen from measurements on trained weights.
 FASTEST_STEP_CACHE_THRESHOLD = 0.08
 _BALANCED = EngineConfig(dtype="bfloat16", compile=True, fused_kernels=True, attention="auto")
 _FAST = dataclasses.replace(_BALANCED, quant="fp8", quant_backend="auto")

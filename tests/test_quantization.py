@@ -17,7 +17,7 @@ from fluxfill_engine.quantization import QuantizedLinear, QuantPlan, quantize_li
 from fluxfill_engine.tiny import tiny_components
 
 CPU = torch.device("cpu")
-# The bounds per transformer forward; per layer the same bounds apply a fortiori.
+# The bounds per transformer forward (README, quantization); per layer the same bounds apply a fortiori.
 SQNR_BOUND = {"fp8": 25.0, "fp8-weight": 25.0, "int8": 25.0, "int8-weight": 35.0}
 # The optional backends come with the `quant` extra (and `dev`); a lean install skips their cases.
 BACKEND_PACKAGES = {"quanto": "optimum", "torchao": "torchao"}
