@@ -4,7 +4,10 @@ on a GPU for benchmarks. Keys are the constructor arguments of the diffusers cla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import FluxTransformer2DModel
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 1,
@@ -21,7 +24,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
 }
 
 
-def meta_transformer() -> Any:
+def meta_transformer() -> FluxTransformer2DModel:
     """The real transformer (11.9B parameters) on the meta device: shapes only, no memory."""
     import torch
     from diffusers import FluxTransformer2DModel

@@ -8,12 +8,17 @@ Shapes (s = VAE scale factor, 8 for FLUX): image ``[B, 3, H, W]`` -> latents ``[
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .sampling import Schedule, noise_latents
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from .call import Generator
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -109,7 +114,9 @@ class LatentGrid:
         return 2 * (self.width // (self.vae_scale_factor * 2))
 
 
-def vae_latents(vae: Any, image: torch.Tensor, generator: Any, per_image: bool = True) -> torch.Tensor:
+def vae_latents(
+    vae: AutoencoderKL, image: torch.Tensor, generator: Generator, per_image: bool = True
+) -> torch.Tensor:
     """Sampled, shifted and scaled VAE latents of ``image``. With a list of generators and
     ``per_image``, each image is encoded on its own with its generator (diffusers encodes the init image
     so, and the masked image in one batch)."""
@@ -121,7 +128,9 @@ def vae_latents(vae: Any, image: torch.Tensor, generator: Any, per_image: bool =
     return (sample - vae.config.shift_factor) * vae.config.scaling_factor
 
 
-def _draw_skipped_encode_noise(vae: Any, image: torch.Tensor, generator: Any, grid: LatentGrid) -> None:
+def _draw_skipped_encode_noise(
+    vae: AutoencoderKL, image: torch.Tensor, generator: Generator, grid: LatentGrid
+) -> None:
     """Draw the random numbers a VAE encode's sampling would draw, in the same order, without encoding."""
     shape = (image.shape[0], vae.config.latent_channels, image.shape[2] // grid.vae_scale_factor)
     shape = (*shape, image.shape[3] // grid.vae_scale_factor)
@@ -133,13 +142,13 @@ def _draw_skipped_encode_noise(vae: Any, image: torch.Tensor, generator: Any, gr
 
 
 def initial_latents(
-    vae: Any,
+    vae: AutoencoderKL,
     init_image: torch.Tensor | None,
     schedule: Schedule,
     grid: LatentGrid,
     dtype: torch.dtype,
     device: torch.device,
-    generator: Any,
+    generator: Generator,
     latents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed starting latents ``[B, L, 64]`` and the image position ids ``[L, 3]``.
@@ -171,13 +180,13 @@ def initial_latents(
 
 
 def masked_image_conditioning(
-    vae: Any,
+    vae: AutoencoderKL,
     init_image: torch.Tensor,
     mask: torch.Tensor,
     grid: LatentGrid,
     dtype: torch.dtype,
     device: torch.device,
-    generator: Any,
+    generator: Generator,
     fused: bool = False,
 ) -> torch.Tensor:
     """The packed 320-channel conditioning of ``init_image`` ``[B, 3, H, W]`` and its ``mask``

@@ -18,7 +18,7 @@ Shapes: B batch, L image tokens, S text tokens, D model width (3072), H heads, D
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,13 @@ from .layers import (
     timestep_embedding,
 )
 from .quantization import QuantPlan, quantize_linear
+
+if TYPE_CHECKING:
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,7 @@ class SharedLinearsBlock(nn.Module):
 class DoubleStreamBlock(SharedLinearsBlock):
     """Text and image streams with their own weights, joined only in attention."""
 
-    def __init__(self, block: Any) -> None:
+    def __init__(self, block: FluxTransformerBlock) -> None:
         super().__init__()
         attn = block.attn
         self.num_heads = attn.heads
@@ -158,7 +165,7 @@ class DoubleStreamBlock(SharedLinearsBlock):
 class SingleStreamBlock(SharedLinearsBlock):
     """One stream over the joint text+image sequence; QKV and MLP-in are one fused GEMM."""
 
-    def __init__(self, block: Any) -> None:
+    def __init__(self, block: FluxSingleTransformerBlock) -> None:
         super().__init__()
         attn = block.attn
         self.num_heads = attn.heads
@@ -205,7 +212,9 @@ class RequestInputs:
 class FillTransformer(nn.Module):
     """The engine's FLUX Fill transformer (see the module docstring for what differs from diffusers)."""
 
-    def __init__(self, transformer: Any, attention: str = "sdpa", fused_kernels: bool = False) -> None:
+    def __init__(
+        self, transformer: FluxTransformer2DModel, attention: str = "sdpa", fused_kernels: bool = False
+    ) -> None:
         super().__init__()
         config = transformer.config
         self.source = [transformer]  # a list, so the diffusers module is not registered as a child
@@ -236,7 +245,7 @@ class FillTransformer(nn.Module):
 
     @classmethod
     def from_diffusers(
-        cls, transformer: Any, attention: str = "sdpa", fused_kernels: bool = False
+        cls, transformer: FluxTransformer2DModel, attention: str = "sdpa", fused_kernels: bool = False
     ) -> FillTransformer:
         """Build from a diffusers ``FluxTransformer2DModel`` (weights shared, QKV fused in place)."""
         if getattr(transformer, "peft_config", None):

@@ -35,7 +35,7 @@ from .model import FillTransformer
 from .quantization import quantize_text_encoder as quantize_text_encoder_linears
 from .quantization import resolve, weight_bytes
 from .runtime import TransformerRuntime, execution_device, runtime_of
-from .sampling import euler_step, make_schedule
+from .sampling import Schedule, euler_step, make_schedule
 from .text import PromptCache, clip_pooled_embeds, t5_embeds, weights_fingerprint
 from .timing import StageTimes
 from .validation import CheckedCall, ModelShape, check_call, check_schedule, check_strength
@@ -378,7 +378,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     def _denoise(
         self,
         call: PipelineCall,
-        schedule: Any,
+        schedule: Schedule,
         latents: torch.Tensor,
         cond: torch.Tensor,
         prompt_embeds: torch.Tensor,
