@@ -432,6 +432,21 @@ class BenchInputs:
     seed: int
     max_sequence_length: int
 
+    def call(self) -> PipelineCall:
+        """The request as diffusers' call arguments (a fresh generator each time)."""
+        return PipelineCall(
+            prompt=self.prompt,
+            image=self.image,
+            mask_image=self.mask,
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(self.seed),
+            output_type="np",
+            max_sequence_length=self.max_sequence_length,
+        )
+
 
 @dataclass
 class RunResult:
@@ -553,18 +568,8 @@ class DiffusersRunner(VariantRunner):
         return self.dtype, "fp8" if self.spec.base == "diffusers-fp8-compile" else None
 
     def _call(self, inputs: BenchInputs, recorder: RunRecorder) -> Any:
-        return self.pipe(
-            prompt=inputs.prompt,
-            image=inputs.image,
-            mask_image=inputs.mask,
-            height=inputs.height,
-            width=inputs.width,
-            num_inference_steps=inputs.steps,
-            guidance_scale=inputs.guidance_scale,
-            max_sequence_length=inputs.max_sequence_length,
-            generator=torch.Generator("cpu").manual_seed(inputs.seed),
-            output_type="np",
-        ).images
+        call = inputs.call()
+        return self.pipe(**{f.name: getattr(call, f.name) for f in dataclasses.fields(call)}).images
 
     def _stage_times(self, recorder: RunRecorder, steps: int) -> tuple[dict[str, float], float]:
         seconds = recorder.clock.seconds
@@ -625,19 +630,7 @@ class EngineRunner(VariantRunner):
             self.pipe.prompt_cache.clear()  # every run encodes its prompt, as diffusers does
 
     def _call(self, inputs: BenchInputs, recorder: RunRecorder) -> Any:
-        call = PipelineCall(
-            prompt=inputs.prompt,
-            image=inputs.image,
-            mask_image=inputs.mask,
-            height=inputs.height,
-            width=inputs.width,
-            num_inference_steps=inputs.steps,
-            guidance_scale=inputs.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(inputs.seed),
-            output_type="np",
-            max_sequence_length=inputs.max_sequence_length,
-        )
-        self.last_result = self.pipe.generate(call)
+        self.last_result = self.pipe.generate(inputs.call())
         return self.last_result.images
 
     def _stage_times(self, recorder: RunRecorder, steps: int) -> tuple[dict[str, float], float]:
