@@ -7,12 +7,15 @@ rule, its guards and costs are described once, in ``docs/architecture.md`` ("Ste
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .config import StepCachePolicy
+
+if TYPE_CHECKING:
+    from .conditioning import LatentGrid
 
 
 def mask_token_weights(
@@ -45,6 +48,23 @@ class StepCache:
         self.consecutive_skips = 0
         self._rel_l1: list[torch.Tensor | None] = []
         self._cached: list[bool] = []
+
+    @classmethod
+    def for_request(
+        cls,
+        policy: StepCachePolicy,
+        num_steps: int,
+        cond: torch.Tensor,
+        noise_channels: int,
+        grid: LatentGrid,
+    ) -> StepCache:
+        """The cache of one request; mask-aware policies weight tokens by the conditioning's mask part
+        (``cond[..., noise_channels:]``)."""
+        weights = None
+        if policy.mask_aware:
+            mask_part = cond[..., noise_channels:]
+            weights = mask_token_weights(mask_part, grid.latent_height, grid.latent_width)
+        return cls(policy, num_steps, weights)
 
     def relative_change(self, residual: torch.Tensor) -> torch.Tensor:
         """``mean|r - r_ref| / mean|r_ref|`` (token-weighted when mask-aware), a 0-d fp32 tensor."""

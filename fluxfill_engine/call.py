@@ -4,6 +4,7 @@ benchmark all build a call and read a result; nothing comes back through side ch
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -76,3 +77,29 @@ class StageHook(Protocol):
     step (``"step"`` with ``step`` = 0-based index and ``total``)."""
 
     def __call__(self, name: str, step: int | None = None, total: int | None = None) -> None: ...
+
+
+class PerThread:
+    """diffusers' per-call attributes (``_interrupt``, ``_guidance_scale``, ...), kept per thread: a step
+    callback that sets ``pipe._interrupt`` stops its own call, not another thread's on the same pipeline."""
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, pipe: Any, owner: type | None = None) -> Any:
+        if pipe is None:
+            return self
+        return getattr(_thread_state(pipe), self.name, self.default)
+
+    def __set__(self, pipe: Any, value: Any) -> None:
+        setattr(_thread_state(pipe), self.name, value)
+
+
+def _thread_state(owner: Any) -> threading.local:
+    state = owner.__dict__.get("_thread_state")
+    if state is None:
+        state = owner.__dict__.setdefault("_thread_state", threading.local())
+    return state

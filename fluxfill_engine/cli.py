@@ -93,16 +93,59 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_device() -> str:
+def _checked_device(name: str | None) -> str:
+    """``--device`` as a torch device this machine has (default: cuda if available, else cpu)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: {name!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {name!r} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device: {name!r} asks for a GPU, but no CUDA GPU is available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device: {name!r}: this machine has {count} CUDA GPU(s), numbered from 0")
+    return name
 
 
 def _output_paths(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _check_output(out: Path, count: int) -> list[Path]:
+    """The files ``--out`` names, checked before any work: a known image extension, not a folder, in a
+    folder that exists or can be made, writable."""
+    import os
+
+    import PIL.Image
+
+    writable = {ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.SAVE}
+    if out.suffix.lower() not in writable:
+        what = f"extension {out.suffix!r}" if out.suffix else "no extension"
+        raise ValueError(
+            f"--out: {str(out)!r} has {what}; use an image extension such as .png, .jpg or .webp"
+        )
+    paths = _output_paths(out, count)
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--out: {str(path)!r} is a folder; give a file name such as out.png")
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ValueError(f"--out: {str(folder)!r} is a file, so {str(path)!r} cannot be written")
+        target = path if path.exists() else folder
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"--out: {str(target)!r} is not writable")
+    return paths
 
 
 class _StepProgress:
@@ -135,28 +178,46 @@ def tiny_engine(config: EngineConfig, device: str | None = None, seed: int = 0) 
     return FluxFillEngine(FluxFillPipeline(**components), config=config, device=device)
 
 
+# FillRequest fields -> the options that set them, so a refused request names the option.
+_OPTIONS = {
+    "prompt": "--prompt",
+    "image": "--image",
+    "mask": "--mask",
+    "width": "--width",
+    "height": "--height",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "seed": "--seed",
+    "num_images": "--num-images",
+}
+
+
+def _with_option(message: str) -> str:
+    """``message`` prefixed with the option of the first field it names in backticks."""
+    for field, option in _OPTIONS.items():
+        if f"`{field}`" in message:
+            return f"{option}: {message}"
+    return message
+
+
 def run_inpaint(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked before the model loads: one line naming the option.
+    if (args.image is None) != (args.mask is None):
+        raise ValueError("--image and --mask: give both, or neither (to use the built-in demo inputs)")
+    for option, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{option}: no such image file: {str(path)!r}")
+    paths = _check_output(args.out, args.num_images if isinstance(args.num_images, int) else 1)
+    device = _checked_device(args.device)
     from .engine import FillRequest, FluxFillEngine
 
-    device = args.device or _default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     config = EngineConfig.preset(args.preset, dtype=dtype)
-    if args.model is None:
-        print("No --model given: running the built-in tiny random-weight model. Its output is noise;")
-        print("the point is that every stage of the real path runs.")
-        engine = tiny_engine(config, device=device)
-    else:
-        print(f"Loading {args.model} ...")
-        engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device, base=args.base)
-
-    if (args.image is None) != (args.mask is None):
-        raise SystemExit("error: give both --image and --mask, or neither (to use the built-in demo inputs)")
     if args.image is None:
         image, mask = demo_inputs(args.width or 512, args.height or 512)
         print("No --image/--mask given: painting into a built-in demo gradient with a centred mask.")
     else:
         image, mask = args.image, args.mask
-
     request = FillRequest(
         prompt=args.prompt,
         image=image,
@@ -168,8 +229,18 @@ def run_inpaint(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_images=args.num_images,
     )
+    try:
+        request = request.validated(config.max_input_megapixels)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise type(err)(_with_option(str(err))) from None
+    if args.model is None:
+        print("No --model given: running the built-in tiny random-weight model. Its output is noise;")
+        print("the point is that every stage of the real path runs.")
+        engine = tiny_engine(config, device=device)
+    else:
+        print(f"Loading {args.model} ...")
+        engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device, base=args.base)
     result = engine.run(request, on_event=_StepProgress())
-    paths = _output_paths(args.out, len(result.images))
     for path, picture in zip(paths, result.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         picture.save(path)
@@ -193,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. the disk filled up while writing
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 1
 
 

@@ -106,6 +106,8 @@ class EngineConfig:
         step_cache_max_skips: consecutive skipped steps allowed before a forced full step.
         step_cache_mask_aware: measure the change only over image tokens inside the dilated mask.
         prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
+        max_input_megapixels: input images larger than this are refused from their header, before
+            they are decoded (decompression bombs, accidental huge files).
     """
 
     dtype: str | None = None
@@ -124,6 +126,7 @@ class EngineConfig:
     step_cache_max_skips: int = 3
     step_cache_mask_aware: bool = False
     prompt_cache_size: int = 16
+    max_input_megapixels: float = 40.0
 
     def __post_init__(self) -> None:
         check_dtype_name(self.dtype, "EngineConfig.dtype")
@@ -160,6 +163,9 @@ class EngineConfig:
             raise TypeError(f"EngineConfig.prompt_cache_size must be an int, got {self.prompt_cache_size!r}")
         if self.prompt_cache_size < 0:
             raise ValueError(f"EngineConfig.prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
+        limit = self.max_input_megapixels
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < math.inf:
+            raise ValueError(f"EngineConfig.max_input_megapixels must be a finite number > 0, got {limit!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:  # noqa: F821 (torch is imported for type checking only)

@@ -8,6 +8,7 @@ the seed used, per-stage timings and stats, and reports lifecycle :class:`Event`
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import torch
 
 from .call import PipelineCall
 from .config import EngineConfig, parse_dtype
-from .limits import MAX_SEQUENCE_LENGTH
+from .limits import MAX_INPUT_MEGAPIXELS, MAX_SEQUENCE_LENGTH
 from .pipeline import FluxFillPipeline
 from .validation import check_fill_request
 
@@ -40,6 +41,17 @@ class Event:
 
 
 EventHandler = Callable[[Event], None]
+logger = logging.getLogger(__name__)
+
+
+def _closing_error(emit: EventHandler, err: BaseException) -> None:
+    """Send the request's ``error`` event; a handler failing on it too cannot hide ``err``."""
+    message = str(err) if isinstance(err, (ValueError, TypeError, FileNotFoundError)) else None
+    message = message or f"{type(err).__name__}: {err}".rstrip(": ")
+    try:
+        emit(Event("error", message=message))
+    except BaseException:
+        logger.exception("on_event raised on the `error` event of a request that failed with %r", err)
 
 
 @dataclass
@@ -67,12 +79,13 @@ class FillRequest:
     seed: int | None = None
     num_images: int = 1
 
-    def validated(self) -> FillRequest:
-        """A checked copy: images opened, the mask one-channel, the size floored, the seed chosen.
+    def validated(self, max_input_megapixels: float = MAX_INPUT_MEGAPIXELS) -> FillRequest:
+        """A checked copy: images opened as a viewer shows them, the mask one-channel, the size floored,
+        the seed chosen.
 
         Raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the field and what is allowed.
         """
-        return check_fill_request(self)
+        return check_fill_request(self, max_input_megapixels)
 
 
 @dataclass
@@ -231,19 +244,29 @@ class FluxFillEngine:
         return info
 
     def run(self, request: FillRequest, on_event: EventHandler | None = None) -> FillResult:
-        """Run one request. Invalid requests raise before any work (after an ``error`` event)."""
+        """Run one request; ``on_event`` receives its events (see :class:`Event`).
+
+        Every request ends with exactly one ``done`` or ``error`` event. An invalid request raises
+        before any work (after its ``error`` event) and leaves the engine as it was. An exception (or
+        ``KeyboardInterrupt``) raised by ``on_event`` stops the request with an ``error`` event and is
+        re-raised, except at ``done``: the result is finished then, so it is returned and the handler's
+        exception is logged.
+        """
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"`on_event` must be callable (it receives Event objects), got {on_event!r}")
         emit = on_event or (lambda event: None)
         try:
-            request = request.validated()
-        except Exception as err:
-            emit(Event("error", message=str(err)))
+            request = request.validated(self.config.max_input_megapixels)
+            emit(Event("accepted"))
+            result = self._run(request, emit)
+        except BaseException as err:
+            _closing_error(emit, err)
             raise
-        emit(Event("accepted"))
         try:
-            return self._run(request, emit)
-        except Exception as err:
-            emit(Event("error", message=f"{type(err).__name__}: {err}"))
-            raise
+            emit(Event("done"))
+        except Exception:
+            logger.exception("on_event raised on the `done` event; the finished result is returned")
+        return result
 
     def _run(self, request: FillRequest, emit: EventHandler) -> FillResult:
         public = {"preprocess_start", "preprocess_end", "decode_start", "decode_end"}
@@ -274,5 +297,4 @@ class FluxFillEngine:
             "num_images": request.num_images,
             "preset_fields": self.config.describe(),
         }
-        emit(Event("done"))
         return FillResult(images=list(result.images), seed=request.seed, timings=result.timings, stats=stats)

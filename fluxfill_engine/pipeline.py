@@ -19,8 +19,8 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from .cache import StepCache, mask_token_weights
-from .call import STAGES, ImageInput, PipelineCall, PipelineResult, StageHook
+from .cache import StepCache
+from .call import STAGES, ImageInput, PerThread, PipelineCall, PipelineResult, StageHook
 from .compilation import load_compile_cache, save_compile_cache
 from .conditioning import (
     LatentGrid,
@@ -47,6 +47,12 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     Use :meth:`configure` to switch optimizations on (``pipe.configure(EngineConfig.preset(...))``).
     After a call, :attr:`last_stats` holds that call's stats (see :class:`~.call.PipelineResult`).
     """
+
+    _interrupt = PerThread(False)
+    _guidance_scale = PerThread()
+    _joint_attention_kwargs = PerThread()
+    _num_timesteps = PerThread()
+    _current_timestep = PerThread()
 
     # The component annotations are diffusers' own: from_pipe and from_pretrained read them.
     def __init__(
@@ -352,11 +358,14 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         return PipelineResult(images=images, latents=latents, stats=stats, timings=timings)
 
     def _validated(self, call: PipelineCall) -> CheckedCall:
-        """diffusers' own checks (its messages), then the engine's. (0 is rejected, not a default.)"""
+        """The engine's checks (types, ranges, images read as a viewer shows them), then diffusers' own
+        (its messages for the rest). 0 is rejected, not taken as a default."""
         default = self.default_sample_size * self.vae_scale_factor
         height = default if call.height is None else call.height
         width = default if call.width is None else call.width
         check_strength(call.strength)
+        model = ModelShape.of(self.transformer.config, self.vae_scale_factor)
+        checked = check_call(call, height, width, model, self._engine_config.max_input_megapixels)
         self.check_inputs(
             call.prompt,
             call.prompt_2,
@@ -371,9 +380,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             mask_image=call.mask_image,
             masked_image_latents=call.masked_image_latents,
         )
-        config = self.transformer.config
-        model = ModelShape(self.vae_scale_factor, config.in_channels, config.out_channels or 64)
-        return check_call(call, height, width, model)
+        return checked
 
     def _denoise(
         self,
@@ -401,7 +408,13 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         )
         sigmas = schedule.sigmas.to(device)
         step_dts = sigmas[1:] - sigmas[:-1]
-        cache = self._step_cache(schedule.num_steps, cond, grid)
+        policy = self._engine_config.step_cache_policy
+        noise_channels = self.transformer.config.out_channels or 64
+        cache = (
+            None
+            if policy is None
+            else StepCache.for_request(policy, schedule.num_steps, cond, noise_channels, grid)
+        )
         callback = call.callback_on_step_end
         with self.progress_bar(total=schedule.num_steps) as progress_bar:
             for i in range(schedule.num_steps):
@@ -412,7 +425,14 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                     local_tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
                     kwargs = {name: local_tensors[name] for name in call.callback_on_step_end_tensor_inputs}
                     outputs = callback(self, i, timesteps[i], kwargs)
+                    if not isinstance(outputs, dict):
+                        raise TypeError(
+                            f"`callback_on_step_end` must return a dict (of the tensors it changed), got "
+                            f"{type(outputs).__name__} at step {i}"
+                        )
                     latents = outputs.pop("latents", latents)
+                    if not torch.isfinite(latents).all():
+                        raise ValueError(f"`callback_on_step_end` left non-finite latents at step {i}")
                     new_prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     if new_prompt_embeds is not prompt_embeds:
                         prompt_embeds = new_prompt_embeds
@@ -430,16 +450,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if hook is not None:
             self.runtime.release()  # model CPU offload: the hook moves the transformer off
         return latents, stats
-
-    def _step_cache(self, num_steps: int, cond: torch.Tensor, grid: LatentGrid) -> StepCache | None:
-        policy = self._engine_config.step_cache_policy
-        if policy is None:
-            return None
-        weights = None
-        if policy.mask_aware:
-            mask_part = cond[..., self.transformer.config.out_channels or 64 :]
-            weights = mask_token_weights(mask_part, grid.latent_height, grid.latent_width)
-        return StepCache(policy, num_steps, weights)
 
     def _decode(self, latents: torch.Tensor, grid: LatentGrid, output_type: str) -> Any:
         if output_type == "latent":

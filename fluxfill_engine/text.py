@@ -11,6 +11,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 logger = logging.getLogger(__name__)
+_LOGGED_CHARS = 200
 
 
 def _tokenize(tokenizer: Any, prompts: list[str], max_length: int, what: str) -> torch.Tensor:
@@ -25,7 +26,9 @@ def _tokenize(tokenizer: Any, prompts: list[str], max_length: int, what: str) ->
     ).input_ids
     untruncated = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
     if untruncated.shape[-1] >= input_ids.shape[-1] and not torch.equal(input_ids, untruncated):
-        removed = tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
+        removed = " | ".join(tokenizer.batch_decode(untruncated[:, max_length - 1 : -1]))
+        if len(removed) > _LOGGED_CHARS:  # a long prompt must not write its whole text per request
+            removed = f"{removed[:_LOGGED_CHARS]}... ({len(removed)} characters)"
         logger.warning("part of the prompt was truncated to %d %s tokens: %s", max_length, what, removed)
     return input_ids
 

@@ -18,8 +18,21 @@ import torch
 
 from .call import OUTPUT_TYPES, ImageInput, PipelineCall
 from .conditioning import image_seq_len
-from .images import bools_to_float, load_image_input, to_pil
-from .limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+from .images import bools_to_float, check_mask_fits_image, load_image_input, to_pil
+from .limits import (
+    MAX_CALL_BATCH,
+    MAX_CALL_SIDE,
+    MAX_CALL_STEPS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_INPUT_MEGAPIXELS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    SIZE_MULTIPLE,
+)
 
 if TYPE_CHECKING:
     from .engine import FillRequest
@@ -39,6 +52,24 @@ def is_finite_number(value: Any) -> bool:
 def check_int_range(name: str, value: Any, low: int, high: int) -> None:
     if not is_int(value) or not low <= value <= high:
         raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}")
+
+
+def check_text(name: str, text: str) -> None:
+    """A prompt must be encodable text of at most :data:`MAX_PROMPT_CHARS` characters."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"`{name}` has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"`{name}` is not valid text: character {err.start} is {text[err.start]!r}, a lone surrogate "
+            "(undecodable bytes?); pass UTF-8 text"
+        ) from None
+
+
+def check_finite_tensor(name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values")
 
 
 def _arrays(value: ImageInput) -> list[np.ndarray | torch.Tensor]:
@@ -73,6 +104,19 @@ class ModelShape:
     vae_scale_factor: int
     in_channels: int
     out_channels: int
+    joint_attention_dim: int  # width of the T5 prompt embeddings
+    pooled_projection_dim: int  # width of the CLIP pooled embeddings
+
+    @classmethod
+    def of(cls, transformer_config: Any, vae_scale_factor: int) -> ModelShape:
+        """From a diffusers ``FluxTransformer2DModel.config``."""
+        return cls(
+            vae_scale_factor=vae_scale_factor,
+            in_channels=transformer_config.in_channels,
+            out_channels=transformer_config.out_channels or 64,
+            joint_attention_dim=transformer_config.joint_attention_dim,
+            pooled_projection_dim=transformer_config.pooled_projection_dim,
+        )
 
 
 @dataclass(frozen=True)
@@ -96,16 +140,24 @@ def check_strength(strength: Any) -> None:
         raise ValueError(f"`strength` must be a number in [0, 1], got {strength!r}")
 
 
-def check_call(call: PipelineCall, height: Any, width: Any, model: ModelShape) -> CheckedCall:
-    """The checks diffusers does not make (``height``/``width`` already defaulted)."""
+def check_call(
+    call: PipelineCall,
+    height: Any,
+    width: Any,
+    model: ModelShape,
+    max_megapixels: float = MAX_INPUT_MEGAPIXELS,
+) -> CheckedCall:
+    """The checks diffusers does not make (``height``/``width`` already defaulted); they run before
+    diffusers' own, so a wrong type gets a message naming the parameter, not a deep error."""
     scale = model.vae_scale_factor
     for name, value in (("height", height), ("width", width)):
         if not is_int(value) or value <= 0:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        if value < scale * 2:
-            raise ValueError(f"`{name}` must be at least {scale * 2} pixels, got {value}")
-    if not is_int(call.num_inference_steps) or call.num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an int >= 1, got {call.num_inference_steps!r}")
+        if not scale * 2 <= value <= MAX_CALL_SIDE:
+            raise ValueError(f"`{name}` must be in [{scale * 2}, {MAX_CALL_SIDE}] pixels, got {value}")
+    steps = call.num_inference_steps
+    if not is_int(steps) or not 1 <= steps <= MAX_CALL_STEPS:
+        raise ValueError(f"`num_inference_steps` must be an int in [1, {MAX_CALL_STEPS}], got {steps!r}")
     if call.sigmas is not None:
         values = np.asarray(call.sigmas, dtype=np.float64) if len(call.sigmas) else np.zeros(0)
         if values.ndim != 1 or values.size == 0 or not np.all((values > 0) & (values <= 1)):
@@ -124,6 +176,7 @@ def check_call(call: PipelineCall, height: Any, width: Any, model: ModelShape) -
         )
     if call.callback_on_step_end is not None and not callable(call.callback_on_step_end):
         raise TypeError("`callback_on_step_end` must be callable")
+    _check_generator(call.generator)
     extra_kwargs = sorted(set(call.joint_attention_kwargs or {}) - {"scale"})
     if extra_kwargs:
         raise ValueError(
@@ -135,19 +188,28 @@ def check_call(call: PipelineCall, height: Any, width: Any, model: ModelShape) -
     if image is None and call.masked_image_latents is None:
         raise ValueError("`image` and `mask_image` are required (or pass `masked_image_latents`)")
     if image is not None:
-        image = load_image_input(image, "image")
+        image = load_image_input(image, "image", max_megapixels=max_megapixels)
         check_image_values(image, "image")
     if mask_image is not None:
-        mask_image = bools_to_float(load_image_input(mask_image, "mask_image"))
+        mask_image = load_image_input(mask_image, "mask_image", mask=True, max_megapixels=max_megapixels)
+        mask_image = bools_to_float(mask_image)
         check_image_values(mask_image, "mask_image", unit_range=True)
+    if image is not None and mask_image is not None:
+        check_mask_fits_image(image, mask_image)
 
-    total = _prompt_batch(call) * call.num_images_per_prompt
+    total = _prompt_batch(call, model) * call.num_images_per_prompt
+    if total > MAX_CALL_BATCH:
+        raise ValueError(
+            f"prompts x `num_images_per_prompt` = {total} images in one call; at most {MAX_CALL_BATCH}"
+        )
     if isinstance(call.generator, list) and len(call.generator) != total:
         raise ValueError(
             f"`generator` is a list of {len(call.generator)} generators, but the effective batch size "
             f"(prompts x num_images_per_prompt) is {total}; pass one generator per image"
         )
     seq_len = image_seq_len(height, width, scale)
+    for name in ("latents", "masked_image_latents"):
+        check_finite_tensor(name, getattr(call, name))
     latents = call.latents
     if latents is not None:
         expected = (total, seq_len, model.out_channels)
@@ -178,27 +240,56 @@ def check_call(call: PipelineCall, height: Any, width: Any, model: ModelShape) -
     )
 
 
-def _prompt_batch(call: PipelineCall) -> int:
-    prompt = call.prompt
-    if isinstance(prompt, str):
-        batch = 1
-    elif prompt is not None:
-        if len(prompt) == 0 or not all(isinstance(p, str) for p in prompt):
-            raise ValueError("`prompt` must be a string or a non-empty list of strings")
-        batch = len(prompt)
-    else:
-        if not isinstance(call.prompt_embeds, torch.Tensor) or call.prompt_embeds.dim() != 3:
+def _check_generator(generator: Any) -> None:
+    items = generator if isinstance(generator, list) else [generator]
+    if generator is None or all(isinstance(g, torch.Generator) for g in items):
+        return
+    raise TypeError(
+        "`generator` must be a torch.Generator, a list of them (one per image) or None, got "
+        f"{type(generator).__name__}; for a seed, pass torch.Generator('cpu').manual_seed(seed)"
+    )
+
+
+def _prompts(name: str, value: Any) -> int | None:
+    """How many prompts ``value`` holds (``None`` for no prompt), after checking each one."""
+    if value is None:
+        return None
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"`{name}` must be a string or a non-empty list of strings")
+    for text in prompts:
+        check_text(name, text)
+    return len(prompts)
+
+
+def _prompt_batch(call: PipelineCall, model: ModelShape) -> int:
+    batch = _prompts("prompt", call.prompt)
+    batch_2 = _prompts("prompt_2", call.prompt_2)
+    if batch is not None and batch_2 is not None and batch_2 != batch:
+        raise ValueError(f"`prompt_2` holds {batch_2} prompts for {batch} `prompt`s: give one per prompt")
+    embeds, pooled = call.prompt_embeds, call.pooled_prompt_embeds
+    if batch is None:
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
             raise ValueError("`prompt_embeds` must be a tensor [batch, sequence, dim]")
-        batch = call.prompt_embeds.shape[0]
-    pooled = call.pooled_prompt_embeds
-    if call.prompt_embeds is not None and (
-        not isinstance(pooled, torch.Tensor)
-        or pooled.dim() != 2
-        or pooled.shape[0] != call.prompt_embeds.shape[0]
-    ):
+        batch = embeds.shape[0]
+    if embeds is None:
+        return batch
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != embeds.shape[0]:
         raise ValueError(
             "`pooled_prompt_embeds` must be a tensor [batch, dim] with the same batch as `prompt_embeds`"
         )
+    if embeds.shape[-1] != model.joint_attention_dim:
+        raise ValueError(
+            f"`prompt_embeds` must be T5 embeddings of width {model.joint_attention_dim}, got width "
+            f"{embeds.shape[-1]} (shape {tuple(embeds.shape)})"
+        )
+    if pooled.shape[-1] != model.pooled_projection_dim:
+        raise ValueError(
+            f"`pooled_prompt_embeds` must be CLIP pooled embeddings of width {model.pooled_projection_dim}, "
+            f"got width {pooled.shape[-1]}"
+        )
+    check_finite_tensor("prompt_embeds", embeds)
+    check_finite_tensor("pooled_prompt_embeds", pooled)
     return batch
 
 
@@ -224,21 +315,23 @@ def _checked_size(name: str, value: Any) -> int:
     return int(value) // SIZE_MULTIPLE * SIZE_MULTIPLE
 
 
-def _single_image(value: Any, name: str, mode: str) -> Any:
-    loaded = load_image_input(value, name)
+def _single_image(value: Any, name: str, mode: str, max_megapixels: float) -> Any:
+    loaded = load_image_input(value, name, mask=mode == "L", max_megapixels=max_megapixels)
     check_image_values(loaded, name, unit_range=True)
     return to_pil(loaded, name, mode)
 
 
-def check_fill_request(request: FillRequest) -> FillRequest:
-    """A checked copy of ``request``: images opened, the mask one-channel, the size floored, the seed
-    chosen (``None`` draws one)."""
+def check_fill_request(request: FillRequest, max_megapixels: float = MAX_INPUT_MEGAPIXELS) -> FillRequest:
+    """A checked copy of ``request``: images opened as a viewer shows them, the mask one-channel, the
+    size floored, the seed chosen (``None`` draws one)."""
     if not isinstance(request.prompt, str):
         raise TypeError(f"`prompt` must be a string, got {type(request.prompt).__name__}")
+    check_text("prompt", request.prompt)
     if request.image is None or request.mask is None:
         raise ValueError("`image` and `mask` are both required")
-    image = _single_image(request.image, "image", mode="RGB")
-    mask = _single_image(request.mask, "mask", mode="L")
+    image = _single_image(request.image, "image", "RGB", max_megapixels)
+    mask = _single_image(request.mask, "mask", "L", max_megapixels)
+    check_mask_fits_image(image, mask, "mask")
     width = _checked_size("width", image.width if request.width is None else request.width)
     height = _checked_size("height", image.height if request.height is None else request.height)
     check_int_range("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
