@@ -1,29 +1,37 @@
 """The optional native kernel library (``CMakeLists.txt``, ``kernels/csrc``): build it with CMake, load it,
-and hold its ops to their pure-torch definitions.
+and hold its ops to their pure-torch definitions; and the loader's build stamp check.
 
 ``fill_cond`` must equal ``fluxfill_engine.conditioning.fill_conditioning`` bit for bit (it only moves data
 and casts). ``qk_norm_rope`` must equal ``F.rms_norm`` in float32 + ``apply_rope`` + ``transpose(1, 2)``:
 within 1e-5 in float32, and within the tolerance table of ``fluxfill_kernels.tolerances`` against the fp32
-reference in half precision. The library is built once per session into a temporary folder (one
-translation unit: about 10-15 s on two cores); the tests skip, saying why, only when there is no CMake or
-no C++ compiler. CUDA kernels are compiled when torch has CUDA, and tested here when a GPU is present.
+reference in half precision. The library is built once per test process (each xdist worker builds its
+own) into a fresh temporary folder (one translation unit: about 10-15 s on two cores), and the tests load
+that build, never a library lying in the package folder; they skip, saying why, only when there is no
+CMake or no C++ compiler. CUDA kernels are compiled when torch has CUDA, and tested here when a GPU is
+present. Copies of the build with an edited or missing stamp check that the loader refuses a library
+built for another torch and that the ops then run their references.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-import warnings
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fluxfill_kernels import native
+from fluxfill_kernels.fill_cond import fill_cond_ref
+from fluxfill_kernels.qk_norm_rope import qk_norm_rope_ref
 from fluxfill_kernels.tolerances import assert_matches_reference
 
 from fluxfill_engine.conditioning import fill_conditioning
@@ -89,15 +97,26 @@ def _registered() -> bool:
     return True
 
 
+# A process holds one fluxfill_native library (loading a second aborts it), and the first fluxfill op
+# that any test of this process calls would load the package's own, possibly stale, in-place build
+# (kernels/fluxfill_kernels/_C.so). Settle the loader's default decision as "nothing" when this module is
+# collected, before any test runs, so that the fixture below loads the fresh build; until it does, the
+# ops run their references, which the other kernel tests accept.
+if native.loaded_path() is None and not _registered():
+    native._state = native._State(loaded=False, reason="tests/test_native.py loads the library it builds")
+
+
 @dataclass
 class Built:
     path: Path
+    stamp: dict[str, Any]  # its build stamp
     cuda: bool  # whether the CUDA kernels were compiled (torch has CUDA and CMake found nvcc)
 
 
 @pytest.fixture(scope="session")
-def native_library(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """Configure and build the library with CMake (Release) into a temporary folder and load it."""
+def fresh_build(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """Configure and build the library with CMake (Release) into a fresh temporary folder (once per
+    process: under xdist each worker has its own temporary root, so workers never share a build)."""
     cmake, cxx = _cmake(), _cxx_compiler()
     if cmake is None:
         pytest.skip("cmake is not installed (pip install cmake): cannot build the native kernel library")
@@ -124,29 +143,32 @@ def native_library(tmp_path_factory: pytest.TempPathFactory) -> Built:
         [cmake, "--build", str(build), "-j2"],
     ]
     start = time.perf_counter()
-    outputs = []
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             pytest.fail(
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
             )
-        outputs.append(result.stdout)
     print(f"\nbuilt the native kernel library in {time.perf_counter() - start:.1f} s")  # visible with -s
-    library = build / "_C.so"
+    library, stamp = build / "_C.so", native.stamp_path(build / "_C.so")
     assert library.is_file(), f"the build wrote no {library}"
-    if _registered():
-        # A library (the package's own kernels/fluxfill_kernels/_C.so, loaded by a fluxfill op earlier in this
-        # session) already owns the namespace; a second one cannot be loaded, so the tests check that one.
-        warnings.warn(
-            "fluxfill_native was already loaded in this process (the package's _C.so); testing that library "
-            "instead of the fresh build; rebuild it (cmake --build build-native) if the sources changed",
-            stacklevel=1,
-        )
-        assert native.load(), "fluxfill_native ops are registered but fluxfill_kernels.native cannot load"
-        return Built(library, native.available("fill_cond", "cuda"))
-    assert native.load(library)
-    return Built(library, "CUDA kernels: ON" in outputs[0])
+    assert stamp.is_file(), f"the build wrote no build stamp {stamp} beside {library}"
+    data = json.loads(stamp.read_text())
+    return Built(library, data, data["cuda_kernels"])
+
+
+@pytest.fixture(scope="session")
+def native_library(fresh_build: Built) -> Built:
+    """The fresh build, loaded into this process through ``native.load`` (which checks its stamp)."""
+    if native.loaded_path() != fresh_build.path:
+        if _registered():
+            holder = native.loaded_path() or "a library loaded outside fluxfill_kernels.native"
+            pytest.fail(
+                f"the fluxfill_native ops were registered in this process (by {holder}) before the fresh "
+                f"build {fresh_build.path} could be loaded; these tests must check the fresh build"
+            )
+        assert native.load(fresh_build.path), native.unavailable_reason()
+    return fresh_build
 
 
 @pytest.fixture
@@ -159,12 +181,163 @@ def ops(native_library: Built, request: pytest.FixtureRequest):
 
 
 def test_library_registers_the_ops(native_library: Built) -> None:
-    if torch.version.cuda is None:
-        assert not native_library.cuda  # CUDA sources are compiled only when torch has CUDA
     for op in ("fill_cond", "qk_norm_rope"):
         assert native.available(op, "cpu")
         assert native.available(op, "cuda") == native_library.cuda
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fluxfill_native::{op}", "Meta")
+
+
+# ---- the build stamp -------------------------------------------------------------------------------
+
+REBUILD_HINTS = ("cmake -S . -B build-native", "cmake --build build-native", "FLUXFILL_NATIVE=0")
+
+
+@pytest.fixture
+def undecided(monkeypatch: pytest.MonkeyPatch) -> native._State:
+    """A loader that has decided nothing yet; this process's decision comes back after the test."""
+    state = native._State()
+    monkeypatch.setattr(native, "_state", state)
+    return state
+
+
+def _copy_build(built: Built, folder: Path, stamp: dict[str, Any] | str | None) -> Path:
+    """``built``'s library copied into ``folder``, beside ``stamp`` (a dict as JSON, a str as is, or none)."""
+    library = folder / "_C.so"
+    shutil.copyfile(built.path, library)
+    if isinstance(stamp, dict):
+        native.stamp_path(library).write_text(json.dumps(stamp))
+    elif isinstance(stamp, str):
+        native.stamp_path(library).write_text(stamp)
+    return library
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == native.__name__ and r.levelno == logging.WARNING
+    ]
+
+
+def _assert_ops_run_their_references() -> None:
+    """The ``fluxfill`` CPU ops give their references' results without calling ``fluxfill_native``."""
+
+    def refused(*args: Any) -> None:
+        raise AssertionError("a fluxfill op called the refused native library")
+
+    gen = torch.Generator().manual_seed(11)
+    latents, mask = torch.randn(1, 16, 4, 6, generator=gen), torch.rand(1, 1, 32, 48, generator=gen)
+    q, k = _fused_qk(1, 21, 16, torch.float32, gen)
+    w = _norm_weight("[2, D]", 16, torch.float32, gen)
+    cos, sin = _rope_table(21, 16, gen)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torch.ops, "fluxfill_native", types.SimpleNamespace(fill_cond=refused, qk_norm_rope=refused)
+        )
+        fill = torch.ops.fluxfill.fill_cond(latents, mask, 8)
+        q_out, k_out = torch.ops.fluxfill.qk_norm_rope(q, k, w, w[1], cos, sin, 5, EPS)
+    assert torch.equal(fill, fill_cond_ref(latents, mask, 8))
+    q_ref, k_ref = qk_norm_rope_ref(q, k, w, w[1], cos, sin, 5, EPS)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+
+def test_build_stamp_records_the_torch_it_was_built_for(fresh_build: Built) -> None:
+    stamp = fresh_build.stamp
+    assert stamp["torch_version"] == torch.__version__  # the full version, local part ("+cpu", "+cu128") too
+    assert stamp["cxx11_abi"] is bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert stamp["torch_cuda_version"] == torch.version.cuda
+    assert isinstance(stamp["cuda_kernels"], bool)
+    assert (stamp["nvcc_version"] is not None) == stamp["cuda_kernels"]
+    if torch.version.cuda is None:
+        assert not stamp["cuda_kernels"]  # CUDA sources are compiled only when torch has CUDA
+    assert native.check_stamp(fresh_build.path) is None
+
+
+def test_library_with_matching_stamp_loads(native_library: Built) -> None:
+    assert native.loaded_path() == native_library.path
+    assert native.unavailable_reason() is None
+    assert native.load(native_library.path)  # loading the loaded library again is a no-op
+    assert native.load()  # and so is the default load, once a library is loaded
+    assert native.available("fill_cond", "cpu") and native.available("qk_norm_rope", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("torch_version", "2.5.1+cu121"), ("cxx11_abi", None)],  # None: the other ABI than the running torch's
+    ids=["torch_version", "cxx11_abi"],
+)
+def test_library_built_for_another_torch_is_refused(
+    fresh_build: Built,
+    undecided: native._State,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    field: str,
+    value: Any,
+) -> None:
+    value = (not torch._C._GLIBCXX_USE_CXX11_ABI) if field == "cxx11_abi" else value
+    library = _copy_build(fresh_build, tmp_path, {**fresh_build.stamp, field: value})
+    registered = _registered()
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.load(library) is False
+        assert native.load(library) is False  # asked again: still refused, and warned only once
+    assert _registered() == registered  # nothing was loaded
+    (message,) = _warnings(caplog)
+    built = value if field == "torch_version" else torch.__version__
+    abi = int(value if field == "cxx11_abi" else torch._C._GLIBCXX_USE_CXX11_ABI)
+    running_abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert f"{library} was built for torch {built} (_GLIBCXX_USE_CXX11_ABI={abi})" in message
+    assert f"this process runs torch {torch.__version__} (_GLIBCXX_USE_CXX11_ABI={running_abi})" in message
+    assert all(hint in message for hint in REBUILD_HINTS), message
+    assert native.unavailable_reason() is not None and "was built for torch" in native.unavailable_reason()
+    assert not native.available("fill_cond", "cpu") and not native.available("qk_norm_rope", "cpu")
+    _assert_ops_run_their_references()
+
+
+@pytest.mark.parametrize(
+    ("stamp", "match"),
+    [
+        (None, "has no build stamp (_C.json beside it)"),
+        ("{not json", "cannot be read"),
+        ({"format": 1}, "cannot be read"),
+        ({"library_sha256": "0" * 64}, "is not the file its build stamp"),
+        ({"format": 2}, "is not in the format"),
+    ],
+    ids=["missing", "not-json", "no-fields", "another-file", "another-format"],
+)
+def test_library_without_a_valid_stamp_is_refused(
+    fresh_build: Built,
+    undecided: native._State,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    stamp: dict[str, Any] | str | None,
+    match: str,
+) -> None:
+    if isinstance(stamp, dict) and stamp != {"format": 1}:
+        stamp = {**fresh_build.stamp, **stamp}
+    library = _copy_build(fresh_build, tmp_path, stamp)
+    registered = _registered()
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.load(library) is False
+    assert _registered() == registered
+    (message,) = _warnings(caplog)
+    assert str(library) in message and match in message, message
+    assert all(hint in message for hint in REBUILD_HINTS), message
+    assert match in native.unavailable_reason()
+    _assert_ops_run_their_references()
+
+
+def test_disabled_or_absent_library_is_not_a_warning(
+    undecided: native._State, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``FLUXFILL_NATIVE=0`` and an install without a build are normal: the ops quietly use the references."""
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        monkeypatch.setenv("FLUXFILL_NATIVE", "0")
+        assert native.load() is False
+        assert "FLUXFILL_NATIVE=0" in native.unavailable_reason()
+        monkeypatch.delenv("FLUXFILL_NATIVE")
+        monkeypatch.setattr(native, "_state", native._State())
+        monkeypatch.setattr(native, "library_path", lambda: None)
+        assert not native.available("fill_cond", "cpu")
+        assert native.unavailable_reason().startswith("no native kernel library was built")
+    assert _warnings(caplog) == []
 
 
 # ---- fill_cond ------------------------------------------------------------------------------------
