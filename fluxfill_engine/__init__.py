@@ -18,6 +18,7 @@ _EXPORTS = {
     "FillResult": ".engine",
     "FluxFillEngine": ".engine",
     "FluxFillPipeline": ".pipeline",
+    "LoraSpec": ".lora",
     "PipelineCall": ".call",
     "PipelineResult": ".call",
 }
@@ -29,6 +30,7 @@ __all__ = [
     "FillResult",
     "FluxFillEngine",
     "FluxFillPipeline",
+    "LoraSpec",
     "PipelineCall",
     "PipelineResult",
     "__version__",
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from .call import PipelineCall, PipelineResult
     from .config import EngineConfig
     from .engine import Event, FillRequest, FillResult, FluxFillEngine
+    from .lora import LoraSpec
     from .pipeline import FluxFillPipeline
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS, EngineConfig
-from .limits import MAX_IMAGES, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from .limits import MAX_IMAGES, MAX_LORA_SCALE, MAX_LORAS, MAX_SIZE, MAX_STEPS, MIN_SIZE
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -33,6 +33,27 @@ def demo_inputs(width: int, height: int) -> tuple[PIL.Image.Image, PIL.Image.Ima
     mask = np.zeros((height, width), np.uint8)
     mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 255
     return image, PIL.Image.fromarray(mask)
+
+
+def _outpaint(text: str) -> dict[str, int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--outpaint takes four pixel counts L,T,R,B, got {text!r}")
+    return dict(zip(("left", "top", "right", "bottom"), values, strict=True))
+
+
+def _lora_option(text: str) -> dict[str, Any]:
+    """``PATH[:SCALE]`` -> ``{"path", "scale"}``; a colon not followed by a number belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "scale": float(tail)}
+        except ValueError:
+            pass
+    return {"path": text, "scale": 1.0}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -68,12 +89,59 @@ def _build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--guidance", type=float, default=30.0, help="guidance scale, 0-100 (default: 30)")
     inpaint.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     inpaint.add_argument(
-        "--width", type=int, help=f"output width, {MIN_SIZE}-{MAX_SIZE} (default: the image's, or 512)"
+        "--width", type=int, help=f"output width, {MIN_SIZE}-{MAX_SIZE}, with --height (default: the image's)"
     )
     inpaint.add_argument(
-        "--height", type=int, help=f"output height, {MIN_SIZE}-{MAX_SIZE} (default: the image's, or 512)"
+        "--height",
+        type=int,
+        help=f"output height, {MIN_SIZE}-{MAX_SIZE}, with --width (default: the image's)",
     )
     inpaint.add_argument("--num-images", type=int, default=1, help=f"images, 1-{MAX_IMAGES} (default: 1)")
+    fill = inpaint.add_argument_group("fill options")
+    fill.add_argument(
+        "--no-paste-back",
+        dest="paste_back",
+        action="store_false",
+        help="keep the model's whole picture (default: outside the mask the output is the input's pixels)",
+    )
+    fill.add_argument("--mask-grow", type=int, default=0, help="dilate the mask by N pixels (default: 0)")
+    fill.add_argument(
+        "--mask-blur", type=int, default=0, help="feather the paste-back seam over N pixels (default: 0)"
+    )
+    fill.add_argument(
+        "--soft-mask",
+        action="store_true",
+        help="grey mask levels reach the model (default: threshold at half)",
+    )
+    fill.add_argument(
+        "--crop-to-mask",
+        action="store_true",
+        help="repaint only the box around the mask (with --crop-padding pixels of context), then stitch it in",
+    )
+    fill.add_argument(
+        "--crop-padding", type=int, default=64, help="context around the mask's box (default: 64)"
+    )
+    fill.add_argument(
+        "--outpaint",
+        type=_outpaint,
+        metavar="L,T,R,B",
+        help="grow the canvas by these pixels (left, top, right, bottom) and fill the new area; --mask optional",
+    )
+    fill.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=1.0,
+        help="working resolution when the engine chooses it (default: 1.0, FLUX's training resolution)",
+    )
+    inpaint.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        type=_lora_option,
+        metavar="PATH[:SCALE]",
+        help=f"a LoRA (.safetensors file, or a folder with diffusers' LoRA file) and its scale, "
+        f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (default 1); repeat for up to {MAX_LORAS}",
+    )
     inpaint.add_argument(
         "--preset",
         default="reference",
@@ -189,32 +257,41 @@ _OPTIONS = {
     "guidance_scale": "--guidance",
     "seed": "--seed",
     "num_images": "--num-images",
+    "mask_grow": "--mask-grow",
+    "mask_blur": "--mask-blur",
+    "crop_padding": "--crop-padding",
+    "outpaint": "--outpaint",
+    "max_megapixels": "--max-megapixels",
+    "loras": "--lora",
 }
 
 
 def _with_option(message: str) -> str:
     """``message`` prefixed with the option of the first field it names in backticks."""
     for field, option in _OPTIONS.items():
-        if f"`{field}`" in message:
+        if f"`{field}`" in message or f"`{field}[" in message:
             return f"{option}: {message}"
     return message
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the model loads: one line naming the option.
-    if (args.image is None) != (args.mask is None):
-        raise ValueError("--image and --mask: give both, or neither (to use the built-in demo inputs)")
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask: give --image too (or neither, for the built-in demo inputs)")
+    if args.image is not None and args.mask is None and args.outpaint is None:
+        raise ValueError("--image: give --mask too (it is optional only with --outpaint)")
     for option, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not path.is_file():
             raise ValueError(f"{option}: no such image file: {str(path)!r}")
     paths = _check_output(args.out, args.num_images if isinstance(args.num_images, int) else 1)
     device = _checked_device(args.device)
     from .engine import FillRequest, FluxFillEngine
+    from .lora import lora_label, resolve_lora_file
 
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     config = EngineConfig.preset(args.preset, dtype=dtype)
     if args.image is None:
-        image, mask = demo_inputs(args.width or 512, args.height or 512)
+        image, mask = demo_inputs(512, 512)
         print("No --image/--mask given: painting into a built-in demo gradient with a centred mask.")
     else:
         image, mask = args.image, args.mask
@@ -228,9 +305,20 @@ def run_inpaint(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         num_images=args.num_images,
+        paste_back=args.paste_back,
+        mask_grow=args.mask_grow,
+        mask_blur=args.mask_blur,
+        soft_mask=args.soft_mask,
+        max_megapixels=args.max_megapixels,
+        crop_to_mask=args.crop_to_mask,
+        crop_padding=args.crop_padding,
+        outpaint=args.outpaint,
+        loras=args.loras,
     )
     try:
-        request = request.validated(config.max_input_megapixels)
+        request = request.validated(config.max_input_megapixels, config.max_loras)
+        for index, spec in enumerate(request.loras or ()):  # the files exist: before the model loads
+            resolve_lora_file(spec, lora_label(index, spec))
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise type(err)(_with_option(str(err))) from None
     if args.model is None:
@@ -240,14 +328,24 @@ def run_inpaint(args: argparse.Namespace) -> int:
     else:
         print(f"Loading {args.model} ...")
         engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device, base=args.base)
-    result = engine.run(request, on_event=_StepProgress())
+    try:
+        result = engine.run(request, on_event=_StepProgress())
+    except (ValueError, TypeError, FileNotFoundError) as err:  # a LoRA that does not fit the model
+        raise type(err)(_with_option(str(err))) from None
     for path, picture in zip(paths, result.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         picture.save(path)
     stats = result.stats
-    print(f"wrote {', '.join(map(str, paths))} ({stats['width']}x{stats['height']}, seed {result.seed})")
+    (width, height), (work_w, work_h) = stats["output_size"], stats["working_size"]
+    print(
+        f"wrote {', '.join(map(str, paths))} ({width}x{height}, worked at {work_w}x{work_h}, seed {result.seed})"
+    )
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in result.timings.items())
     print(f"timings: {timings}")
+    loras = stats.get("loras") or {}
+    if loras.get("adapters"):
+        names = ", ".join(f"{a['name']} x{a['scale']:g}" for a in loras["adapters"])
+        print(f"loras: {names} ({loras['strategy']}, load {loras['load_seconds']:.3f}s)")
     return 0
 
 

@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("sdpa", "xformers", "triton", "auto")
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 QUANT_MODES = ("none", "fp8", "fp8-weight", "int8", "int8-weight")
 QUANT_BACKENDS = ("auto", "native", "quanto", "torchao")
+LORA_STRATEGIES = ("auto", "merge", "side")
 # Accepted names of the compute dtypes -> torch attribute names.
 DTYPES: dict[str, str] = {
     "float32": "float32",
@@ -108,6 +109,14 @@ class EngineConfig:
         prompt_cache_size: how many encoded prompts the LRU prompt-embedding cache keeps (0 disables it).
         max_input_megapixels: input images larger than this are refused from their header, before
             they are decoded (decompression bombs, accidental huge files).
+        max_loras: LoRAs one request may name (3, as the hosted FLUX Fill APIs).
+        max_lora_rank: the largest LoRA rank accepted; the compiled side path pads every LoRA slot to
+            it, so set it to the largest rank you serve.
+        lora_strategy: ``"auto"`` (merge into an unquantized transformer, side path beside a quantized
+            one), ``"merge"`` (write the set into the weights: no per-step cost, a cost per switch) or
+            ``"side"`` (an unmerged low-rank path: a per-step cost, no switch cost). See
+            :mod:`fluxfill_engine.lora`.
+        lora_cache_size: how many loaded LoRA files stay in memory (least recently used dropped first).
     """
 
     dtype: str | None = None
@@ -127,6 +136,10 @@ class EngineConfig:
     step_cache_mask_aware: bool = False
     prompt_cache_size: int = 16
     max_input_megapixels: float = 40.0
+    max_loras: int = 3
+    max_lora_rank: int = 128
+    lora_strategy: str = "auto"
+    lora_cache_size: int = 8
 
     def __post_init__(self) -> None:
         check_dtype_name(self.dtype, "EngineConfig.dtype")
@@ -166,6 +179,16 @@ class EngineConfig:
         limit = self.max_input_megapixels
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < math.inf:
             raise ValueError(f"EngineConfig.max_input_megapixels must be a finite number > 0, got {limit!r}")
+        for name, low in (("max_loras", 0), ("max_lora_rank", 1), ("lora_cache_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"EngineConfig.{name} must be an int, got {value!r}")
+            if value < low:
+                raise ValueError(f"EngineConfig.{name} must be >= {low}, got {value}")
+        if self.lora_strategy not in LORA_STRATEGIES:
+            raise ValueError(
+                f"EngineConfig.lora_strategy must be one of {list(LORA_STRATEGIES)}, got {self.lora_strategy!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype | None:  # noqa: F821 (torch is imported for type checking only)

@@ -8,6 +8,7 @@ the seed used, per-stage timings and stats, and reports lifecycle :class:`Event`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,12 +22,15 @@ import torch
 
 from .call import PipelineCall
 from .config import EngineConfig, parse_dtype
-from .limits import MAX_INPUT_MEGAPIXELS, MAX_SEQUENCE_LENGTH
+from .framing import make_frame
+from .limits import MAX_INPUT_MEGAPIXELS, MAX_LORAS, MAX_SEQUENCE_LENGTH
+from .lora import LoraSpec
 from .pipeline import FluxFillPipeline
 from .validation import check_fill_request
 
 if TYPE_CHECKING:
     from .call import ImageInput
+    from .lora import AdapterSet
 
 
 @dataclass(frozen=True)
@@ -60,32 +64,65 @@ class FillRequest:
 
     Attributes:
         prompt: what to paint into the masked area.
-        image: a PIL image, numpy ``[H, W, C]`` or tensor ``[C, H, W]`` in [0, 1], or a file path.
-        mask: white (1) = repaint, black (0) = keep; any of the image types, converted to one channel.
-        width, height: output size, 256-1536, floored to a multiple of 16; ``None`` = the image's size.
+        image: a PIL image, numpy ``[H, W, C]`` or tensor ``[C, H, W]`` in [0, 1], or a file path; any
+            size (see ``max_megapixels``).
+        mask: white (1) = repaint, black (0) = keep; any of the image types, converted to one channel
+            (the rule is in :mod:`.images`). Optional with ``outpaint``.
+        width, height: the output size, 256-1536 each (both or neither); ``None``: the output has the
+            input's size (grown by ``outpaint``), whatever it is.
         num_inference_steps: 1-100.
         guidance_scale: the distilled guidance value, finite, 0-100 (FLUX Fill is tuned for 30).
         seed: an int in [0, 2**64); ``None`` picks a random one, reported in the result.
         num_images: 1-8 images for this prompt.
+        paste_back: outside the (grown) mask the output is the input's pixels exactly; across the border
+            a blend over ``mask_blur`` pixels. ``False``: the model's whole picture (or region).
+        mask_grow: dilate the mask by this many pixels (of the output), 0-256, before the model sees it.
+        mask_blur: feather the paste-back seam over this many pixels on each side, 0-128.
+        soft_mask: grey mask levels reach the model (the masked image is ``image * (1 - mask)`` and the
+            mask channels carry the grey values) instead of being thresholded at 0.5.
+        max_megapixels: the working resolution when the engine chooses it (no ``width``/``height``, or
+            ``crop_to_mask``): about this many megapixels, aspect kept, sides multiples of 16 in
+            256-1536. 0.065-2.36; default 1.0, FLUX's training resolution.
+        crop_to_mask: repaint only the box around the mask, padded by ``crop_padding`` pixels of context,
+            at the working resolution, and stitch it back: a small mask in a large photo costs a
+            fraction of the full-frame work and gets more detail.
+        crop_padding: context pixels around the mask's box with ``crop_to_mask``, 0-1024.
+        outpaint: ``{"left", "top", "right", "bottom"}`` pixels (0-2048 each) to grow the canvas by; the
+            new area (and ``mask_grow`` pixels of overlap) is filled, the original kept.
+        loras: at most ``EngineConfig.max_loras`` (3) LoRAs, each ``{"path": ..., "scale": ...}`` or a
+            :class:`~.lora.LoraSpec`: a local ``.safetensors`` file (any format diffusers reads) or a
+            folder holding diffusers' ``pytorch_lora_weights.safetensors``; ``scale`` finite in [-4, 4]
+            (default 1). Checked against the model before any work; see :mod:`.lora`.
     """
 
     prompt: str
     image: ImageInput
-    mask: ImageInput
+    mask: ImageInput | None = None
     width: int | None = None
     height: int | None = None
     num_inference_steps: int = 28
     guidance_scale: float = 30.0
     seed: int | None = None
     num_images: int = 1
+    paste_back: bool = True
+    mask_grow: int = 0
+    mask_blur: int = 0
+    soft_mask: bool = False
+    max_megapixels: float = 1.0
+    crop_to_mask: bool = False
+    crop_padding: int = 64
+    outpaint: dict[str, int] | None = None
+    loras: Sequence[LoraSpec | dict[str, Any]] | None = None
 
-    def validated(self, max_input_megapixels: float = MAX_INPUT_MEGAPIXELS) -> FillRequest:
+    def validated(
+        self, max_input_megapixels: float = MAX_INPUT_MEGAPIXELS, max_loras: int = MAX_LORAS
+    ) -> FillRequest:
         """A checked copy: images opened as a viewer shows them, the mask one-channel, the size floored,
         the seed chosen.
 
         Raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the field and what is allowed.
         """
-        return check_fill_request(self, max_input_megapixels)
+        return check_fill_request(self, max_input_megapixels, max_loras)
 
 
 @dataclass
@@ -94,7 +131,9 @@ class FillResult:
 
     ``timings`` are seconds per stage: ``text_encode``, ``vae_encode``, ``denoise``, ``decode``, ``total``.
     ``stats`` holds the resolved request (size, steps, image tokens), ``prompt_cache_hit``, the step
-    cache's ``steps_full`` / ``steps_cached`` / ``step_cache`` and the configuration (``preset_fields``).
+    cache's ``steps_full`` / ``steps_cached`` / ``step_cache``, the configuration (``preset_fields``) and
+    ``loras``: the LoRAs applied (``adapters``: name, scale, rank, layers, cached, load_seconds), the
+    ``strategy`` (``merge``/``side``), ``load_seconds``, ``switched`` and ``switch_seconds``.
     """
 
     images: list[PIL.Image.Image]
@@ -190,10 +229,15 @@ class FluxFillEngine:
         return self.pipeline._execution_device
 
     def warmup(
-        self, sizes: Sequence[tuple[int, int]] = ((1024, 1024),), num_inference_steps: int = 2
+        self,
+        sizes: Sequence[tuple[int, int]] = ((1024, 1024),),
+        num_inference_steps: int = 2,
+        loras: Sequence[LoraSpec | dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Run one short request per ``(width, height)`` so compilation (and ``auto`` attention timing)
         happens before the first real request; then save the compile cache if one is configured.
+        With ``loras`` (any set), each size also runs with it, then without, so a compiled engine has
+        compiled its LoRA side path too (switching sets later compiles nothing).
 
         Returns ``{"seconds": {"WxH": s, ...}, "compile_cache": what was saved or None}``.
         """
@@ -205,6 +249,9 @@ class FluxFillEngine:
             request = FillRequest("warm-up", image, mask, width, height, num_inference_steps, seed=0)
             start = time.perf_counter()
             self.run(request)
+            if loras:
+                self.run(dataclasses.replace(request, loras=loras))
+                self.run(request)
             seconds[f"{width}x{height}"] = time.perf_counter() - start
         saved = None
         if self.config.compile and self.config.compile_cache_dir is not None:
@@ -238,6 +285,7 @@ class FluxFillEngine:
             "attention": self.config.attention,
             "fused_kernels": self.config.fused_kernels,
             "native_kernels_loaded": native.available("fill_cond", "cpu"),
+            "native_kernels_unavailable": native.unavailable_reason(),
         }
         if isinstance(fill.attention, AutoAttention):
             info["auto_attention_choices"] = {str(k): v for k, v in fill.attention.choices.items()}
@@ -256,9 +304,10 @@ class FluxFillEngine:
             raise TypeError(f"`on_event` must be callable (it receives Event objects), got {on_event!r}")
         emit = on_event or (lambda event: None)
         try:
-            request = request.validated(self.config.max_input_megapixels)
+            request = request.validated(self.config.max_input_megapixels, self.config.max_loras)
+            loras = self.pipeline.load_engine_loras(request.loras)  # files read and checked: no work yet
             emit(Event("accepted"))
-            result = self._run(request, emit)
+            result = self._run(request, emit, loras)
         except BaseException as err:
             _closing_error(emit, err)
             raise
@@ -268,7 +317,7 @@ class FluxFillEngine:
             logger.exception("on_event raised on the `done` event; the finished result is returned")
         return result
 
-    def _run(self, request: FillRequest, emit: EventHandler) -> FillResult:
+    def _run(self, request: FillRequest, emit: EventHandler, loras: AdapterSet | None = None) -> FillResult:
         public = {"preprocess_start", "preprocess_end", "decode_start", "decode_end"}
 
         def on_stage(name: str, step: int | None = None, total: int | None = None) -> None:
@@ -277,12 +326,28 @@ class FluxFillEngine:
             elif name in public:
                 emit(Event(name))
 
+        start = time.perf_counter()
+        size = None if request.width is None else (request.width, request.height)
+        frame = make_frame(
+            request.image,
+            request.mask,
+            size,
+            request.outpaint,
+            request.mask_grow,
+            request.mask_blur,
+            request.crop_to_mask,
+            request.crop_padding,
+            request.max_megapixels,
+            request.soft_mask,
+        )
+        image, mask = frame.model_inputs()
+        width, height = frame.working_size
         call = PipelineCall(
             prompt=request.prompt,
-            image=request.image,
-            mask_image=request.mask,
-            height=request.height,
-            width=request.width,
+            image=image,
+            mask_image=mask,
+            height=height,
+            width=width,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=float(request.guidance_scale),
             num_images_per_prompt=request.num_images,
@@ -290,11 +355,17 @@ class FluxFillEngine:
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
         with self._lock:
-            result = self.pipeline.generate(call, on_stage=on_stage)
+            self.pipeline.set_engine_loras(loras)
+            result = self.pipeline.generate(call, on_stage=on_stage, soft_mask=request.soft_mask)
+        images = [frame.compose(picture, request.paste_back, request.mask_blur) for picture in result.images]
+        timings = {**result.timings, "total": time.perf_counter() - start}
         stats = {
             **result.stats,
+            "working_size": frame.working_size,
+            "output_size": frame.canvas.size,
+            "region": frame.region,
             "num_inference_steps": request.num_inference_steps,
             "num_images": request.num_images,
             "preset_fields": self.config.describe(),
         }
-        return FillResult(images=list(result.images), seed=request.seed, timings=result.timings, stats=stats)
+        return FillResult(images=images, seed=request.seed, timings=timings, stats=stats)

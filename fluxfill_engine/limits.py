@@ -14,3 +14,17 @@ MAX_INPUT_MEGAPIXELS = 40.0  # input images above this are refused from their he
 MAX_CALL_SIDE = 8192
 MAX_CALL_STEPS = 1000
 MAX_CALL_BATCH = 64  # prompts x num_images_per_prompt
+
+# Fill options (pixels of the output unless said otherwise).
+MAX_MASK_GROW = 256
+MAX_MASK_BLUR = 128
+MAX_CROP_PADDING = 1024
+MAX_OUTPAINT = 2048
+# The working resolution the engine may choose: a 256x256 to a 1536x1536 square's area.
+MIN_WORKING_MEGAPIXELS = 0.065
+MAX_WORKING_MEGAPIXELS = 2.36
+
+# LoRAs of a request: at most 3 (EngineConfig.max_loras's default, as the hosted FLUX Fill APIs); scales
+# beyond 4 are typos or noise (1.0 is the LoRA as trained).
+MAX_LORAS = 3
+MAX_LORA_SCALE = 4.0

@@ -17,6 +17,7 @@ Shapes: B batch, L image tokens, S text tokens, D model width (3072), H heads, D
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from .layers import (
     shares_storage,
     timestep_embedding,
 )
+from .lora import LoraController, LoraLinear, LoraSlot, base_layer
 from .quantization import QuantPlan, quantize_linear
 
 if TYPE_CHECKING:
@@ -54,6 +56,28 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
 Source = tuple[nn.Module, str]  # (parent module in the diffusers tree, attribute name)
 
 
+def _agrees(mine: nn.Module, sources: list[Source]) -> bool:
+    """Whether an engine layer still computes what its diffusers source layers hold: the same module
+    (under any LoRA wrapper), slices of the same quantized module, or views of the same fused weight."""
+    mine = base_layer(mine)
+    current = [base_layer(getattr(*source)) for source in sources]
+    if len(current) == 1:
+        return current[0] is mine
+    if all(isinstance(layer, RowSlice) for layer in current):
+        return all(layer.fused is mine for layer in current)
+    return isinstance(mine, nn.Linear) and shares_storage(mine, current)
+
+
+def _engine_view(module: nn.Module | None) -> nn.Module | None:
+    """A shallow copy of a small diffusers container (a time or text embedder) holding the same layers,
+    so the engine can give its linears a LoRA side path without changing the diffusers module."""
+    if module is None:
+        return None
+    view = copy.copy(module)
+    view._modules = {name: base_layer(child) for name, child in module._modules.items()}
+    return view
+
+
 class SharedLinearsBlock(nn.Module):
     """An engine block whose linear layers are the diffusers block's: shared, or fused from several.
 
@@ -65,31 +89,23 @@ class SharedLinearsBlock(nn.Module):
         super().__init__()
         self.linear_sources: dict[str, list[Source]] = {}
 
+    # A diffusers layer may be wrapped by peft (diffusers' LoRA mixin): the engine holds the layer under
+    # the wrapper and runs the adapters itself (see .lora).
     def _share(self, name: str, source: Source) -> None:
-        setattr(self, name, getattr(*source))
+        setattr(self, name, base_layer(getattr(*source)))
         self.linear_sources[name] = [source]
 
     def _fuse(self, name: str, sources: list[Source]) -> None:
-        setattr(self, name, fuse_linears([getattr(*source) for source in sources]))
+        setattr(self, name, fuse_linears([base_layer(getattr(*source)) for source in sources]))
         self.linear_sources[name] = sources
 
     def linears_in_sync(self) -> bool:
-        for name, sources in self.linear_sources.items():
-            mine, current = getattr(self, name), [getattr(*source) for source in sources]
-            if len(current) == 1:
-                in_sync = current[0] is mine
-            elif all(isinstance(layer, RowSlice) for layer in current):
-                in_sync = all(layer.fused is mine for layer in current)
-            else:
-                in_sync = isinstance(mine, nn.Linear) and shares_storage(mine, current)
-            if not in_sync:
-                return False
-        return True
+        return all(_agrees(getattr(self, name), sources) for name, sources in self.linear_sources.items())
 
     def quantize(self, plan: QuantPlan) -> None:
         """Replace every linear with its quantized version, here and in the diffusers module."""
         for name, sources in self.linear_sources.items():
-            quantized = quantize_linear(getattr(self, name), plan)
+            quantized = quantize_linear(base_layer(getattr(self, name)), plan)
             setattr(self, name, quantized)
             if len(sources) == 1:
                 setattr(*sources[0], quantized)
@@ -221,38 +237,75 @@ class FillTransformer(nn.Module):
         self.axes_dims_rope = tuple(config.axes_dims_rope)
         self.noise_channels = config.out_channels or config.in_channels
         # The split input projection slices x_embedder's weight at use (free views, never stale).
-        self.x_embedder = transformer.x_embedder
-        self.context_embedder = transformer.context_embedder
+        self.x_embedder = base_layer(transformer.x_embedder)
+        self.context_embedder = base_layer(transformer.context_embedder)
         embed = transformer.time_text_embed
-        self.timestep_embedder = embed.timestep_embedder
-        self.guidance_embedder = getattr(embed, "guidance_embedder", None)
-        self.text_embedder = embed.text_embedder
+        self.timestep_embedder = _engine_view(embed.timestep_embedder)
+        self.guidance_embedder = _engine_view(getattr(embed, "guidance_embedder", None))
+        self.text_embedder = _engine_view(embed.text_embedder)
         self.double_blocks = nn.ModuleList([DoubleStreamBlock(b) for b in transformer.transformer_blocks])
         self.single_blocks = nn.ModuleList(
             [SingleStreamBlock(b) for b in transformer.single_transformer_blocks]
         )
-        self.norm_out = transformer.norm_out.linear
-        self.proj_out = transformer.proj_out
+        self.norm_out = base_layer(transformer.norm_out.linear)
+        self.proj_out = base_layer(transformer.proj_out)
+        # The layers outside the blocks: (engine owner, attribute) -> the diffusers source.
+        self.outer_sources: dict[tuple[nn.Module, str], Source] = {
+            (self, "x_embedder"): (transformer, "x_embedder"),
+            (self, "context_embedder"): (transformer, "context_embedder"),
+            (self, "norm_out"): (transformer.norm_out, "linear"),
+            (self, "proj_out"): (transformer, "proj_out"),
+        }
+        for name in ("timestep_embedder", "guidance_embedder", "text_embedder"):
+            view = getattr(self, name)
+            if view is None:
+                continue
+            for child, layer in view.named_children():
+                if isinstance(layer, nn.Linear):
+                    self.outer_sources[(view, child)] = (getattr(embed, name), child)
         self._source_params = self._parameter_ids(transformer)
         self._quant_plan: QuantPlan | None = None
         self._compile_settings: tuple[str, bool] | None = None
         self.set_attention(attention, fused_kernels)
+        self.lora = LoraController(self._lora_slots(transformer))
 
     @staticmethod
     def _parameter_ids(module: nn.Module) -> tuple[int, ...]:
         # The engine holds every source parameter object, so none can be freed and its id reused.
-        return tuple(id(p) for p in module.parameters())
+        # LoRA weights of diffusers' adapters come and go without changing the base layers.
+        return tuple(id(p) for name, p in module.named_parameters() if "lora_" not in name)
+
+    def _lora_slots(self, transformer: FluxTransformer2DModel) -> list[LoraSlot]:
+        """Every engine linear a LoRA can touch, with the diffusers layer paths it computes."""
+        names = {id(module): name for name, module in transformer.named_modules()}
+
+        def path(source: Source) -> str:
+            parent, attr = source
+            return f"{names[id(parent)]}.{attr}" if names[id(parent)] else attr
+
+        slots = []
+        for prefix, blocks in (("double_blocks", self.double_blocks), ("single_blocks", self.single_blocks)):
+            for index, block in enumerate(blocks):
+                for name, sources in block.linear_sources.items():
+                    rows, start = [], 0
+                    for source in sources:
+                        rows.append((start, start + base_layer(getattr(*source)).out_features))
+                        start = rows[-1][1]
+                    layer = base_layer(getattr(block, name))
+                    key = f"{prefix}.{index}.{name}"
+                    paths = tuple(path(s) for s in sources)
+                    slots.append(LoraSlot(key, block, name, paths, tuple(rows), layer.in_features, True))
+        for (owner, attr), source in self.outer_sources.items():
+            layer = base_layer(getattr(owner, attr))
+            rows = ((0, layer.out_features),)
+            slots.append(LoraSlot(path(source), owner, attr, (path(source),), rows, layer.in_features, False))
+        return slots
 
     @classmethod
     def from_diffusers(
         cls, transformer: FluxTransformer2DModel, attention: str = "sdpa", fused_kernels: bool = False
     ) -> FillTransformer:
         """Build from a diffusers ``FluxTransformer2DModel`` (weights shared, QKV fused in place)."""
-        if getattr(transformer, "peft_config", None):
-            raise ValueError(
-                "the transformer has LoRA/PEFT adapters loaded; fluxfill-engine's transformer does not run "
-                "adapters yet. Fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights())."
-            )
         return cls(transformer, attention, fused_kernels).eval().requires_grad_(False)
 
     def set_attention(
@@ -278,7 +331,9 @@ class FillTransformer(nn.Module):
         object was replaced (``module.weight = nn.Parameter(...)``).
         """
         source = self.source[0]
-        if getattr(source, "peft_config", None) or self._parameter_ids(source) != self._source_params:
+        if self._parameter_ids(source) != self._source_params:
+            return False
+        if not all(_agrees(getattr(*mine), [theirs]) for mine, theirs in self.outer_sources.items()):
             return False
         return all(block.linears_in_sync() for block in [*self.double_blocks, *self.single_blocks])
 
@@ -315,6 +370,14 @@ class FillTransformer(nn.Module):
         """
         if self._quant_plan is not None:
             raise ValueError(f"the transformer is already quantized ({self._quant_plan.mode})")
+        if getattr(self.source[0], "peft_config", None):
+            raise ValueError(
+                "the transformer has diffusers LoRA adapters loaded (load_lora_weights), and quantization "
+                "replaces the layers they wrap. Quantize without them (pipe.unload_lora_weights()) and "
+                "give LoRAs to the engine instead (pipe.set_engine_loras(...) or FillRequest.loras), which "
+                "runs them on a quantized transformer"
+            )
+        self.lora.reset()
         for block in [*self.double_blocks, *self.single_blocks]:
             block.quantize(plan)
         self._quant_plan = plan
@@ -352,6 +415,9 @@ class FillTransformer(nn.Module):
         batch = cond.shape[0]
         weight = self.x_embedder.weight
         cond_proj = F.linear(cond.to(dtype), weight[:, self.noise_channels :], self.x_embedder.bias)
+        if isinstance(self.x_embedder, LoraLinear) and self.x_embedder.active:
+            columns = (self.noise_channels, weight.shape[1])
+            cond_proj = cond_proj + self.x_embedder.delta(cond.to(dtype), columns).to(dtype)
         txt = self.text_embedding(prompt_embeds)
         steps = timesteps.shape[0]
         step_t = ((timesteps.to(latents_dtype) / 1000).to(dtype) * 1000).repeat_interleave(batch)
@@ -381,7 +447,11 @@ class FillTransformer(nn.Module):
     # ---- every step --------------------------------------------------------------------------------
 
     def embed(self, latents: torch.Tensor, cond_proj: torch.Tensor) -> torch.Tensor:
-        return F.linear(latents.to(self.dtype), self.x_embedder.weight[:, : self.noise_channels]) + cond_proj
+        latents = latents.to(self.dtype)
+        img = F.linear(latents, self.x_embedder.weight[:, : self.noise_channels]) + cond_proj
+        if isinstance(self.x_embedder, LoraLinear) and self.x_embedder.active:
+            img = img + self.x_embedder.delta(latents, (0, self.noise_channels)).to(img.dtype)
+        return img
 
     def first_block(
         self, img: torch.Tensor, txt: torch.Tensor, temb_act: torch.Tensor, inputs: RequestInputs

@@ -9,12 +9,13 @@ prompt, prepare latents and the fill conditioning, denoise, decode. Unconfigured
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -31,6 +32,15 @@ from .conditioning import (
     unpack_latents,
 )
 from .config import EngineConfig
+from .lora import (
+    AdapterSet,
+    LoraSpec,
+    check_lora_specs,
+    file_set,
+    lora_label,
+    peft_adapter_set,
+    resolve_strategy,
+)
 from .model import FillTransformer
 from .quantization import quantize_text_encoder as quantize_text_encoder_linears
 from .quantization import resolve, weight_bytes
@@ -79,6 +89,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         self.compile_cache: dict[str, Any] | None = None  # what load_compile_cache loaded, if anything
         self.last_stats: dict[str, Any] | None = None  # the drop-in's convenience: the last call's stats
         self._text_encoder_bytes: int | None = None  # T5's weight bytes before it was quantized
+        self._engine_loras: AdapterSet | None = None  # set_engine_loras: the engine's own LoRA set
 
     # ---- configuration and the engine transformer --------------------------------------------------
 
@@ -107,6 +118,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         self.prompt_cache = PromptCache(config.prompt_cache_size)
         dtype = config.torch_dtype
         if dtype is not None and self.transformer.dtype != dtype:
+            self.runtime.release()  # a merged LoRA set leaves the weights before they are cast
             self.transformer.to(dtype)
         if config.quantize_text_encoder and self._text_encoder_bytes is None:
             plan = resolve(config.text_encoder_quant, "native", self._execution_device)
@@ -117,6 +129,76 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if config.quant != "none" or config.compile:
             self.engine_transformer()  # quantize/compile now: memory drops and errors surface here
         return self
+
+    # ---- the engine's own LoRAs ----------------------------------------------------------------------
+
+    def load_engine_loras(self, loras: Sequence[LoraSpec | dict[str, Any] | str] | None) -> AdapterSet | None:
+        """Read and check LoRA files for this model without changing anything (``None`` for none).
+
+        ``loras``: at most ``EngineConfig.max_loras`` items, each a :class:`~.lora.LoraSpec`, a
+        ``{"path", "scale"}`` dict or a path. Every format diffusers reads is read (through its
+        converters); files are cached (``EngineConfig.lora_cache_size``). Raises ``ValueError`` /
+        ``TypeError`` / ``FileNotFoundError`` naming ``loras[i]`` and its path: a missing file, a
+        non-finite scale, a file with no LoRA, a LoRA for another model (its layer shapes).
+        """
+        config = self._engine_config
+        specs = check_lora_specs(loras, config.max_loras)
+        if not specs:
+            return None
+        fill = self.engine_transformer()
+        shapes = fill.lora.shapes()
+        cache = self.runtime.lora_cache(config.lora_cache_size)
+        device = execution_device(self.transformer)
+        files = [
+            cache.load(spec, lora_label(i, spec), shapes, config.max_lora_rank, device, fill.dtype)
+            for i, spec in enumerate(specs)
+        ]
+        return file_set(specs, files)
+
+    def set_engine_loras(
+        self, loras: Sequence[LoraSpec | dict[str, Any] | str] | AdapterSet | None
+    ) -> AdapterSet | None:
+        """Run the following calls with these LoRAs (``None`` or ``[]``: the base model), applied to the
+        engine's own layers with ``EngineConfig.lora_strategy``. Unlike diffusers' adapters
+        (``load_lora_weights``, which also work here), they work on a quantized or compiled pipeline,
+        and switching sets never drifts the base weights. Checked as :meth:`load_engine_loras`."""
+        if not isinstance(loras, AdapterSet):
+            loras = self.load_engine_loras(loras)
+        self._engine_loras = loras
+        return loras
+
+    def _lora_set_for(self, call: PipelineCall) -> tuple[AdapterSet | None, str]:
+        """The set this call runs and how: diffusers' adapters as a side path, or the engine's own."""
+        scale = (call.joint_attention_kwargs or {}).get("scale")
+        scale = 1.0 if scale is None else float(scale)
+        adapters = peft_adapter_set(self.transformer, scale)
+        requested = self._engine_loras
+        if adapters is not None and requested is not None:
+            raise ValueError(
+                "the transformer has diffusers LoRA adapters (load_lora_weights) and engine LoRAs "
+                "(set_engine_loras) at once; use one: pipe.unload_lora_weights() or pipe.set_engine_loras(None)"
+            )
+        if adapters is not None:
+            return adapters, "side"
+        if requested is None:
+            return None, "side"
+        strategy = resolve_strategy(self._engine_config.lora_strategy, self.runtime.quant_plan)
+        return requested.scaled(scale), strategy
+
+    def _activate_loras(self, fill: FillTransformer, call: PipelineCall) -> dict[str, Any]:
+        adapters, strategy = self._lora_set_for(call)
+        config = self._engine_config
+        compiled = fill.compile_settings is not None
+        padded = (config.max_loras, config.max_lora_rank) if compiled and strategy == "side" else None
+        device = execution_device(self.transformer)
+        applied = fill.lora.apply(adapters, strategy, device, fill.dtype, padded)
+        adapters_info = [] if adapters is None else adapters.describe()
+        return {
+            "source": None if adapters is None or not adapters.adapters else adapters.source,
+            "adapters": adapters_info,
+            "load_seconds": sum(a.get("load_seconds", 0.0) for a in adapters_info),
+            **applied,
+        }
 
     def save_compile_cache(self) -> dict[str, Any] | None:
         """Persist this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up)."""
@@ -275,9 +357,12 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         return FluxPipelineOutput(images=result.images) if return_dict else (result.images,)
 
     @torch.no_grad()
-    def generate(self, call: PipelineCall, on_stage: StageHook | None = None) -> PipelineResult:
+    def generate(
+        self, call: PipelineCall, on_stage: StageHook | None = None, soft_mask: bool = False
+    ) -> PipelineResult:
         """Run one call: validate, encode the prompt, prepare latents and the fill conditioning,
-        denoise, decode. ``on_stage`` is told when each stage starts and ends and after every step."""
+        denoise, decode. ``on_stage`` is told when each stage starts and ends and after every step.
+        ``soft_mask``: grey mask levels reach the conditioning instead of diffusers' 0.5 threshold."""
         checked = self._validated(call)
         grid = LatentGrid(checked.total, checked.height, checked.width, self.vae_scale_factor)
         seq_len = image_seq_len(grid.height, grid.width, self.vae_scale_factor)
@@ -328,7 +413,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             given = call.masked_image_latents.to(device=device, dtype=dtype)
             cond = repeat_to_batch(given, grid.batch, "masked_image_latents")
         else:
-            mask = self.mask_processor.preprocess(checked.mask_image, height=grid.height, width=grid.width)
+            processor = self._soft_mask_processor() if soft_mask else self.mask_processor
+            mask = processor.preprocess(checked.mask_image, height=grid.height, width=grid.width)
             fused = self._engine_config.fused_kernels
             cond = masked_image_conditioning(
                 self.vae, init_image, mask, grid, dtype, device, call.generator, fused
@@ -357,6 +443,16 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         }
         return PipelineResult(images=images, latents=latents, stats=stats, timings=timings)
 
+    def _soft_mask_processor(self) -> VaeImageProcessor:
+        """diffusers' mask processor without its binarization."""
+        return VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor * 2,
+            vae_latent_channels=self.latent_channels,
+            do_normalize=False,
+            do_binarize=False,
+            do_convert_grayscale=True,
+        )
+
     def _validated(self, call: PipelineCall) -> CheckedCall:
         """The engine's checks (types, ranges, images read as a viewer shows them), then diffusers' own
         (its messages for the rest). 0 is rejected, not taken as a default."""
@@ -364,6 +460,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         height = default if call.height is None else call.height
         width = default if call.width is None else call.width
         check_strength(call.strength)
+        self._lora_set_for(call)  # diffusers' and the engine's LoRAs at once: refused before any work
         model = ModelShape.of(self.transformer.config, self.vae_scale_factor)
         checked = check_call(call, height, width, model, self._engine_config.max_input_megapixels)
         self.check_inputs(
@@ -400,6 +497,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if hook is not None:
             hook.pre_forward(self.transformer)  # model CPU offload: bring the transformer onto the device
         fill = self.engine_transformer()
+        lora_stats = self._activate_loras(fill, call)  # before prepare: embedders may carry LoRAs too
         device = latents.device
         guidance = call.guidance_scale if self.transformer.config.guidance_embeds else None
         timesteps = schedule.timesteps.to(device)
@@ -445,6 +543,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             "steps_full": schedule.num_steps if cache is None else cache_stats["steps_full"],
             "steps_cached": 0 if cache is None else cache_stats["steps_cached"],
             "step_cache": cache_stats,
+            "loras": lora_stats,
         }
         del fill, inputs  # nothing below needs them: an unquantized engine's fused weights can go
         if hook is not None:

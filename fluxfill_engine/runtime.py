@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import EngineConfig
+from .lora import LoraCache, resolve_strategy
 from .model import FillTransformer
 from .quantization import QuantPlan, resolve, weight_bytes
 
@@ -57,6 +58,7 @@ class TransformerRuntime:
         self.transformer = transformer
         self._fill: FillTransformer | None = None
         self.unquantized_bytes: int | None = None  # weight bytes before quantization, once quantized
+        self._lora_cache: LoraCache | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TransformerRuntime:
         # A copied diffusers module gets an empty runtime of its own: it builds its own engine
@@ -82,6 +84,8 @@ class TransformerRuntime:
                 "replaced or cast after quantization); load the model again and configure it once"
             )
         if fill is None or not fill.is_in_sync():
+            if fill is not None:
+                fill.lora.reset()  # a merged LoRA set goes back out of weights the diffusers module may share
             self._fill = None  # release the stale one before building the new one
             if any(p.device.type == "meta" for p in self.transformer.parameters()):
                 raise ValueError(
@@ -92,11 +96,21 @@ class TransformerRuntime:
             self._fill = fill
         if config.quant != "none" and fill.quant_plan is None:
             plan = resolve(config.quant, config.quant_backend, device)
+            resolve_strategy(config.lora_strategy, plan)  # an impossible LoRA strategy: before quantizing
             self.unquantized_bytes = weight_bytes([self.transformer])
             fill.quantize(plan)
         fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None, device)
         fill.set_attention(config.attention, config.fused_kernels, device)
+        resolve_strategy(config.lora_strategy, fill.quant_plan)
         return fill
+
+    def lora_cache(self, capacity: int) -> LoraCache:
+        """The loaded LoRA files of this transformer (checked against its shapes), kept across engine
+        rebuilds; ``capacity`` files at most."""
+        if self._lora_cache is None:
+            self._lora_cache = LoraCache(capacity)
+        self._lora_cache.capacity = capacity
+        return self._lora_cache
 
     def check_change(self, old: EngineConfig, new: EngineConfig) -> None:
         """Refuse a configuration change that cannot be made in place (quantization is not undoable)."""
@@ -110,7 +124,10 @@ class TransformerRuntime:
     def release(self) -> None:
         """Before the diffusers module moves: drop an unquantized engine (its fused weights would keep
         the old device's copy alive; it is rebuilt on the next :meth:`get`). A quantized one moves with
-        the module and is kept."""
+        the module and is kept. Either way a LoRA set is taken out first (merged weights restored
+        exactly, side paths dropped: they would stay on the old device); the next call applies it again."""
+        if self._fill is not None:
+            self._fill.lora.reset()
         if self._fill is not None and self._fill.quant_plan is None:
             self._fill = None
 

@@ -84,7 +84,7 @@ WARM_START_SCRIPT = textwrap.dedent(
     image = np.linspace(0, 1, 256 * 256 * 3, dtype=np.float32).reshape(256, 256, 3)
     mask = np.zeros((256, 256), np.float32)
     mask[64:192, 64:192] = 1
-    result = engine.run(FillRequest("a cup", image, mask, num_inference_steps=1, seed=0))
+    result = engine.run(FillRequest("a cup", image, mask, num_inference_steps=1, seed=0, max_megapixels=0.065))
     np.save(out, np.asarray(result.images[0]))
     print(json.dumps({
         "loaded": engine.pipeline.compile_cache is not None,

@@ -27,7 +27,15 @@ def make_inputs(width=SIZE, height=SIZE):
 
 def request(**overrides):
     image, mask = make_inputs()
-    fields = dict(prompt="a white paper cup", image=image, mask=mask, num_inference_steps=2, seed=0)
+    # A working size of 256x256 for the 256x256 inputs (the default would work at one megapixel).
+    fields = dict(
+        prompt="a white paper cup",
+        image=image,
+        mask=mask,
+        num_inference_steps=2,
+        seed=0,
+        max_megapixels=0.065,
+    )
     fields.update(overrides)
     return FillRequest(**fields)
 
@@ -57,6 +65,7 @@ def test_event_order_and_result(engine):
     assert all(v >= 0 for v in result.timings.values())
     assert result.timings["total"] >= result.timings["denoise"]
     assert result.stats["image_seq_len"] == (SIZE // 16) ** 2
+    assert result.stats["working_size"] == result.stats["output_size"] == (SIZE, SIZE)
 
 
 def test_same_seed_same_images_and_random_seed_reported(engine):
@@ -73,7 +82,7 @@ def test_same_seed_same_images_and_random_seed_reported(engine):
 def test_engine_matches_drop_in_pipeline(engine):
     """The engine is the pipeline with a CPU generator seeded with the request's seed."""
     image, mask = make_inputs()
-    result = engine.run(request(seed=5, guidance_scale=12.5))
+    result = engine.run(request(seed=5, guidance_scale=12.5, paste_back=False))
     expected = engine.pipeline(
         prompt="a white paper cup",
         image=image,
@@ -144,12 +153,13 @@ def test_invalid_requests_are_rejected_with_an_error_event(engine, overrides, er
     assert match in events[0].message
 
 
-def test_size_is_floored_to_16_and_defaults_to_the_image(engine):
+def test_the_output_has_the_asked_size_or_the_input_size(engine):
     result = engine.run(request(width=300, height=270))
-    assert result.images[0].size == (288, 256)
+    assert result.images[0].size == (300, 270) and result.stats["working_size"] == (288, 256)
     image, mask = make_inputs(width=280, height=264)
     result = engine.run(request(image=image, mask=mask))
-    assert result.images[0].size == (272, 256)
+    assert result.images[0].size == (280, 264) and result.stats["output_size"] == (280, 264)
+    assert result.stats["working_size"] == (272, 256)  # about max_megapixels (0.065 x 1024^2), aspect kept
 
 
 def test_mask_inputs_are_converted_to_one_channel(engine):

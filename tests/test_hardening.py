@@ -49,7 +49,7 @@ def engine():
 
 
 def fill(engine, image, mask, **fields):
-    fields = {"num_inference_steps": 2, "seed": 0, **fields}
+    fields = {"num_inference_steps": 2, "seed": 0, "max_megapixels": 0.065, **fields}
     return pixels(engine.run(FillRequest("a red cup", image, mask, **fields)))
 
 
@@ -232,7 +232,9 @@ def test_a_huge_prompt_is_refused_and_a_long_one_logs_a_short_line(engine, basel
     with pytest.raises(ValueError, match=r"`prompt` has 1000000 characters; at most 10000"):
         engine.run(FillRequest("cup " * 250_000, image, mask, num_inference_steps=2, seed=0))
     with caplog.at_level(logging.WARNING, logger="fluxfill_engine.text"):
-        engine.run(FillRequest("red cup " * 1200, image, mask, num_inference_steps=1, seed=0))
+        engine.run(
+            FillRequest("red cup " * 1200, image, mask, num_inference_steps=1, seed=0, max_megapixels=0.065)
+        )
     truncated = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert truncated and all(len(message) < 400 for message in truncated)
     assert_engine_unchanged(engine, baseline)
@@ -380,7 +382,7 @@ def test_cli_request_errors_name_the_option(tmp_path, capsys, no_model):
 def test_four_threads_on_one_engine_get_their_own_images_and_stats(engine):
     image, mask = PIL.Image.fromarray(photo()), PIL.Image.fromarray(box_mask())
     requests = [
-        FillRequest(prompt, image, mask, num_inference_steps=steps, seed=seed)
+        FillRequest(prompt, image, mask, num_inference_steps=steps, seed=seed, max_megapixels=0.065)
         for prompt, steps, seed in [("red cup", 1, 1), ("blue dog", 2, 2), ("red cup", 3, 3), ("a cat", 2, 4)]
     ]
     sequential = [engine.run(request) for request in requests]
@@ -439,7 +441,8 @@ def events_of(
     image, mask = PIL.Image.fromarray(photo()), PIL.Image.fromarray(box_mask())
     try:
         result = engine.run(
-            FillRequest("a red cup", image, mask, num_inference_steps=2, seed=0), on_event=handler
+            FillRequest("a red cup", image, mask, num_inference_steps=2, seed=0, max_megapixels=0.065),
+            on_event=handler,
         )
     except BaseException as err:  # noqa: BLE001 - the test inspects what escaped
         return seen, err, None

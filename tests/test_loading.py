@@ -56,19 +56,14 @@ def test_moving_the_diffusers_module_is_detected_and_the_engine_rebuilt():
     np.testing.assert_array_equal(first, second)
 
 
-def test_lora_adapters_are_refused_not_ignored():
-    transformer = tiny_components()["transformer"]
-    transformer.peft_config = {"default": object()}
-    with pytest.raises(ValueError, match="LoRA"):
-        FillTransformer.from_diffusers(transformer)
-
-
 def fill_request(seed=0):
     gen = torch.Generator().manual_seed(1)
     image = PIL.Image.fromarray((torch.rand(256, 256, 3, generator=gen).numpy() * 255).astype(np.uint8))
     mask = np.zeros((256, 256), np.float32)
     mask[64:160, 96:200] = 1
-    return FillRequest(prompt="a red bird", image=image, mask=mask, num_inference_steps=2, seed=seed)
+    return FillRequest(
+        prompt="a red bird", image=image, mask=mask, num_inference_steps=2, seed=seed, max_megapixels=0.065
+    )
 
 
 def test_saved_folder_loads_through_engine_and_pipeline(tmp_path):

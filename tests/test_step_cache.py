@@ -118,7 +118,9 @@ def test_engine_reports_cache_statistics():
     engine = helpers.tiny_engine(EngineConfig(step_cache_threshold=1e9))
     image, mask = torch.rand(3, 256, 256), torch.zeros(256, 256)
     mask[64:128, 64:192] = 1
-    result = engine.run(FillRequest("a cup", image, mask, num_inference_steps=6, seed=0))
+    result = engine.run(
+        FillRequest("a cup", image, mask, num_inference_steps=6, seed=0, max_megapixels=0.065)
+    )
     assert result.stats["steps_full"] + result.stats["steps_cached"] == 6
     assert result.stats["steps_cached"] > 0 and len(result.stats["step_cache"]["rel_l1"]) == 6
 

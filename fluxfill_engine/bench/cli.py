@@ -51,6 +51,13 @@ def _peaks(text: str) -> dict[str, float]:
     return peaks
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
+
+
 def add_bench_parser(commands: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``fluxfill``'s subparsers."""
     bench = commands.add_parser(
@@ -133,6 +140,20 @@ def add_bench_parser(commands: Any) -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--note", help="free text stored in the record and shown in the markdown")
+    lora = bench.add_argument_group(
+        "LoRA",
+        "--lora runs the LoRA benchmark instead: ms/step and switch time per strategy, beside diffusers + peft",
+    )
+    lora.add_argument(
+        "--lora", action="store_true", help="run the LoRA benchmark (fluxfill_engine.bench.lora_bench)"
+    )
+    lora.add_argument("--lora-ranks", type=_ints, default=(16, 64), help="LoRA ranks (default: 16,64)")
+    lora.add_argument("--lora-counts", type=_ints, default=(1, 3), help="LoRAs per request (default: 1,3)")
+    lora.add_argument(
+        "--lora-strategies", default="merge,side", help="engine strategies (default: merge,side)"
+    )
+    lora.add_argument("--lora-compile", action="store_true", help="compile the engine's blocks")
+    lora.add_argument("--no-diffusers", action="store_true", help="skip the diffusers + peft rows")
     bench.add_argument(
         "--render",
         type=Path,
@@ -228,6 +249,46 @@ def _write_outputs(record: dict[str, Any], out: Path, args: argparse.Namespace) 
     return written
 
 
+def _run_lora_bench(args: argparse.Namespace) -> int:
+    """``fluxfill bench --lora``: the LoRA benchmark, its JSON (``--out``) and markdown."""
+    from .lora_bench import LoraBenchSettings, render_lora_markdown, run_lora_benchmark
+    from .report import write_json
+
+    width, height = args.size if args.size else (None, None)
+    settings = LoraBenchSettings(
+        preset=args.preset,
+        width=width,
+        height=height,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        ranks=tuple(args.lora_ranks),
+        counts=tuple(args.lora_counts),
+        strategies=tuple(s.strip() for s in args.lora_strategies.split(",") if s.strip()),
+        compile=args.lora_compile,
+        diffusers=not args.no_diffusers,
+        progress=not args.no_progress,
+        note=args.note,
+    )
+    settings.check()
+    record = run_lora_benchmark(settings)
+    out = args.out or Path(f"bench-lora-{settings.preset}.json")
+    write_json(record, out)
+    report = render_lora_markdown(record)
+    print(report)
+    written = [str(out)]
+    if args.markdown is not None:
+        markdown = Path(args.markdown) if args.markdown else out.with_suffix(".md")
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(report)
+        written.append(str(markdown))
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
+    return 0
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     """``fluxfill bench``: run, print the markdown table, write JSON / markdown / plot."""
     from .report import write_json
@@ -235,6 +296,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     if args.render is not None:
         return _render_existing(args)
+    if args.lora:
+        return _run_lora_bench(args)
     settings = _settings_from_args(args)
     settings.check()
     if args.list_variants:

@@ -1,0 +1,187 @@
+"""Where the model works, and how its result returns to the picture the user gave.
+
+A request's input (any size) becomes a *canvas* (the output: the input, grown by an outpaint margin,
+resized when an output size is asked), a *region* of it that the model repaints (the whole canvas, or
+the box around the mask with ``crop_to_mask``) and a *working size* at which the transformer sees that
+region (about ``max_megapixels``, aspect kept, multiples of 16). The result is resized back to the
+region and pasted into the canvas: with ``paste_back`` only inside the (grown) mask, feathered over
+``mask_blur`` pixels, so every pixel farther out is exactly the input's.
+
+All sizes here are ``(width, height)`` in pixels; boxes are ``(left, top, right, bottom)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageFilter
+
+from .limits import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+
+Size = tuple[int, int]
+Box = tuple[int, int, int, int]
+OUTPAINT_SIDES = ("left", "top", "right", "bottom")
+# The working resolution's megapixel is 1024x1024 pixels, as the hosted FLUX APIs count it: 1.0 is the
+# resolution FLUX was trained at.
+WORKING_MEGAPIXEL = 1024 * 1024
+
+
+def working_size(size: Size, max_megapixels: float) -> Size:
+    """The transformer's size for a region of ``size``: about ``max_megapixels`` (in units of
+    :data:`WORKING_MEGAPIXEL`, so 1.0 is FLUX's 1024x1024), the aspect ratio kept, each side a multiple
+    of 16 in [256, 1536] (extreme aspect ratios are clamped, so slightly stretched, and un-stretched
+    when the result is resized back)."""
+    width, height = size
+    scale = math.sqrt(max_megapixels * WORKING_MEGAPIXEL / (width * height))
+
+    def side(value: float) -> int:
+        snapped = round(value * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE
+        return int(min(max(snapped, MIN_SIZE), MAX_SIZE))
+
+    return side(width), side(height)
+
+
+def floor_to_multiple(size: Size) -> Size:
+    return size[0] // SIZE_MULTIPLE * SIZE_MULTIPLE, size[1] // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+def grow_mask(mask: PIL.Image.Image, pixels: int) -> PIL.Image.Image:
+    """``mask`` dilated by ``pixels`` (a square neighbourhood; grey levels keep their maxima)."""
+    array = np.asarray(mask)
+    for _ in range(pixels):
+        padded = np.pad(array, 1, mode="edge")
+        rows = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
+        array = np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+    return PIL.Image.fromarray(np.ascontiguousarray(array), "L")
+
+
+def paste_alpha(mask: PIL.Image.Image, blur: int) -> np.ndarray:
+    """The paste-back weight ``[H, W]`` in [0, 1]: the mask, feathered by a box blur of radius ``blur``
+    (a blend over ``blur`` pixels on each side of the border; exactly 0 farther out)."""
+    if blur > 0:
+        mask = mask.filter(PIL.ImageFilter.BoxBlur(blur))
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def outpaint_canvas(
+    image: PIL.Image.Image, mask: PIL.Image.Image | None, margins: dict[str, int]
+) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """The image grown by ``margins`` and its mask: the new area and the caller's mask, if any (the
+    request's ``mask_grow`` then grows both, which repaints a seam of that width into the original).
+
+    The new area is prefilled by extending the image's edge pixels outward. FLUX Fill conditions on
+    ``image * (1 - mask)``, so under a binary mask the prefill never reaches the model; it matters only
+    where the mask is grey (soft masks, the feathered seam), and there the edge colours blend far better
+    than black would.
+    """
+    left, top, right, bottom = (margins.get(side, 0) for side in OUTPAINT_SIDES)
+    array = np.asarray(image.convert("RGB"))
+    extended = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    height, width = array.shape[:2]
+    new_mask = np.full(extended.shape[:2], 255, np.uint8)
+    new_mask[top : top + height, left : left + width] = 0
+    if mask is not None:
+        given = np.asarray(mask.resize((width, height), PIL.Image.Resampling.BILINEAR))
+        region = new_mask[top : top + height, left : left + width]
+        new_mask[top : top + height, left : left + width] = np.maximum(region, given)
+    return PIL.Image.fromarray(extended, "RGB"), PIL.Image.fromarray(new_mask, "L")
+
+
+def crop_box(mask: PIL.Image.Image, padding: int) -> Box:
+    """The box around the mask's non-zero pixels, grown by ``padding`` for context and kept inside the
+    image; the whole image when the mask is empty."""
+    box = mask.getbbox()
+    if box is None:
+        return (0, 0, mask.width, mask.height)
+    left, top, right, bottom = box
+    return (
+        max(left - padding, 0),
+        max(top - padding, 0),
+        min(right + padding, mask.width),
+        min(bottom + padding, mask.height),
+    )
+
+
+def resized(image: PIL.Image.Image, size: Size) -> PIL.Image.Image:
+    """``image`` at ``size`` (the same object when it already is)."""
+    if image.size == tuple(size):
+        return image
+    resample = PIL.Image.Resampling.BILINEAR if image.mode == "L" else PIL.Image.Resampling.LANCZOS
+    return image.resize(size, resample)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One request's geometry: the output canvas, the repainted region in it, the transformer's size."""
+
+    canvas: PIL.Image.Image  # the output's base: input (+ outpaint margin), at the output size
+    mask: PIL.Image.Image  # the canvas's mask, grown: what the model repaints (255 = repaint)
+    region: Box
+    working_size: Size
+
+    @property
+    def region_size(self) -> Size:
+        left, top, right, bottom = self.region
+        return right - left, bottom - top
+
+    def model_inputs(self) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+        """The region's image and mask at the working size."""
+        image, mask = self.canvas.crop(self.region), self.mask.crop(self.region)
+        return resized(image, self.working_size), resized(mask, self.working_size)
+
+    def compose(self, generated: PIL.Image.Image, paste_back: bool, blur: int) -> PIL.Image.Image:
+        """``generated`` (at the working size) back in the canvas: inside the mask only (feathered) with
+        ``paste_back``, else over the whole region."""
+        region = resized(generated.convert("RGB"), self.region_size)
+        left, top = self.region[:2]
+        if not paste_back and self.region == (0, 0, *self.canvas.size):
+            return region
+        output = self.canvas.copy()
+        if not paste_back:
+            output.paste(region, (left, top))
+            return output
+        alpha = paste_alpha(self.mask, blur)[top : top + region.height, left : left + region.width, None]
+        original = np.asarray(self.canvas.crop(self.region), dtype=np.float32)
+        blended = original * (1 - alpha) + np.asarray(region, dtype=np.float32) * alpha
+        exact = alpha[..., 0] == 0  # outside the feathered mask: the input's pixels, bit for bit
+        blended[exact] = original[exact]
+        output.paste(PIL.Image.fromarray(np.round(blended).astype(np.uint8), "RGB"), (left, top))
+        return output
+
+
+def make_frame(
+    image: PIL.Image.Image,
+    mask: PIL.Image.Image | None,
+    size: Size | None,
+    outpaint: dict[str, int] | None,
+    mask_grow: int,
+    mask_blur: int,
+    crop_to_mask: bool,
+    crop_padding: int,
+    max_megapixels: float,
+    soft_mask: bool = False,
+) -> Frame:
+    """The geometry of one request (see the module docstring); ``size`` is the asked output size.
+    Without ``soft_mask`` the mask is thresholded at half (as diffusers does), so what the model
+    repaints and what is pasted back are the same pixels."""
+    if mask is not None:
+        mask = resized(mask, image.size)
+    if outpaint is not None:
+        image, mask = outpaint_canvas(image, mask, outpaint)
+    if size is not None:
+        image, mask = resized(image, size), resized(mask, size)
+    if not soft_mask:
+        mask = mask.point(lambda value: 255 if value >= 128 else 0)
+    mask = grow_mask(mask, mask_grow)
+    if crop_to_mask:
+        # Padding at least the feather, so the seam's blend never reaches the region's edge.
+        region = crop_box(mask, max(crop_padding, mask_blur))
+        left, top, right, bottom = region
+        working = working_size((right - left, bottom - top), max_megapixels)
+    else:
+        region = (0, 0, *image.size)
+        working = floor_to_multiple(size) if size is not None else working_size(image.size, max_megapixels)
+    return Frame(canvas=image, mask=mask, region=region, working_size=working)
