@@ -282,6 +282,7 @@ class FluxFillEngine:
             "transformer_dtype": str(transformer.dtype).replace("torch.", ""),
             "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
             "transformer": "fluxfill FillTransformer (fused QKV, split input projection)",
+            **{key: value for key, value in self.pipeline.describe().items() if key != "config"},
             "attention": self.config.attention,
             "fused_kernels": self.config.fused_kernels,
             "native_kernels_loaded": native.available("fill_cond", "cpu"),

@@ -9,6 +9,7 @@ prompt, prepare latents and the fill conditioning, denoise, decode. Unconfigured
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from .conditioning import (
     unpack_latents,
 )
 from .config import EngineConfig
+from .diffusers_path import DiffusersForward, diffusers_cache_enabled, diffusers_features
 from .lora import (
     AdapterSet,
     LoraSpec,
@@ -49,6 +51,8 @@ from .sampling import Schedule, euler_step, make_schedule
 from .text import PromptCache, clip_pooled_embeds, t5_embeds, weights_fingerprint
 from .timing import StageTimes
 from .validation import CheckedCall, ModelShape, check_call, check_schedule, check_strength
+
+logger = logging.getLogger(__name__)
 
 
 class FluxFillPipeline(diffusers.FluxFillPipeline):
@@ -184,6 +188,47 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             return None, "side"
         strategy = resolve_strategy(self._engine_config.lora_strategy, self.runtime.quant_plan)
         return requested.scaled(scale), strategy
+
+    def _denoiser(self, call: PipelineCall) -> tuple[FillTransformer | DiffusersForward, dict[str, Any]]:
+        """The engine transformer (with this call's LoRAs), or diffusers' own forward when the diffusers
+        module has features only that forward honours (see :mod:`.diffusers_path`)."""
+        features = diffusers_features(self.transformer)
+        if not features:
+            fill = self.engine_transformer()
+            return fill, self._activate_loras(fill, call)  # before prepare: embedders may carry LoRAs
+        if self._engine_config.step_cache_policy is not None and diffusers_cache_enabled(self.transformer):
+            cache = next(f for f in features if f.startswith("enable_cache"))
+            raise ValueError(
+                f"EngineConfig.step_cache_threshold and diffusers' {cache} are both set; use one of them "
+                "(pipe.configure(...step_cache_threshold=None) or pipe.transformer.disable_cache())"
+            )
+        if self._engine_loras is not None:
+            raise ValueError(
+                f"engine LoRAs (set_engine_loras) run on the engine's transformer, but {features} need "
+                "diffusers' own forward; use diffusers' load_lora_weights, or switch those features off"
+            )
+        current = self.runtime.current
+        if current is not None:  # a merged engine LoRA set must not reach diffusers' forward
+            current.lora.apply(None, "side", execution_device(self.transformer), current.dtype, None)
+        warned = self.__dict__.setdefault("_diffusers_path_warned", set())
+        if tuple(features) not in warned:
+            warned.add(tuple(features))
+            logger.warning(
+                "%s: only diffusers' own transformer forward honours this, so it runs inside the engine's "
+                "loop (the engine's transformer optimizations are off while it is set)",
+                ", ".join(features),
+            )
+        return DiffusersForward(self.transformer, call.joint_attention_kwargs), {}
+
+    def describe(self) -> dict[str, Any]:
+        """Which transformer path runs (``engine``, or ``diffusers`` for the features listed) and the
+        configuration."""
+        features = diffusers_features(self.transformer)
+        return {
+            "transformer_path": "diffusers" if features else "engine",
+            "diffusers_features": features,
+            "config": self._engine_config.describe(),
+        }
 
     def _activate_loras(self, fill: FillTransformer, call: PipelineCall) -> dict[str, Any]:
         adapters, strategy = self._lora_set_for(call)
@@ -496,8 +541,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         hook = getattr(self.transformer, "_hf_hook", None)
         if hook is not None:
             hook.pre_forward(self.transformer)  # model CPU offload: bring the transformer onto the device
-        fill = self.engine_transformer()
-        lora_stats = self._activate_loras(fill, call)  # before prepare: embedders may carry LoRAs too
+        fill, lora_stats = self._denoiser(call)
         device = latents.device
         guidance = call.guidance_scale if self.transformer.config.guidance_embeds else None
         timesteps = schedule.timesteps.to(device)
