@@ -200,3 +200,17 @@ def masked_image_conditioning(
     masked_latents = repeat_to_batch(masked_latents.to(device=device, dtype=dtype), grid.batch, "images")
     mask = repeat_to_batch(mask, grid.batch, "masks").to(device=device, dtype=dtype)
     return fill_conditioning(masked_latents, mask, grid.vae_scale_factor, fused)
+
+
+def soft_mask_processor(mask_processor: Any) -> Any:
+    """diffusers' mask processor without its 0.5 threshold: grey mask levels reach the conditioning."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    config = mask_processor.config
+    return VaeImageProcessor(
+        vae_scale_factor=config.vae_scale_factor,
+        vae_latent_channels=config.vae_latent_channels,
+        do_normalize=False,
+        do_binarize=False,
+        do_convert_grayscale=True,
+    )

@@ -9,16 +9,13 @@ prompt, prepare latents and the fill conditioning, denoise, decode. Unconfigured
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .cache import StepCache
@@ -30,29 +27,20 @@ from .conditioning import (
     initial_latents,
     masked_image_conditioning,
     repeat_to_batch,
+    soft_mask_processor,
     unpack_latents,
 )
 from .config import EngineConfig
-from .diffusers_path import DiffusersForward, diffusers_cache_enabled, diffusers_features
-from .lora import (
-    AdapterSet,
-    LoraSpec,
-    check_lora_specs,
-    file_set,
-    lora_label,
-    peft_adapter_set,
-    resolve_strategy,
-)
+from .denoiser import choose_denoiser, describe_path, load_engine_loras, lora_set_for
+from .lora import AdapterSet, LoraSpec
 from .model import FillTransformer
 from .quantization import quantize_text_encoder as quantize_text_encoder_linears
 from .quantization import resolve, weight_bytes
 from .runtime import TransformerRuntime, execution_device, runtime_of
 from .sampling import Schedule, euler_step, make_schedule
-from .text import PromptCache, clip_pooled_embeds, t5_embeds, weights_fingerprint
+from .text import PromptCache, encode_text
 from .timing import StageTimes
 from .validation import CheckedCall, ModelShape, check_call, check_schedule, check_strength
-
-logger = logging.getLogger(__name__)
 
 
 class FluxFillPipeline(diffusers.FluxFillPipeline):
@@ -145,19 +133,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         ``TypeError`` / ``FileNotFoundError`` naming ``loras[i]`` and its path: a missing file, a
         non-finite scale, a file with no LoRA, a LoRA for another model (its layer shapes).
         """
-        config = self._engine_config
-        specs = check_lora_specs(loras, config.max_loras)
-        if not specs:
-            return None
-        fill = self.engine_transformer()
-        shapes = fill.lora.shapes()
-        cache = self.runtime.lora_cache(config.lora_cache_size)
-        device = execution_device(self.transformer)
-        files = [
-            cache.load(spec, lora_label(i, spec), shapes, config.max_lora_rank, device, fill.dtype)
-            for i, spec in enumerate(specs)
-        ]
-        return file_set(specs, files)
+        return load_engine_loras(self, loras)
 
     def set_engine_loras(
         self, loras: Sequence[LoraSpec | dict[str, Any] | str] | AdapterSet | None
@@ -171,79 +147,10 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         self._engine_loras = loras
         return loras
 
-    def _lora_set_for(self, call: PipelineCall) -> tuple[AdapterSet | None, str]:
-        """The set this call runs and how: diffusers' adapters as a side path, or the engine's own."""
-        scale = (call.joint_attention_kwargs or {}).get("scale")
-        scale = 1.0 if scale is None else float(scale)
-        adapters = peft_adapter_set(self.transformer, scale)
-        requested = self._engine_loras
-        if adapters is not None and requested is not None:
-            raise ValueError(
-                "the transformer has diffusers LoRA adapters (load_lora_weights) and engine LoRAs "
-                "(set_engine_loras) at once; use one: pipe.unload_lora_weights() or pipe.set_engine_loras(None)"
-            )
-        if adapters is not None:
-            return adapters, "side"
-        if requested is None:
-            return None, "side"
-        strategy = resolve_strategy(self._engine_config.lora_strategy, self.runtime.quant_plan)
-        return requested.scaled(scale), strategy
-
-    def _denoiser(self, call: PipelineCall) -> tuple[FillTransformer | DiffusersForward, dict[str, Any]]:
-        """The engine transformer (with this call's LoRAs), or diffusers' own forward when the diffusers
-        module has features only that forward honours (see :mod:`.diffusers_path`)."""
-        features = diffusers_features(self.transformer)
-        if not features:
-            fill = self.engine_transformer()
-            return fill, self._activate_loras(fill, call)  # before prepare: embedders may carry LoRAs
-        if self._engine_config.step_cache_policy is not None and diffusers_cache_enabled(self.transformer):
-            cache = next(f for f in features if f.startswith("enable_cache"))
-            raise ValueError(
-                f"EngineConfig.step_cache_threshold and diffusers' {cache} are both set; use one of them "
-                "(pipe.configure(...step_cache_threshold=None) or pipe.transformer.disable_cache())"
-            )
-        if self._engine_loras is not None:
-            raise ValueError(
-                f"engine LoRAs (set_engine_loras) run on the engine's transformer, but {features} need "
-                "diffusers' own forward; use diffusers' load_lora_weights, or switch those features off"
-            )
-        current = self.runtime.current
-        if current is not None:  # a merged engine LoRA set must not reach diffusers' forward
-            current.lora.apply(None, "side", execution_device(self.transformer), current.dtype, None)
-        warned = self.__dict__.setdefault("_diffusers_path_warned", set())
-        if tuple(features) not in warned:
-            warned.add(tuple(features))
-            logger.warning(
-                "%s: only diffusers' own transformer forward honours this, so it runs inside the engine's "
-                "loop (the engine's transformer optimizations are off while it is set)",
-                ", ".join(features),
-            )
-        return DiffusersForward(self.transformer, call.joint_attention_kwargs), {}
-
     def describe(self) -> dict[str, Any]:
         """Which transformer path runs (``engine``, or ``diffusers`` for the features listed) and the
         configuration."""
-        features = diffusers_features(self.transformer)
-        return {
-            "transformer_path": "diffusers" if features else "engine",
-            "diffusers_features": features,
-            "config": self._engine_config.describe(),
-        }
-
-    def _activate_loras(self, fill: FillTransformer, call: PipelineCall) -> dict[str, Any]:
-        adapters, strategy = self._lora_set_for(call)
-        config = self._engine_config
-        compiled = fill.compile_settings is not None
-        padded = (config.max_loras, config.max_lora_rank) if compiled and strategy == "side" else None
-        device = execution_device(self.transformer)
-        applied = fill.lora.apply(adapters, strategy, device, fill.dtype, padded)
-        adapters_info = [] if adapters is None else adapters.describe()
-        return {
-            "source": None if adapters is None or not adapters.adapters else adapters.source,
-            "adapters": adapters_info,
-            "load_seconds": sum(a.get("load_seconds", 0.0) for a in adapters_info),
-            **applied,
-        }
+        return describe_path(self)
 
     def save_compile_cache(self) -> dict[str, Any] | None:
         """Persist this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up)."""
@@ -298,7 +205,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                 max_sequence_length=max_sequence_length,
                 joint_attention_kwargs=scale,
             )
-            prompt_embeds, pooled_prompt_embeds, _ = self._encode_text(call, device)
+            prompt_embeds, pooled_prompt_embeds, _ = encode_text(self, call, device)
             prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
             pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, pooled_prompt_embeds, self._text_ids(prompt_embeds, device)
@@ -306,58 +213,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     def _text_ids(self, prompt_embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
         return torch.zeros(prompt_embeds.shape[1], 3).to(device=device, dtype=dtype)
-
-    def _encode_text(
-        self, call: PipelineCall, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One embedding per prompt (not per image) and whether the prompt cache served it."""
-        lora_scale = (call.joint_attention_kwargs or {}).get("scale")
-        uses_peft = USE_PEFT_BACKEND and lora_scale is not None
-        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-        if uses_peft:
-            self._lora_scale = lora_scale
-            for encoder in encoders:
-                scale_lora_layers(encoder, lora_scale)
-        try:
-            prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
-            prompts_2 = call.prompt_2 or prompts
-            prompts_2 = [prompts_2] if isinstance(prompts_2, str) else list(prompts_2)
-            return self._encode_cached(prompts, prompts_2, device, call.max_sequence_length, lora_scale)
-        finally:
-            if uses_peft:
-                for encoder in encoders:
-                    unscale_lora_layers(encoder, lora_scale)
-
-    def _encode_cached(
-        self,
-        prompts: list[str],
-        prompts_2: list[str],
-        device: torch.device,
-        max_sequence_length: int,
-        lora_scale: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
-        prompts_2 = self.maybe_convert_prompt(prompts_2, self.tokenizer_2)
-        adapters = any(getattr(e, "peft_config", None) for e in (self.text_encoder, self.text_encoder_2))
-        key = (
-            tuple(prompts),
-            tuple(prompts_2),
-            max_sequence_length,
-            str(device),
-            lora_scale,
-            len(self.tokenizer),
-            len(self.tokenizer_2),
-            weights_fingerprint(self.text_encoder),
-            weights_fingerprint(self.text_encoder_2),
-        )
-        cached = None if adapters else self.prompt_cache.get(key)
-        if cached is not None:
-            return (*cached, True)
-        pooled = clip_pooled_embeds(self.tokenizer, self.text_encoder, prompts, device)
-        embeds = t5_embeds(self.tokenizer_2, self.text_encoder_2, prompts_2, max_sequence_length, device)
-        if not adapters:
-            self.prompt_cache.put(key, (embeds, pooled))
-        return embeds, pooled, False
 
     # ---- the call ----------------------------------------------------------------------------------
 
@@ -435,7 +290,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         stage("text_encode_start")
         prompt_embeds, pooled_prompt_embeds, cache_hit = call.prompt_embeds, call.pooled_prompt_embeds, None
         if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds, cache_hit = self._encode_text(call, device)
+            prompt_embeds, pooled_prompt_embeds, cache_hit = encode_text(self, call, device)
         # One per prompt -> one per image. Given embeddings may wait on another device (offload hooks
         # move a forward's arguments; the engine calls no such forward): no copy when already there.
         repeats = call.num_images_per_prompt
@@ -458,7 +313,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             given = call.masked_image_latents.to(device=device, dtype=dtype)
             cond = repeat_to_batch(given, grid.batch, "masked_image_latents")
         else:
-            processor = self._soft_mask_processor() if soft_mask else self.mask_processor
+            processor = soft_mask_processor(self.mask_processor) if soft_mask else self.mask_processor
             mask = processor.preprocess(checked.mask_image, height=grid.height, width=grid.width)
             fused = self._engine_config.fused_kernels
             cond = masked_image_conditioning(
@@ -488,16 +343,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         }
         return PipelineResult(images=images, latents=latents, stats=stats, timings=timings)
 
-    def _soft_mask_processor(self) -> VaeImageProcessor:
-        """diffusers' mask processor without its binarization."""
-        return VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor * 2,
-            vae_latent_channels=self.latent_channels,
-            do_normalize=False,
-            do_binarize=False,
-            do_convert_grayscale=True,
-        )
-
     def _validated(self, call: PipelineCall) -> CheckedCall:
         """The engine's checks (types, ranges, images read as a viewer shows them), then diffusers' own
         (its messages for the rest). 0 is rejected, not taken as a default."""
@@ -505,7 +350,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         height = default if call.height is None else call.height
         width = default if call.width is None else call.width
         check_strength(call.strength)
-        self._lora_set_for(call)  # diffusers' and the engine's LoRAs at once: refused before any work
+        lora_set_for(self, call)  # diffusers' and the engine's LoRAs at once: refused before any work
         model = ModelShape.of(self.transformer.config, self.vae_scale_factor)
         checked = check_call(call, height, width, model, self._engine_config.max_input_megapixels)
         self.check_inputs(
@@ -541,7 +386,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         hook = getattr(self.transformer, "_hf_hook", None)
         if hook is not None:
             hook.pre_forward(self.transformer)  # model CPU offload: bring the transformer onto the device
-        fill, lora_stats = self._denoiser(call)
+        fill, lora_stats = choose_denoiser(self, call)
         device = latents.device
         guidance = call.guidance_scale if self.transformer.config.guidance_embeds else None
         timesteps = schedule.timesteps.to(device)

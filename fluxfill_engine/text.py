@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import get_module_execution_device
+
+if TYPE_CHECKING:
+    from .call import PipelineCall
+    from .pipeline import FluxFillPipeline
 
 logger = logging.getLogger(__name__)
 _LOGGED_CHARS = 200
@@ -102,3 +107,58 @@ class PromptCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def encode_text(
+    pipe: FluxFillPipeline, call: PipelineCall, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """A call's prompts encoded: one embedding per prompt (not per image), and whether the pipeline's
+    prompt cache served them. LoRA layers on the text encoders are scaled by the call's scale."""
+    lora_scale = (call.joint_attention_kwargs or {}).get("scale")
+    uses_peft = USE_PEFT_BACKEND and lora_scale is not None
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    if uses_peft:
+        pipe._lora_scale = lora_scale
+        for encoder in encoders:
+            scale_lora_layers(encoder, lora_scale)
+    try:
+        prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
+        prompts_2 = call.prompt_2 or prompts
+        prompts_2 = [prompts_2] if isinstance(prompts_2, str) else list(prompts_2)
+        return _encode_cached(pipe, prompts, prompts_2, device, call.max_sequence_length, lora_scale)
+    finally:
+        if uses_peft:
+            for encoder in encoders:
+                unscale_lora_layers(encoder, lora_scale)
+
+
+def _encode_cached(
+    pipe: FluxFillPipeline,
+    prompts: list[str],
+    prompts_2: list[str],
+    device: torch.device,
+    max_sequence_length: int,
+    lora_scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
+    prompts_2 = pipe.maybe_convert_prompt(prompts_2, pipe.tokenizer_2)
+    adapters = any(getattr(e, "peft_config", None) for e in (pipe.text_encoder, pipe.text_encoder_2))
+    key = (
+        tuple(prompts),
+        tuple(prompts_2),
+        max_sequence_length,
+        str(device),
+        lora_scale,
+        len(pipe.tokenizer),
+        len(pipe.tokenizer_2),
+        weights_fingerprint(pipe.text_encoder),
+        weights_fingerprint(pipe.text_encoder_2),
+    )
+    cached = None if adapters else pipe.prompt_cache.get(key)
+    if cached is not None:
+        return (*cached, True)
+    pooled = clip_pooled_embeds(pipe.tokenizer, pipe.text_encoder, prompts, device)
+    embeds = t5_embeds(pipe.tokenizer_2, pipe.text_encoder_2, prompts_2, max_sequence_length, device)
+    if not adapters:
+        pipe.prompt_cache.put(key, (embeds, pooled))
+    return embeds, pooled, False
