@@ -102,6 +102,8 @@ for _path in (ROOT / "kernels", ROOT):  # the device runs from the tree (no `pip
 
 import torch  # noqa: E402
 
+from fluxfill_engine.timing import Clock  # noqa: E402
+
 SCHEMA = "fluxfill-gpu-run/1"
 PARTS = ("machine", "correctness", "latency", "e2e", "step_cache")
 # Seconds per part on an H100 (their sum leaves 20 s of slack in the default budget). Guesses: nothing
@@ -319,13 +321,13 @@ def skipped(reason: str, **extra: Any) -> dict[str, Any]:
 # ---- timing and memory -----------------------------------------------------------------------------
 
 
-class Timer:
-    """Per-call device time: CUDA events on a GPU (each call between its own pair, read after one
-    synchronisation), the host clock on a CPU."""
+class Timer(Clock):
+    """Per-call device time on the engine's :class:`~fluxfill_engine.timing.Clock` (CUDA events on a
+    GPU, each call between its own pair, read after one synchronisation; the host clock on a CPU)."""
 
     def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
         self.device = device
-        self.cuda = device.type == "cuda"
 
     @property
     def method(self) -> str:
@@ -334,19 +336,6 @@ class Timer:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        """Seconds between two marks; on CUDA call :meth:`sync` after the later one first."""
-        if self.cuda:
-            return float(start.elapsed_time(end)) / 1000.0
-        return float(end - start)
 
     def call_ms(self, fn: Callable[[int], Any], count: int, first: int = 0) -> list[float]:
         """Milliseconds of each of ``count`` calls ``fn(first)``, ``fn(first + 1)``, ..."""
