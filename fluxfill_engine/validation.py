@@ -138,10 +138,6 @@ class CheckedCall:
     width: int
     total: int  # prompts x num_images_per_prompt
 
-    @property
-    def batch(self) -> int:
-        return self.total // self.call.num_images_per_prompt
-
 
 def check_strength(strength: Any) -> None:
     if not is_finite_number(strength):

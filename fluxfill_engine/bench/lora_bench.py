@@ -77,14 +77,9 @@ class LoraBenchSettings:
     note: str | None = None
 
     def check(self) -> None:
-        from .models import MODEL_PRESETS
+        from .runner import check_run_settings
 
-        if self.preset not in MODEL_PRESETS:
-            raise BenchError(f"unknown preset {self.preset!r}; choose one of {list(MODEL_PRESETS)}")
-        for name, low in (("steps", 1), ("repeats", 1), ("warmup", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise BenchError(f"`{name}` must be an int >= {low}, got {value!r}")
+        check_run_settings(self)
         if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
             raise BenchError(f"--lora-ranks must be positive ints, got {self.ranks!r}")
         if not self.counts or any(not isinstance(c, int) or not 1 <= c <= 3 for c in self.counts):

@@ -65,6 +65,21 @@ from .variants import (
 BASELINE, REFERENCE = "diffusers", "reference"
 
 
+def check_run_settings(settings: Any) -> None:
+    """The checks every benchmark's settings share: the model preset, ``steps`` / ``repeats`` /
+    ``warmup`` and the request size. Raises :class:`BenchError`."""
+    if settings.preset not in MODEL_PRESETS:
+        raise BenchError(f"unknown preset {settings.preset!r}; choose one of {list(MODEL_PRESETS)}")
+    for name, low in (("steps", 1), ("repeats", 1), ("warmup", 0)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BenchError(f"`{name}` must be an int >= {low}, got {value!r}")
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if value is not None and (not isinstance(value, int) or value < 32 or value % 16):
+            raise BenchError(f"`{name}` must be a multiple of 16, at least 32, got {value!r}")
+
+
 @dataclass
 class BenchSettings:
     """What to benchmark. ``None`` fields take the model preset's defaults.
@@ -108,16 +123,7 @@ class BenchSettings:
 
     def check(self) -> None:
         """Raise :class:`BenchError` for values no run could use."""
-        if self.preset not in MODEL_PRESETS:
-            raise BenchError(f"unknown preset {self.preset!r}; choose one of {list(MODEL_PRESETS)}")
-        for name, low in (("steps", 1), ("repeats", 1), ("warmup", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise BenchError(f"`{name}` must be an int >= {low}, got {value!r}")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 32 or value % 16):
-                raise BenchError(f"`{name}` must be a multiple of 16, at least 32, got {value!r}")
+        check_run_settings(self)
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise BenchError(f"`max_sequence_length` must be in [1, 512], got {self.max_sequence_length}")
         try:
