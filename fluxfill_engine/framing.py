@@ -48,13 +48,24 @@ def floor_to_multiple(size: Size) -> Size:
     return size[0] // SIZE_MULTIPLE * SIZE_MULTIPLE, size[1] // SIZE_MULTIPLE * SIZE_MULTIPLE
 
 
+def _window_max(array: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """The maximum over ``[i - radius, i + radius]`` along ``axis`` (edges replicated), in about
+    ``log2(radius)`` passes: maxima over windows doubling in width, then two overlapping windows."""
+    pad = [(radius, radius) if dim == axis else (0, 0) for dim in range(array.ndim)]
+    values = np.moveaxis(np.pad(array, pad, mode="edge"), axis, 0)
+    length, window, width = array.shape[axis], 2 * radius + 1, 1
+    while width * 2 <= window:  # values[i] = max of `width` entries from i on
+        values = np.maximum(values[:-width], values[width:])
+        width *= 2
+    result = np.maximum(values[:length], values[window - width : window - width + length])
+    return np.moveaxis(result, 0, axis)
+
+
 def grow_mask(mask: PIL.Image.Image, pixels: int) -> PIL.Image.Image:
     """``mask`` dilated by ``pixels`` (a square neighbourhood; grey levels keep their maxima)."""
-    array = np.asarray(mask)
-    for _ in range(pixels):
-        padded = np.pad(array, 1, mode="edge")
-        rows = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
-        array = np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+    if pixels <= 0:
+        return mask
+    array = _window_max(_window_max(np.asarray(mask), pixels, 0), pixels, 1)
     return PIL.Image.fromarray(np.ascontiguousarray(array), "L")
 
 

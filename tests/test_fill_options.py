@@ -265,3 +265,18 @@ def test_the_cli_flags(tmp_path):
     ]
     assert main([*no_mask, "--outpaint", "10,0,30,6"]) == 0
     assert PIL.Image.open(out).size == (340, 216)
+
+
+@pytest.mark.parametrize("pixels", [0, 1, 2, 5, 13, 40])
+def test_grow_mask_equals_repeated_3x3_dilation(pixels):
+    from fluxfill_engine.framing import grow_mask
+
+    rng = np.random.default_rng(pixels)
+    values = rng.integers(1, 255, (37, 53)).astype(np.uint8) * (rng.random((37, 53)) > 0.97)
+    expected = values.astype(np.uint8)
+    for _ in range(pixels):  # the definition: one pixel of growth per 3x3 maximum
+        padded = np.pad(expected, 1, mode="edge")
+        rows = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
+        expected = np.maximum(np.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+    grown = grow_mask(PIL.Image.fromarray(values.astype(np.uint8)), pixels)
+    np.testing.assert_array_equal(np.asarray(grown), expected)
