@@ -156,8 +156,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
     from .bench.cli import add_bench_parser
+    from .serve.main import add_serve_parser
 
     add_bench_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -359,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench.cli import run_bench_command
 
             return run_bench_command(args)
+        if args.command == "serve":
+            from .serve.main import run_serve
+
+            return run_serve(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import warnings
@@ -70,11 +71,21 @@ def _check_pixels(width: int, height: int, name: str, max_megapixels: float) -> 
 def _open_file(path: Path, name: str, max_megapixels: float) -> PIL.Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"`{name}`: no such image file: {str(path)!r}")
+    return _decode(path, repr(str(path)), name, max_megapixels)
+
+
+def open_image_bytes(data: bytes, name: str, max_megapixels: float = MAX_INPUT_MEGAPIXELS) -> PIL.Image.Image:
+    """An image file's bytes (an upload, a decoded data URL) opened with the same header limit and
+    errors as a path; the result is not yet in viewer form (see :func:`load_image_input`)."""
+    return _decode(io.BytesIO(data), f"the {len(data)}-byte upload", name, max_megapixels)
+
+
+def _decode(source: Path | io.BytesIO, label: str, name: str, max_megapixels: float) -> PIL.Image.Image:
     try:
         with warnings.catch_warnings():
             # Our own limit is checked from the header below; PIL's bomb warning would only be noise.
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(path) as opened:
+            with PIL.Image.open(source) as opened:
                 _check_pixels(opened.width, opened.height, name, max_megapixels)  # header only
                 opened.load()
                 return opened.copy()
@@ -83,11 +94,11 @@ def _open_file(path: Path, name: str, max_megapixels: float) -> PIL.Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too large"
         raise ValueError(
-            f"`{name}` ({str(path)!r}) is {size} by its header, above the limit of {max_megapixels:g} "
+            f"`{name}` ({label}) is {size} by its header, above the limit of {max_megapixels:g} "
             "(EngineConfig.max_input_megapixels); downscale it first"
         ) from None
     except (OSError, PIL.UnidentifiedImageError, SyntaxError) as err:
-        raise ValueError(f"`{name}`: cannot read {str(path)!r} as an image: {err}") from err
+        raise ValueError(f"`{name}`: cannot read {label} as an image: {err}") from err
 
 
 def _upright(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -1,0 +1,1 @@
+"""fluxfill serve: the self-hosted FLUX Fill API."""

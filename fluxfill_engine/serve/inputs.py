@@ -1,0 +1,343 @@
+"""Request bodies (native JSON or multipart, WaveSpeed JSON) -> a checked :class:`TaskSpec`.
+
+Everything is checked here, at submission: a request the server answers 400/422 leaves no task.
+Images arrive as data URLs, plain base64, uploads, or (when allowed) URLs fetched through the
+:mod:`.urlguard`; they are decoded with the engine's own image rules and limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from .urlguard import UrlPolicy, UrlRefused, check_url, fetch
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from ..engine import FillRequest
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+_FILL_FIELDS = (
+    "prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "num_images",
+    "paste_back",
+    "mask_grow",
+    "mask_blur",
+    "soft_mask",
+    "max_megapixels",
+    "crop_to_mask",
+    "crop_padding",
+    "outpaint",
+)
+_SERVER_FIELDS = (
+    "image",
+    "mask",
+    "mask_image",
+    "size",
+    "width",
+    "height",
+    "seed",
+    "loras",
+    "output_format",
+    "enable_base64_output",
+    "enable_sync_mode",
+    "webhook",
+    "enhance_prompt",
+    "enable_safety_checker",
+)
+NATIVE_FIELDS = frozenset(_FILL_FIELDS + _SERVER_FIELDS)
+_BACKTICKED = re.compile(r"`([A-Za-z_]+)")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.ASCII)
+
+
+class RequestError(ValueError):
+    """A refused request: ``status`` 400 (malformed) or 422 (a value not allowed), naming ``field``."""
+
+    def __init__(self, message: str, status: int = 422, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field if field is not None else field_of(message)
+
+
+def field_of(message: str) -> str | None:
+    """The first request field a message names in backticks (the engine's errors do)."""
+    found = _BACKTICKED.search(message)
+    return None if found is None else found.group(1)
+
+
+@dataclass
+class ServerOptions:
+    """What the server allows requests to ask for (from the ``fluxfill serve`` flags)."""
+
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    lora_dir: Path | None = None
+    lora_cache_dir: Path | None = None
+    max_input_megapixels: float = 40.0
+    max_loras: int = 3
+    has_enhancer: bool = False
+    has_safety_checker: bool = False
+
+
+@dataclass
+class TaskSpec:
+    """A checked request: the engine's validated :class:`FillRequest` plus what the server does
+    around it. ``public`` is the request as stored and echoed (no image data)."""
+
+    request: FillRequest
+    public: dict[str, Any]
+    output_format: str = "png"
+    base64_output: bool = False
+    sync: bool = False
+    webhook: str | None = None
+    enhance_prompt: bool = False
+    safety_checker: bool = False
+
+
+def decode_image(
+    value: Any, name: str, policy: UrlPolicy, max_megapixels: float, fetcher: Callable[..., bytes] = fetch
+) -> PIL.Image.Image:
+    """An image field (upload bytes, data URL, plain base64 or an allowed URL) as a PIL image.
+
+    Raises :class:`RequestError` 400 for what cannot be decoded, 422 for a refused URL or size.
+    """
+    from ..images import open_image_bytes
+
+    if isinstance(value, str):
+        text = value.strip()
+        if _URL.match(text):  # any scheme: the guard refuses all but http(s) by name
+            try:
+                data = fetcher(text, policy, name)
+            except UrlRefused as err:
+                raise RequestError(str(err), 422, name) from None
+            except ValueError as err:  # UrlFailed: unreachable, an error status, a broken transfer
+                raise RequestError(str(err), 400, name) from None
+        else:
+            found = _DATA_URL.match(text)
+            payload = text[found.end() :] if found else text
+            if not found and text.startswith("data:"):
+                raise RequestError(
+                    f"`{name}`: a data URL must be base64 (data:image/png;base64,...)", 400, name
+                )
+            try:
+                data = base64.b64decode("".join(payload.split()), validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(
+                    f"`{name}` is neither a data URL, base64 image data, nor an http(s) URL", 400, name
+                ) from None
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        raise RequestError(
+            f"`{name}` must be a string (data URL, base64 or URL) or an uploaded file, got {type(value).__name__}",
+            422,
+            name,
+        )
+    if not data:
+        raise RequestError(f"`{name}` is empty", 400, name)
+    try:
+        return open_image_bytes(data, name, max_megapixels)
+    except ValueError as err:
+        status = 422 if "megapixels" in str(err) else 400
+        raise RequestError(str(err), status, name) from None
+
+
+def parse_size(value: Any) -> tuple[int, int]:
+    """WaveSpeed's ``size``: ``"W*H"`` (``"WxH"`` also accepted)."""
+    found = re.fullmatch(r"\s*(\d{1,5})\s*[*xX]\s*(\d{1,5})\s*", value) if isinstance(value, str) else None
+    if found is None:
+        raise RequestError(f'`size` must be "WIDTH*HEIGHT" such as "1024*1024", got {value!r}', 422, "size")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _lora_path(index: int, path: Any, options: ServerOptions, fetcher: Callable[..., bytes]) -> str:
+    name = f"loras[{index}].path"
+    if not isinstance(path, str) or not path:
+        raise RequestError(f"`{name}` must be a non-empty string, got {path!r}", 422, "loras")
+    if path.startswith(("http://", "https://")):
+        if options.lora_cache_dir is None:
+            raise RequestError(f"`{name}`: LoRA URLs need a data folder", 422, "loras")
+        try:
+            data = fetcher(path, options.url_policy, name)
+        except UrlRefused as err:
+            raise RequestError(str(err), 422, "loras") from None
+        except ValueError as err:  # UrlFailed
+            raise RequestError(str(err), 400, "loras") from None
+        options.lora_cache_dir.mkdir(parents=True, exist_ok=True)
+        target = options.lora_cache_dir / f"{hashlib.sha256(path.encode()).hexdigest()[:32]}.safetensors"
+        target.write_bytes(data)
+        return str(target)
+    if options.lora_dir is None:
+        raise RequestError(
+            f"`{name}`: local LoRA files are off (start the server with --lora-dir DIR)", 422, "loras"
+        )
+    relative = PurePosixPath(path)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in path:
+        raise RequestError(
+            f"`{name}` must be a path relative to the LoRA folder, without '..', got {path!r}", 422, "loras"
+        )
+    root = options.lora_dir.resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root) or not target.exists():
+        raise RequestError(f"`{name}`: no LoRA {path!r} in the LoRA folder", 422, "loras")
+    return str(target)
+
+
+def _loras(value: Any, options: ServerOptions, fetcher: Callable[..., bytes]) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise RequestError(
+            f'`loras` must be a list of {{"path", "scale"}} objects, got {value!r}', 422, "loras"
+        )
+    if len(value) > options.max_loras:
+        raise RequestError(f"`loras`: {len(value)} given, at most {options.max_loras}", 422, "loras")
+    loras = []
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping) or set(item) - {"path", "scale"}:
+            raise RequestError(
+                f'`loras[{index}]` must be {{"path": ..., "scale": ...}}, got {item!r}', 422, "loras"
+            )
+        loras.append(
+            {"path": _lora_path(index, item.get("path"), options, fetcher), "scale": item.get("scale", 1.0)}
+        )
+    return loras or None
+
+
+def _flag(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"`{name}` must be true or false, got {value!r}", 422, name)
+    return value
+
+
+def parse_task(
+    body: Mapping[str, Any],
+    options: ServerOptions,
+    api: str = "native",
+    fetcher: Callable[..., bytes] = fetch,
+) -> TaskSpec:
+    """Check a request body (``api`` ``"native"`` or ``"wavespeed"``) and build its :class:`TaskSpec`.
+
+    Native requests refuse unknown fields (a typo would otherwise be ignored silently); WaveSpeed
+    requests ignore them, as WaveSpeed's clients send fields of other models too.
+    Raises :class:`RequestError`.
+    """
+    from ..engine import FillRequest
+
+    if not isinstance(body, Mapping):
+        raise RequestError("the request body must be a JSON object", 400, None)
+    if api == "native":
+        unknown = sorted(set(body) - NATIVE_FIELDS)
+        if unknown:
+            raise RequestError(
+                f"`{unknown[0]}` is not a request field; allowed: {', '.join(sorted(NATIVE_FIELDS))}", 422
+            )
+    if "prompt" not in body:
+        raise RequestError("`prompt` is required", 422, "prompt")
+    if "image" not in body:
+        raise RequestError("`image` is required", 422, "image")
+    if "mask" in body and "mask_image" in body:
+        raise RequestError("`mask` and `mask_image` are the same field; give one", 422, "mask")
+    mask_name = "mask_image" if "mask_image" in body else "mask"
+    width, height = body.get("width"), body.get("height")
+    if body.get("size") is not None:
+        if width is not None or height is not None:
+            raise RequestError("`size`: give either size or width and height", 422, "size")
+        width, height = parse_size(body["size"])
+    seed = body.get("seed")
+    if seed == -1:
+        seed = None
+    output_format = body.get("output_format", "png")
+    if output_format not in OUTPUT_FORMATS:
+        raise RequestError(
+            f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}", 422
+        )
+    webhook = body.get("webhook")
+    if webhook is not None:
+        if not isinstance(webhook, str):
+            raise RequestError(f"`webhook` must be a URL string, got {webhook!r}", 422, "webhook")
+        try:
+            check_url(webhook, options.url_policy, "webhook")
+        except UrlRefused as err:
+            raise RequestError(str(err), 422, "webhook") from None
+    enhance, safety = _flag(body, "enhance_prompt"), _flag(body, "enable_safety_checker")
+    if enhance and not options.has_enhancer:
+        raise RequestError("`enhance_prompt`: no prompt enhancer (start with --prompt-enhancer DIR)", 422)
+    if safety and not options.has_safety_checker:
+        raise RequestError(
+            "`enable_safety_checker`: no safety checker (start with --safety-checker DIR)", 422
+        )
+    fill = {name: body[name] for name in _FILL_FIELDS if name in body}
+    image = decode_image(body["image"], "image", options.url_policy, options.max_input_megapixels, fetcher)
+    mask = body.get(mask_name)
+    if mask is not None:
+        mask = decode_image(mask, mask_name, options.url_policy, options.max_input_megapixels, fetcher)
+    loras = _loras(body.get("loras"), options, fetcher)
+    request = FillRequest(image=image, mask=mask, width=width, height=height, seed=seed, loras=loras, **fill)
+    try:
+        request = request.validated(options.max_input_megapixels, options.max_loras)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        message = str(err).replace("`mask`", f"`{mask_name}`")
+        raise RequestError(message, 422) from None
+    public = {
+        **fill,
+        "prompt": request.prompt,
+        "width": width,
+        "height": height,
+        "seed": request.seed,
+        "loras": body.get("loras"),
+        "output_format": output_format,
+        "enable_base64_output": _flag(body, "enable_base64_output"),
+        "enhance_prompt": enhance,
+        "enable_safety_checker": safety,
+        "webhook": webhook,
+        "image_size": list(image.size),
+        "has_mask": mask is not None,
+        "lora_files": [{"path": str(spec.path), "scale": spec.scale} for spec in request.loras or ()],
+    }
+    return TaskSpec(
+        request=request,
+        public=public,
+        output_format=output_format,
+        base64_output=public["enable_base64_output"],
+        sync=_flag(body, "enable_sync_mode"),
+        webhook=webhook,
+        enhance_prompt=enhance,
+        safety_checker=safety,
+    )
+
+
+def restore_task(public: Mapping[str, Any], image: PIL.Image.Image, mask: PIL.Image.Image | None) -> TaskSpec:
+    """The :class:`TaskSpec` of a stored task (its ``public`` fields and saved input images), to run it
+    again after a restart; checked again, as the LoRA files may have gone."""
+    from ..engine import FillRequest
+
+    fill = {name: public[name] for name in _FILL_FIELDS if name in public}
+    request = FillRequest(
+        image=image,
+        mask=mask,
+        width=public.get("width"),
+        height=public.get("height"),
+        seed=public["seed"],
+        loras=public.get("lora_files") or None,
+        **fill,
+    ).validated()
+    return TaskSpec(
+        request=request,
+        public=dict(public),
+        output_format=public.get("output_format", "png"),
+        base64_output=bool(public.get("enable_base64_output")),
+        webhook=public.get("webhook"),
+        enhance_prompt=bool(public.get("enhance_prompt")),
+        safety_checker=bool(public.get("enable_safety_checker")),
+    )

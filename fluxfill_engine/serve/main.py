@@ -1,0 +1,214 @@
+"""``fluxfill serve``: its flags, and starting the server from them."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS
+
+DEFAULT_PORT = 8000
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--warmup takes WIDTHxHEIGHT sizes such as 1024x1024, got {text!r}"
+        ) from None
+    return width, height
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [_size(part) for part in text.split(",") if part.strip()]
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--url-allow-network takes a CIDR such as 10.0.5.0/24, got {text!r}"
+        ) from None
+
+
+def add_serve_parser(commands: Any) -> None:
+    """The ``serve`` subcommand of ``fluxfill``."""
+    serve = commands.add_parser(
+        "serve",
+        help="run the FLUX Fill HTTP API (WaveSpeed-compatible + native) with a playground page",
+        description="Serve FLUX.1 Fill over HTTP: tasks with progress events (SSE, WebSocket), files, "
+        "a WaveSpeed-compatible endpoint and a playground page at /. API: docs/serving.md.",
+    )
+    serve.add_argument(
+        "--model",
+        type=Path,
+        help="a diffusers FLUX.1 Fill folder, or a single-file transformer with --base "
+        "(default: the built-in tiny random-weight model, whose images are noise)",
+    )
+    serve.add_argument("--base", type=Path, help="with a single-file --model: the diffusers folder")
+    serve.add_argument("--preset", default="reference", choices=sorted(PRESETS), help="optimization preset")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("fluxfill-data"),
+        help="tasks database and files (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="queued tasks before 429 (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="images run together in one pass, at most (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--retention-hours",
+        type=float,
+        default=24.0,
+        help="keep output files this long (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-request-mb", type=float, default=64.0, help="request body limit, in MiB (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require Authorization: Bearer KEY (repeat for several keys; default: open)",
+    )
+    serve.add_argument(
+        "--allow-url-inputs",
+        action="store_true",
+        help="accept http(s) URLs for images, masks, LoRAs and webhooks (public addresses only)",
+    )
+    serve.add_argument(
+        "--url-allow-network",
+        dest="trusted_networks",
+        action="append",
+        default=[],
+        type=_network,
+        metavar="CIDR",
+        help="with --allow-url-inputs: also allow this private network (e.g. internal storage)",
+    )
+    serve.add_argument("--lora-dir", type=Path, help="LoRA files requests may name (relative paths)")
+    serve.add_argument(
+        "--warmup",
+        type=_sizes,
+        default=[],
+        metavar="WxH,...",
+        help="sizes to run once before /healthz says ready (compiles, autotunes)",
+    )
+    serve.add_argument(
+        "--prompt-enhancer", type=Path, metavar="DIR", help="a local text-generation model folder"
+    )
+    serve.add_argument("--safety-checker", type=Path, metavar="DIR", help="a local safety checker folder")
+    serve.add_argument(
+        "--webhook-secret", help="Standard Webhooks secret (default: generated, kept in --data-dir)"
+    )
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before anything loads (one line naming the flag)."""
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1-65535, got {args.port}")
+    for flag, value, low in (("--max-queue", args.max_queue, 1), ("--max-batch", args.max_batch, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    if args.retention_hours <= 0 or args.max_request_mb <= 0:
+        raise ValueError("--retention-hours and --max-request-mb must be positive")
+    for flag, folder in (
+        ("--model", args.model),
+        ("--lora-dir", args.lora_dir),
+        ("--prompt-enhancer", args.prompt_enhancer),
+        ("--safety-checker", args.safety_checker),
+    ):
+        if folder is not None and not folder.exists():
+            raise ValueError(f"{flag}: no such file or folder: {str(folder)!r}")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise ValueError(f"--lora-dir: {str(args.lora_dir)!r} is not a folder")
+    if args.trusted_networks and not args.allow_url_inputs:
+        raise ValueError("--url-allow-network needs --allow-url-inputs")
+    if any(not key.strip() for key in args.api_keys):
+        raise ValueError("--api-key: an empty key would let anyone in")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Build the app from the flags and run it with uvicorn until interrupted."""
+    check_serve_args(args)
+    try:
+        import uvicorn
+
+        from .app import ServerConfig, create_app
+    except ImportError as err:
+        raise ValueError(
+            f'fluxfill serve needs the serve extra: pip install "fluxfill-engine[serve]" ({err})'
+        ) from None
+    from ..cli import _checked_device, tiny_engine
+    from ..config import EngineConfig
+    from .inputs import ServerOptions
+    from .service import ServiceSettings
+    from .urlguard import UrlPolicy
+
+    device = _checked_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    engine_config = EngineConfig.preset(args.preset, dtype=dtype)
+
+    def engine_factory() -> Any:
+        if args.model is None:
+            return tiny_engine(engine_config, device=device)
+        from ..engine import FluxFillEngine
+
+        return FluxFillEngine.from_pretrained(args.model, config=engine_config, device=device, base=args.base)
+
+    addons: dict[str, Any] = {}
+    if args.prompt_enhancer is not None:
+        from .enhance import PromptEnhancer
+
+        addons["enhancer"] = PromptEnhancer.from_folder(args.prompt_enhancer, device=device)
+    if args.safety_checker is not None:
+        from .safety import SafetyChecker
+
+        addons["safety_checker"] = SafetyChecker.from_folder(args.safety_checker, device=device)
+    config = ServerConfig(
+        service=ServiceSettings(
+            data_dir=args.data_dir,
+            max_queue=args.max_queue,
+            max_batch_images=args.max_batch,
+            retention_hours=args.retention_hours,
+            warmup_sizes=args.warmup,
+        ),
+        options=ServerOptions(
+            url_policy=UrlPolicy(allow=args.allow_url_inputs, trusted_networks=tuple(args.trusted_networks)),
+            lora_dir=args.lora_dir,
+            max_input_megapixels=engine_config.max_input_megapixels,
+            max_loras=engine_config.max_loras,
+        ),
+        api_keys=tuple(args.api_keys),
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        model=str(args.model) if args.model is not None else "tiny",
+        preset=args.preset,
+        device=device,
+        tiny_model=args.model is None,
+        webhook_secret=args.webhook_secret,
+    )
+    if args.model is None:
+        print("No --model given: serving the built-in tiny random-weight model (its images are noise).")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_keys:
+        print(f"warning: listening on {args.host} with no --api-key: anyone who reaches it can use it")
+    print(f"fluxfill serve: http://{args.host}:{args.port}/ (data in {args.data_dir})", flush=True)
+    app = create_app(config, engine_factory, **addons)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

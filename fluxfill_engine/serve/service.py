@@ -1,0 +1,533 @@
+"""The task service: a bounded queue in front of one engine, one worker thread, batching, cancel,
+restart recovery, output files, retention, webhooks.
+
+The HTTP layer (:mod:`.app`) only parses, calls this and renders; everything that must hold
+whatever the transport lives here:
+
+- every task ends with exactly one closing event (``task_postprocess_end``, ``task_error`` or
+  ``task_cancel``), written in the same transaction as its final state;
+- a failing task never stops the worker, and a batch that fails is retried task by task, so one
+  bad request cannot fail its batch-mates;
+- a restart finds every task: queued or running ones come back ``failed`` ("interrupted by restart"),
+  or queued again when they carried an ``Idempotency-Key`` (their inputs are kept on disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import events as ev
+from .inputs import TaskSpec, restore_task
+from .store import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    DuplicateKey,
+    Task,
+    TaskStore,
+)
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from ..engine import Event, FillResult, FluxFillEngine
+    from .metrics import ServeMetrics
+
+logger = logging.getLogger(__name__)
+_SAVE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` tasks; try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class NotFound(KeyError):
+    pass
+
+
+class AlreadyFinished(Exception):
+    """Cancel of a task that has finished (its status says how)."""
+
+
+class _Canceled(Exception):
+    """Raised from the engine's event handler to stop a batch whose tasks were all canceled."""
+
+
+class _ShuttingDown(Exception):
+    """Raised from the engine's event handler when the server stops: the batch's tasks stay
+    ``running`` in the store, and the next start recovers them as after a crash."""
+
+
+@dataclass
+class ServiceSettings:
+    """The worker's knobs (``fluxfill serve`` flags)."""
+
+    data_dir: Path
+    max_queue: int = 64
+    max_batch_images: int = 4
+    retention_hours: float = 24.0
+    warmup_sizes: Sequence[tuple[int, int]] = ()
+
+
+class TaskService:
+    """Owns the queue, the worker thread and the engine; thread-safe.
+
+    ``engine_factory`` builds the engine on the worker thread (so loading and warm-up happen after
+    the HTTP server is up, and ``/healthz`` says ``warming`` meanwhile).
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        settings: ServiceSettings,
+        engine_factory: Callable[[], FluxFillEngine],
+        hub: ev.EventHub,
+        metrics: ServeMetrics | None = None,
+        enhancer: Any = None,
+        safety_checker: Any = None,
+        webhooks: Any = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.hub = hub
+        self.metrics = metrics
+        self.enhancer = enhancer
+        self.safety_checker = safety_checker
+        self.webhooks = webhooks
+        self.engine: FluxFillEngine | None = None
+        self.state = "warming"  # then "ready", or "failed" when the engine could not load
+        self.load_error: str | None = None
+        self._engine_factory = engine_factory
+        self._queue: list[str] = []
+        self._specs: dict[str, TaskSpec] = {}
+        self._running: list[str] = []
+        self._cancel_requested: set[str] = set()
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._seconds_per_image = 5.0  # running mean, for Retry-After
+        self._thread = threading.Thread(target=self._main, name="fluxfill-worker", daemon=True)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def files_dir(self) -> Path:
+        return self.settings.data_dir / "files"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.settings.data_dir / "inputs"
+
+    def start(self) -> None:
+        self._recover()
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def queue_depth(self) -> int:
+        with self._changed:
+            return len(self._queue)
+
+    def running(self) -> int:
+        with self._changed:
+            return len(self._running)
+
+    def _recover(self) -> None:
+        """Tasks the last process left queued or running: queued again (with an idempotency key and
+        their inputs on disk) or failed."""
+        for task in self.store.by_status(QUEUED, RUNNING):
+            spec = self._restored_spec(task) if task.idempotency_key else None
+            if spec is None:
+                self._finish(task.id, FAILED, ev.TASK_ERROR, {"error": INTERRUPTED}, error=INTERRUPTED)
+                continue
+            with self._changed:
+                self._queue.append(task.id)
+                self._specs[task.id] = spec
+                position = len(self._queue)
+            self.store.update(
+                task.id,
+                (ev.TASK_QUEUE, {"position": position, "requeued": "restart"}),
+                status=QUEUED,
+                started_at=None,
+                progress_step=0,
+            )
+
+    def _restored_spec(self, task: Task) -> TaskSpec | None:
+        from ..images import open_image_bytes
+
+        folder = self.inputs_dir / task.id
+        try:
+            image = open_image_bytes((folder / "image.png").read_bytes(), "image")
+            mask_file = folder / "mask.png"
+            mask = open_image_bytes(mask_file.read_bytes(), "mask") if mask_file.exists() else None
+            return restore_task(task.request, image, mask)
+        except (OSError, ValueError, TypeError) as err:
+            logger.warning("task %s cannot run again after the restart: %s", task.id, err)
+            return None
+
+    # ---------------------------------------------------------------- requests
+
+    def get(self, task_id: str) -> Task:
+        task = self.store.get(task_id)
+        if task is None:
+            raise NotFound(task_id)
+        return task
+
+    def submit(self, spec: TaskSpec, api: str, idempotency_key: str | None = None) -> tuple[Task, bool]:
+        """Queue a checked task; returns it and whether it is new (False: the idempotency key's task).
+
+        Raises :class:`QueueFull`."""
+        if idempotency_key is not None:
+            existing = self.store.by_key(idempotency_key)
+            if existing is not None:
+                return existing, False
+        self._check_room()
+        task = Task(
+            id=uuid.uuid4().hex,
+            status=QUEUED,
+            api=api,
+            created_at=time.time(),
+            request=spec.public,
+            idempotency_key=idempotency_key,
+            seed=spec.request.seed,
+        )
+        self._save_inputs(task.id, spec)
+        with self._changed:
+            try:
+                self._check_room()
+                self.store.create(task, (ev.TASK_QUEUE, {"position": len(self._queue) + 1}))
+            except (DuplicateKey, QueueFull) as err:
+                shutil.rmtree(self.inputs_dir / task.id, ignore_errors=True)
+                if isinstance(err, QueueFull):
+                    raise
+                return err.task, False
+            self.store.update(task.id, seed=spec.request.seed)
+            self._queue.append(task.id)
+            self._specs[task.id] = spec
+            self._changed.notify_all()
+        self.hub.notify(task.id)
+        return self.get(task.id), True
+
+    def _check_room(self) -> None:
+        with self._changed:
+            depth = len(self._queue)
+        if depth >= self.settings.max_queue:
+            per_batch = self._seconds_per_image * self.settings.max_batch_images
+            batches = depth / max(self.settings.max_batch_images, 1)
+            raise QueueFull(max(1, round(batches * per_batch / self.settings.max_batch_images)))
+
+    def _save_inputs(self, task_id: str, spec: TaskSpec) -> None:
+        folder = self.inputs_dir / task_id
+        folder.mkdir(parents=True, exist_ok=True)
+        spec.request.image.save(folder / "image.png")
+        if spec.request.mask is not None:
+            spec.request.mask.save(folder / "mask.png")
+
+    def cancel(self, task_id: str) -> Task:
+        """Cancel a queued task now, or a running one at its next step. Raises :class:`NotFound`,
+        :class:`AlreadyFinished`."""
+        task = self.get(task_id)
+        with self._changed:
+            if task_id in self._queue:
+                self._queue.remove(task_id)
+                self._specs.pop(task_id, None)
+                queued = True
+            else:
+                queued = False
+                if task_id in self._running:
+                    self._cancel_requested.add(task_id)
+        if queued:
+            self._finish(task_id, CANCELED, ev.TASK_CANCEL, {"error": "canceled"}, error="canceled")
+            return self.get(task_id)
+        if task.finished:
+            raise AlreadyFinished(task.status)
+        return self.get(task_id)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        with self._changed:
+            return task_id in self._cancel_requested
+
+    # ---------------------------------------------------------------- worker
+
+    def _main(self) -> None:
+        try:
+            self.engine = self._engine_factory()
+            if self.settings.warmup_sizes:
+                self.engine.warmup(self.settings.warmup_sizes)
+        except Exception as err:
+            logger.exception("the engine failed to load")
+            self.load_error = f"{type(err).__name__}: {err}"
+            self.state = "failed"
+            return
+        self.state = "ready"
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            except Exception:  # never lets a task stop the worker
+                logger.exception("unexpected error running tasks %s", batch)
+                for task_id in batch:
+                    message = "internal error (see the server log)"
+                    self._finish(task_id, FAILED, ev.TASK_ERROR, {"error": message}, error=message)
+            finally:
+                with self._changed:
+                    self._running = []
+                    self._cancel_requested.difference_update(batch)
+
+    def _next_batch(self) -> list[str] | None:
+        """The oldest queued task and the queued tasks that can run with it, up to the image limit."""
+        with self._changed:
+            while not self._queue and not self._stopping:
+                self._changed.wait(timeout=30)
+                if not self._queue:
+                    self.delete_expired()
+            if self._stopping:
+                return None
+            first = self._queue.pop(0)
+            batch, images = [first], self._specs[first].request.num_images
+            key = self._batch_key(self._specs[first])
+            if key is not None:
+                for task_id in list(self._queue):
+                    spec = self._specs[task_id]
+                    if images + spec.request.num_images > self.settings.max_batch_images:
+                        continue
+                    if self._batch_key(spec) == key:
+                        self._queue.remove(task_id)
+                        batch.append(task_id)
+                        images += spec.request.num_images
+            self._running = list(batch)
+            return batch
+
+    def _batch_key(self, spec: TaskSpec) -> Any:
+        batch_key = getattr(self.engine, "batch_key", None)
+        if batch_key is None or spec.enhance_prompt:  # the enhanced prompt is only known later
+            return None
+        return (batch_key(spec.request), spec.safety_checker)
+
+    def _run_batch(self, batch: list[str]) -> None:
+        with self._changed:
+            specs = [self._specs.pop(task_id) for task_id in batch]
+        now = time.time()
+        for task_id in batch:
+            self.store.update(
+                task_id, (ev.TASK_ACCEPT, {"batch_size": len(batch)}), status=RUNNING, started_at=now
+            )
+            self.hub.notify(task_id)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+        results = self._run_engine(batch, specs)
+        if results is None and len(batch) > 1 and not self._stopping:
+            for task_id, spec in zip(batch, specs, strict=True):  # one bad request fails only itself
+                if not self.store.get(task_id).finished:
+                    self._finish_results([task_id], [spec], self._run_engine([task_id], [spec], retry=True))
+            return
+        self._finish_results(batch, specs, results)
+
+    def _emit(
+        self, batch: Sequence[str], name: str, data: dict[str, Any] | None = None, **fields: Any
+    ) -> None:
+        for task_id in batch:
+            if not self.cancel_requested(task_id):
+                self.store.update(task_id, (name, data or {}), **fields)
+                self.hub.notify(task_id)
+
+    def _run_engine(
+        self, batch: list[str], specs: list[TaskSpec], retry: bool = False
+    ) -> list[FillResult] | None:
+        """Run tasks as one engine pass; None when it failed (each task then failed, or is retried
+        alone when ``batch`` had several)."""
+        self._emit(batch, ev.TASK_PREPROCESS_START, {"retry_alone": True} if retry else {})
+        started: dict[str, float] = {}
+
+        def on_event(event: Event) -> None:
+            if event.type in ("error", "done"):  # closing events: the pass is over either way
+                return
+            if self._stopping:
+                raise _ShuttingDown()
+            self._cancel_now(batch)
+            if event.type == "preprocess_end":
+                self._emit(batch, ev.TASK_PREPROCESS_END)
+                total = specs[0].request.num_inference_steps
+                self._emit(batch, ev.TASK_START, {"total": total}, progress_total=total)
+                started["denoise"] = time.perf_counter()
+            elif event.type == "step":
+                elapsed = time.perf_counter() - started.get("denoise", time.perf_counter())
+                eta = elapsed / event.step * (event.total - event.step)
+                data = {"step": event.step, "total": event.total, "eta_seconds": round(eta, 3)}
+                self._emit(batch, ev.TASK_OUTPUT, data, progress_step=event.step, progress_total=event.total)
+
+        try:
+            requests = [self._enhanced(task_id, spec) for task_id, spec in zip(batch, specs, strict=True)]
+            assert self.engine is not None
+            if len(requests) == 1:
+                return [self.engine.run(requests[0], on_event=on_event)]
+            return self.engine.run_batch(requests, on_event=on_event)
+        except (_Canceled, _ShuttingDown):
+            return []
+        except Exception as err:
+            if len(batch) > 1:
+                logger.warning("batch %s failed (%s); running its tasks one by one", batch, err)
+                return None
+            self._cancel_now(batch, raise_when_all=False)
+            message = _error_message(err)
+            self._finish(batch[0], FAILED, ev.TASK_ERROR, {"error": message}, error=message)
+            return []
+
+    def _enhanced(self, task_id: str, spec: TaskSpec) -> Any:
+        """The request with its prompt rewritten when it asked; the new prompt is kept in the task."""
+        if not spec.enhance_prompt:
+            return spec.request
+        prompt = self.enhancer.enhance(spec.request.prompt)
+        spec.public["enhanced_prompt"] = prompt
+        self.store.update(task_id, request=spec.public)
+        return dataclasses.replace(spec.request, prompt=prompt)
+
+    def _cancel_now(self, batch: Sequence[str], raise_when_all: bool = True) -> None:
+        """Close the tasks of ``batch`` whose cancel was asked; stop the pass when none is left."""
+        with self._changed:
+            asked = [task_id for task_id in batch if task_id in self._cancel_requested]
+        for task_id in asked:
+            self._finish(task_id, CANCELED, ev.TASK_CANCEL, {"error": "canceled"}, error="canceled")
+        if raise_when_all and asked and len(asked) == len(batch):
+            raise _Canceled()
+
+    def _finish_results(
+        self, batch: list[str], specs: list[TaskSpec], results: list[FillResult] | None
+    ) -> None:
+        if not results:
+            return
+        for task_id, spec, result in zip(batch, specs, results, strict=True):
+            if self.cancel_requested(task_id) or self.store.get(task_id).finished:
+                self._cancel_now([task_id], raise_when_all=False)
+                continue
+            timings = {name: round(seconds, 4) for name, seconds in result.timings.items()}
+            self._emit([task_id], ev.TASK_END, {"timings": timings}, timings=timings)
+            self._emit([task_id], ev.TASK_POSTPROCESS_START)
+            images, nsfw = result.images, [False] * len(result.images)
+            if spec.safety_checker:
+                images, nsfw = self.safety_checker.check(images)
+            names = self._save_outputs(task_id, images, spec.output_format)
+            if self.metrics is not None:
+                for stage, seconds in result.timings.items():
+                    self.metrics.stage.labels(stage).observe(seconds)
+            per_image = result.timings.get("total", 0.0) / max(len(images), 1)
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
+            data = {"outputs": [files_url(task_id, name) for name in names], "has_nsfw_contents": nsfw}
+            self._finish(
+                task_id,
+                COMPLETED,
+                ev.TASK_POSTPROCESS_END,
+                data,
+                outputs=names,
+                nsfw=nsfw,
+                seed=result.seed,
+                progress_step=spec.request.num_inference_steps,
+            )
+
+    def _save_outputs(self, task_id: str, images: Sequence[PIL.Image.Image], output_format: str) -> list[str]:
+        folder = self.files_dir / task_id
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for index, image in enumerate(images):
+            name = f"{index}.{output_format}"
+            buffer = io.BytesIO()
+            picture = image.convert("RGB") if output_format == "jpeg" else image
+            picture.save(buffer, _SAVE_FORMATS[output_format])
+            (folder / name).write_bytes(buffer.getvalue())
+            names.append(name)
+        return names
+
+    def _finish(self, task_id: str, status: str, event: str, data: dict[str, Any], **fields: Any) -> None:
+        """Close a task (once: a second close, e.g. a cancel racing the end, is ignored)."""
+        finished_at = time.time()
+        closed = self.store.finish_if_unfinished(
+            task_id, (event, data), status=status, finished_at=finished_at, **fields
+        )
+        if not closed:
+            return
+        self.hub.notify(task_id)
+        shutil.rmtree(self.inputs_dir / task_id, ignore_errors=True)
+        task = self.store.get(task_id)
+        if self.metrics is not None:
+            self.metrics.tasks.labels(status).inc()
+            self.metrics.latency.observe(finished_at - task.created_at)
+        webhook = task.request.get("webhook")
+        if webhook and self.webhooks is not None:
+            kind = "task.completed" if status == COMPLETED else f"task.{status}"
+            self.webhooks.send(webhook, kind, task_summary(task))
+
+    def delete_expired(self) -> None:
+        """Delete the output files of tasks finished more than ``retention_hours`` ago (the tasks stay,
+        with ``outputs_expired``). The worker calls it when idle."""
+        now = time.time()
+        for task in self.store.expired(now - self.settings.retention_hours * 3600):
+            shutil.rmtree(self.files_dir / task.id, ignore_errors=True)
+            self.store.update(task.id, files_deleted=1)
+
+
+def files_url(task_id: str, name: str) -> str:
+    return f"/v1/files/{task_id}/{name}"
+
+
+def task_summary(task: Task) -> dict[str, Any]:
+    """A task as the native API shows it (relative URLs)."""
+    return {
+        "id": task.id,
+        "status": task.status,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "progress": {"step": task.progress_step, "total": task.progress_total},
+        "outputs": [] if task.files_deleted else [files_url(task.id, name) for name in task.outputs],
+        "outputs_expired": task.files_deleted,
+        "seed": task.seed,
+        "timings": task.timings,
+        "error": task.error,
+        "has_nsfw_contents": task.nsfw,
+        "request": {key: value for key, value in task.request.items() if key != "lora_files"},
+        "urls": {
+            "get": f"/v1/tasks/{task.id}",
+            "events": f"/v1/tasks/{task.id}/events",
+            "cancel": f"/v1/tasks/{task.id}/cancel",
+        },
+    }
+
+
+def _error_message(err: BaseException) -> str:
+    if isinstance(err, (ValueError, TypeError, FileNotFoundError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+@contextlib.contextmanager
+def running_service(service: TaskService) -> Any:
+    """Start ``service`` for the block, stop it after."""
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -1,0 +1,182 @@
+"""Real ``fluxfill serve`` servers for the tests: in this process (uvicorn on a loopback port, in a
+thread) or as a subprocess (for restarts and ``kill -9``); request bodies; event readers."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import PIL.Image
+
+# Small inputs at the smallest working resolution: a task takes a fraction of a second on a CPU.
+FAST = {"num_inference_steps": 2, "max_megapixels": 0.065}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: PIL.Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def inputs(width: int = 256, height: int = 256, seed: int = 0) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """A coloured image and a mask with a white box in the middle."""
+    image = PIL.Image.new("RGB", (width, height), (40 + seed * 20 % 200, 120, 200))
+    mask = PIL.Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    return image, mask
+
+
+def body(prompt: str = "a white paper cup", seed: int = 1, **fields: Any) -> dict[str, Any]:
+    image, mask = inputs()
+    return {
+        "prompt": prompt,
+        "image": data_url(image),
+        "mask": data_url(mask),
+        "seed": seed,
+        **FAST,
+        **fields,
+    }
+
+
+class SlowSteps:
+    """An engine whose every step takes at least ``seconds`` (through the event handler it is given),
+    so tests can cancel, fill the queue or kill while a task runs. Everything else is the engine's."""
+
+    def __init__(self, engine: Any, seconds: float) -> None:
+        self._engine = engine
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def _slowed(self, on_event: Any) -> Any:
+        def handler(event: Any) -> None:
+            if event.type == "step":
+                time.sleep(self.seconds)
+            if on_event is not None:
+                on_event(event)
+
+        return handler
+
+    def run(self, request: Any, on_event: Any = None) -> Any:
+        return self._engine.run(request, on_event=self._slowed(on_event))
+
+    def run_batch(self, requests: Any, on_event: Any = None) -> Any:
+        return self._engine.run_batch(requests, on_event=self._slowed(on_event))
+
+
+@contextlib.contextmanager
+def server_in_thread(app: Any, timeout: float = 120.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port; yields its base URL once /healthz is 200."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_ready(base: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            answer = httpx.get(f"{base}/healthz", timeout=2)
+            if answer.status_code == 200:
+                return answer.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} did not become ready in {timeout} s")
+
+
+@contextlib.contextmanager
+def server_process(
+    data_dir: Path, *flags: str, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``fluxfill serve`` as a real subprocess on the built-in tiny model."""
+    port = port or free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "fluxfill_engine.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, 180, process)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def sse_events(
+    base: str, task_id: str, timeout: float = 120.0, headers: dict[str, str] | None = None
+) -> list[tuple[str, dict]]:
+    """All events of a task as ``(name, data)`` pairs, read from its SSE stream until it closes."""
+    found, name = [], None
+    with httpx.stream("GET", f"{base}/v1/tasks/{task_id}/events", timeout=timeout, headers=headers) as stream:
+        assert stream.status_code == 200, stream.read()
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                found.append((name, json.loads(line[len("data: ") :])))
+    return found
+
+
+def wait_status(
+    base: str, task_id: str, statuses: set[str], timeout: float = 120.0, **kwargs: Any
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = httpx.get(f"{base}/v1/tasks/{task_id}", **kwargs).json()
+        if task["status"] in statuses:
+            return task
+        time.sleep(0.05)
+    raise TimeoutError(f"task {task_id} stayed {task['status']}")
