@@ -332,7 +332,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
             "tiny_model": config.tiny_model,
             "queue_depth": service.queue_depth(),
             "running": service.running(),
-            "replicas": 1,
+            "replicas": service.replicas,
         }
         if service.load_error:
             body["error"] = service.load_error

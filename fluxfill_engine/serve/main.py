@@ -35,6 +35,18 @@ def _network(text: str) -> str:
         ) from None
 
 
+def _autoscale(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--autoscale takes MIN,MAX replicas such as 1,4, got {text!r}"
+        ) from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high
+
+
 def add_serve_parser(commands: Any) -> None:
     """The ``serve`` subcommand of ``fluxfill``."""
     serve = commands.add_parser(
@@ -115,6 +127,23 @@ def add_serve_parser(commands: Any) -> None:
         "--prompt-enhancer", type=Path, metavar="DIR", help="a local text-generation model folder"
     )
     serve.add_argument("--safety-checker", type=Path, metavar="DIR", help="a local safety checker folder")
+    scale = serve.add_argument_group('scale-out (Ray Serve; pip install "fluxfill-engine[ray]")')
+    scale.add_argument(
+        "--ray", action="store_true", help="run the engines as Ray Serve replicas (one GPU each)"
+    )
+    scale.add_argument(
+        "--replicas", type=int, default=1, help="with --ray: engine replicas (default: %(default)s)"
+    )
+    scale.add_argument(
+        "--autoscale",
+        type=_autoscale,
+        metavar="MIN,MAX",
+        help="with --ray: autoscale between MIN and MAX replicas on queue length instead of --replicas",
+    )
+    scale.add_argument(
+        "--ray-address",
+        help="with --ray: an existing cluster ('auto' or ray://HOST:10001; default: a local one)",
+    )
     serve.add_argument(
         "--webhook-secret", help="Standard Webhooks secret (default: generated, kept in --data-dir)"
     )
@@ -141,6 +170,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lora-dir: {str(args.lora_dir)!r} is not a folder")
     if args.trusted_networks and not args.allow_url_inputs:
         raise ValueError("--url-allow-network needs --allow-url-inputs")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if not args.ray and (args.replicas != 1 or args.autoscale or args.ray_address):
+        raise ValueError("--replicas, --autoscale and --ray-address need --ray")
     if any(not key.strip() for key in args.api_keys):
         raise ValueError("--api-key: an empty key would let anyone in")
 
@@ -167,6 +200,22 @@ def run_serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig.preset(args.preset, dtype=dtype)
 
     def engine_factory() -> Any:
+        if args.ray:
+            from .ray_backend import EngineSpec, deploy
+
+            spec = EngineSpec(
+                model=None if args.model is None else str(args.model.resolve()),
+                base=None if args.base is None else str(args.base.resolve()),
+                preset=args.preset,
+                device=device,
+                dtype=dtype,
+                warmup_sizes=tuple(args.warmup),
+            )
+            limits = {
+                "max_input_megapixels": engine_config.max_input_megapixels,
+                "max_loras": engine_config.max_loras,
+            }
+            return deploy(spec, args.replicas, args.ray_address, args.autoscale, **limits)
         if args.model is None:
             return tiny_engine(engine_config, device=device)
         from ..engine import FluxFillEngine
@@ -188,7 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_batch_images=args.max_batch,
             retention_hours=args.retention_hours,
-            warmup_sizes=args.warmup,
+            warmup_sizes=[] if args.ray else args.warmup,  # replicas warm themselves up
         ),
         options=ServerOptions(
             url_policy=UrlPolicy(allow=args.allow_url_inputs, trusted_networks=tuple(args.trusted_networks)),

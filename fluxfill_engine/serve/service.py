@@ -118,12 +118,12 @@ class TaskService:
         self._engine_factory = engine_factory
         self._queue: list[str] = []
         self._specs: dict[str, TaskSpec] = {}
-        self._running: list[str] = []
+        self._running: set[str] = set()
         self._cancel_requested: set[str] = set()
         self._changed = threading.Condition()
         self._stopping = False
         self._seconds_per_image = 5.0  # running mean, for Retry-After
-        self._thread = threading.Thread(target=self._main, name="fluxfill-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._main, name="fluxfill-loader", daemon=True)]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -137,14 +137,15 @@ class TaskService:
 
     def start(self) -> None:
         self._recover()
-        self._thread.start()
+        self._threads[0].start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in list(self._threads):
+            if thread.is_alive():
+                thread.join(timeout)
 
     def queue_depth(self) -> int:
         with self._changed:
@@ -234,9 +235,8 @@ class TaskService:
         with self._changed:
             depth = len(self._queue)
         if depth >= self.settings.max_queue:
-            per_batch = self._seconds_per_image * self.settings.max_batch_images
-            batches = depth / max(self.settings.max_batch_images, 1)
-            raise QueueFull(max(1, round(batches * per_batch / self.settings.max_batch_images)))
+            # The time the queue ahead takes at the measured seconds per image (batching only helps).
+            raise QueueFull(max(1, round(depth * self._seconds_per_image / self.replicas)))
 
     def _save_inputs(self, task_id: str, spec: TaskSpec) -> None:
         folder = self.inputs_dir / task_id
@@ -271,7 +271,14 @@ class TaskService:
 
     # ---------------------------------------------------------------- worker
 
+    @property
+    def replicas(self) -> int:
+        """Engines serving tasks at once: 1, or the replica count of a scaled-out engine."""
+        return int(getattr(self.engine, "replicas", 1))
+
     def _main(self) -> None:
+        """Load the engine, warm it up, then work; a scaled-out engine (``engine.replicas`` > 1,
+        e.g. Ray Serve replicas) gets one worker thread per replica."""
         try:
             self.engine = self._engine_factory()
             if self.settings.warmup_sizes:
@@ -282,6 +289,13 @@ class TaskService:
             self.state = "failed"
             return
         self.state = "ready"
+        for index in range(1, self.replicas):
+            thread = threading.Thread(target=self._work, name=f"fluxfill-worker-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self._work()
+
+    def _work(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -295,7 +309,7 @@ class TaskService:
                     self._finish(task_id, FAILED, ev.TASK_ERROR, {"error": message}, error=message)
             finally:
                 with self._changed:
-                    self._running = []
+                    self._running.difference_update(batch)
                     self._cancel_requested.difference_update(batch)
 
     def _next_batch(self) -> list[str] | None:
@@ -319,7 +333,7 @@ class TaskService:
                         self._queue.remove(task_id)
                         batch.append(task_id)
                         images += spec.request.num_images
-            self._running = list(batch)
+            self._running.update(batch)
             return batch
 
     def _batch_key(self, spec: TaskSpec) -> Any:
@@ -425,7 +439,10 @@ class TaskService:
                 self._cancel_now([task_id], raise_when_all=False)
                 continue
             timings = {name: round(seconds, 4) for name, seconds in result.timings.items()}
-            self._emit([task_id], ev.TASK_END, {"timings": timings}, timings=timings)
+            end = {"timings": timings}
+            if "replica" in result.stats:  # which engine replica ran it (scale-out)
+                end["replica"] = result.stats["replica"]
+            self._emit([task_id], ev.TASK_END, end, timings=timings)
             self._emit([task_id], ev.TASK_POSTPROCESS_START)
             images, nsfw = result.images, [False] * len(result.images)
             if spec.safety_checker:

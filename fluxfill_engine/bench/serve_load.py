@@ -1,0 +1,318 @@
+"""Open-loop load test of ``fluxfill serve``: requests sent at a fixed rate whatever the server does
+(so a slow server builds a queue and answers 429, as real traffic would make it), each accepted task
+followed over its event stream to its closing event.
+
+Reports p50 / p99 latency (submission to closing event), throughput (completed tasks per second of
+the run), the 429 rate, and checks that every accepted task ended exactly once (one closing event,
+and a final status that agrees with it)::
+
+    python -m fluxfill_engine.bench.serve_load --requests 200 --rate 20 --out benchmarks/results/serve-load-cpu
+    python -m fluxfill_engine.bench.serve_load --url http://gpu-box:8000 --api-key K --size 1024 --steps 28
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLOSING = ("task_postprocess_end", "task_error", "task_cancel")
+
+
+@dataclass
+class Outcome:
+    """One request of the run."""
+
+    index: int
+    sent_at: float
+    http_status: int = 0
+    task_id: str | None = None
+    closing_events: list[str] = field(default_factory=list)
+    final_status: str | None = None
+    latency: float | None = None
+    batch_size: int | None = None
+    error: str | None = None
+
+
+def _png_data_url(width: int, height: int, mask: bool, seed: int) -> str:
+    import numpy as np
+    import PIL.Image
+
+    if mask:
+        array = np.zeros((height, width), np.uint8)
+        array[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    else:
+        rng = np.random.default_rng(seed)
+        array = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def _one(client: Any, outcome: Outcome, payload: dict[str, Any], headers: dict[str, str]) -> None:
+    start = time.perf_counter()
+    try:
+        answer = await client.post("/v1/tasks", json=payload, headers=headers)
+        outcome.http_status = answer.status_code
+        if answer.status_code != 201:
+            return
+        outcome.task_id = answer.json()["id"]
+        name = None
+        async with client.stream("GET", f"/v1/tasks/{outcome.task_id}/events", headers=headers) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                    if name in CLOSING:
+                        outcome.closing_events.append(name)
+                        outcome.latency = time.perf_counter() - start
+                elif line.startswith("data: ") and name == "task_accept":
+                    outcome.batch_size = json.loads(line[6:]).get("batch_size")
+        # The stream closes after the closing event; a second closing event would have shown above
+        # only if the server wrote one before closing, so the replay is read once more to be sure.
+        replay = await client.get(f"/v1/tasks/{outcome.task_id}/events", headers=headers)
+        outcome.closing_events = [
+            line[7:]
+            for line in replay.text.splitlines()
+            if line.startswith("event: ") and line[7:] in CLOSING
+        ]
+        outcome.final_status = (await client.get(f"/v1/tasks/{outcome.task_id}", headers=headers)).json()[
+            "status"
+        ]
+    except Exception as err:  # a load test reports failures, it does not stop at the first
+        outcome.error = f"{type(err).__name__}: {err}"
+
+
+async def run_load(
+    url: str,
+    requests: int,
+    rate: float,
+    size: int = 256,
+    steps: int = 2,
+    max_megapixels: float = 0.065,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> list[Outcome]:
+    """Send ``requests`` requests at ``rate`` per second to ``url``; returns what happened to each."""
+    import httpx
+
+    image, mask = _png_data_url(size, size, False, 0), _png_data_url(size, size, True, 0)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        jobs = []
+        outcomes = []
+        for index in range(requests):
+            delay = start + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            outcome = Outcome(index=index, sent_at=time.perf_counter() - start)
+            payload = {
+                "prompt": f"load test {index}",
+                "image": image,
+                "mask": mask,
+                "seed": index,
+                "num_inference_steps": steps,
+                "max_megapixels": max_megapixels,
+            }
+            outcomes.append(outcome)
+            jobs.append(asyncio.create_task(_one(client, outcome, payload, headers)))
+        await asyncio.gather(*jobs)
+    return outcomes
+
+
+def summarize(outcomes: list[Outcome], wall: float) -> dict[str, Any]:
+    """Latency percentiles, throughput, 429 rate, and the exactly-once check."""
+    accepted = [o for o in outcomes if o.http_status == 201]
+    completed = [o for o in accepted if o.final_status == "completed"]
+    latencies = sorted(o.latency for o in completed if o.latency is not None)
+
+    def percentile(q: float) -> float | None:
+        if not latencies:
+            return None
+        return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))]
+
+    closing_to_status = {
+        "task_postprocess_end": "completed",
+        "task_error": "failed",
+        "task_cancel": "canceled",
+    }
+    not_once = [
+        o.index
+        for o in accepted
+        if len(o.closing_events) != 1 or closing_to_status.get(o.closing_events[0]) != o.final_status
+    ]
+    batches = [o.batch_size for o in completed if o.batch_size]
+    return {
+        "requests": len(outcomes),
+        "accepted": len(accepted),
+        "rejected_429": sum(o.http_status == 429 for o in outcomes),
+        "rate_429": sum(o.http_status == 429 for o in outcomes) / max(len(outcomes), 1),
+        "other_status": sorted({o.http_status for o in outcomes} - {201, 429}),
+        "completed": len(completed),
+        "failed": sum(o.final_status == "failed" for o in accepted),
+        "client_errors": [o.error for o in outcomes if o.error][:5],
+        "latency_p50_s": percentile(0.5),
+        "latency_p99_s": percentile(0.99),
+        "latency_mean_s": statistics.fmean(latencies) if latencies else None,
+        "throughput_tasks_per_s": len(completed) / wall if wall > 0 else None,
+        "mean_batch_size": statistics.fmean(batches) if batches else None,
+        "wall_seconds": wall,
+        "every_accepted_task_ended_once": not not_once,
+        "not_ended_once": not_once,
+    }
+
+
+def _spawn_server(data_dir: Path, port: int, flags: list[str]) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "fluxfill_engine.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+    ]
+    return subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.0) -> dict[str, Any]:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            answer = httpx.get(f"{url}/healthz", timeout=2)
+            if answer.status_code == 200:
+                return answer.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} was not ready after {timeout} s")
+
+
+def report_markdown(summary: dict[str, Any], settings: dict[str, Any], health: dict[str, Any]) -> str:
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [
+        ("requests sent (open loop)", f"{summary['requests']} at {settings['rate']}/s"),
+        ("accepted (201)", summary["accepted"]),
+        ("refused 429 (queue full)", f"{summary['rejected_429']} ({summary['rate_429']:.1%})"),
+        ("completed / failed", f"{summary['completed']} / {summary['failed']}"),
+        ("latency p50 (s)", seconds(summary["latency_p50_s"])),
+        ("latency p99 (s)", seconds(summary["latency_p99_s"])),
+        ("throughput (tasks/s)", seconds(summary["throughput_tasks_per_s"])),
+        (
+            "mean batch size",
+            "-" if summary["mean_batch_size"] is None else f"{summary['mean_batch_size']:.2f}",
+        ),
+        (
+            "every accepted task ended exactly once",
+            "yes" if summary["every_accepted_task_ended_once"] else "NO",
+        ),
+    ]
+    lines = [
+        "# `fluxfill serve` open-loop load test",
+        "",
+        f"Server: {health.get('model')} model, preset {health.get('preset')}, device {health.get('device')}; "
+        f"{settings['flags'] or 'default flags'}. Machine: {platform.processor() or platform.machine()}, "
+        f"{platform.system()}.",
+        f"Requests: {settings['size']}x{settings['size']} input, {settings['steps']} steps, "
+        f"max_megapixels {settings['max_megapixels']}.",
+        "",
+        "Command: `" + settings["command"] + "`",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fluxfill_engine.bench.serve_load", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--url", help="a running server (default: start `fluxfill serve` on the tiny model)")
+    parser.add_argument("--requests", type=int, default=200, help="requests to send (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=20.0, help="requests per second (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=256, help="input side in pixels (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps (default: %(default)s)")
+    parser.add_argument(
+        "--max-megapixels", type=float, default=0.065, help="working resolution (default: %(default)s)"
+    )
+    parser.add_argument("--api-key", help="bearer key for --url")
+    parser.add_argument(
+        "--server-flags", default="--max-queue 32", help="flags for the spawned server (default: %(default)r)"
+    )
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rate <= 0:
+        parser.error("--requests must be >= 1 and --rate > 0")
+    process = None
+    with tempfile.TemporaryDirectory() as data_dir:
+        url = args.url
+        flags = [] if args.url else args.server_flags.split()
+        if url is None:
+            import socket
+
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            process = _spawn_server(Path(data_dir), port, flags)
+            url = f"http://127.0.0.1:{port}"
+        try:
+            health = _wait_ready(url, process)
+            start = time.perf_counter()
+            outcomes = asyncio.run(
+                run_load(
+                    url, args.requests, args.rate, args.size, args.steps, args.max_megapixels, args.api_key
+                )
+            )
+            summary = summarize(outcomes, time.perf_counter() - start)
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+    settings = {
+        "rate": args.rate,
+        "size": args.size,
+        "steps": args.steps,
+        "max_megapixels": args.max_megapixels,
+        "flags": " ".join(flags),
+        "command": "python -m fluxfill_engine.bench.serve_load "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    markdown = report_markdown(summary, settings, health)
+    print(markdown)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "summary": summary,
+            "settings": settings,
+            "server": health,
+            "outcomes": [asdict(o) for o in outcomes],
+        }
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        args.out.with_suffix(".md").write_text(markdown)
+    return 0 if summary["every_accepted_task_ended_once"] and not summary["other_status"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Scale-out over a Ray cluster: N engine replicas (Ray Serve deployments, one GPU each) behind one
+``fluxfill serve`` ingress.
+
+The ingress (this process: the HTTP API, the task store, the events) stays as it is; its engine is a
+:class:`RayEngine`, whose ``run`` sends the checked request to a replica and relays the replica's
+progress events back as they happen (a streaming Ray Serve call). The service runs one worker thread
+per replica, so N tasks run at once.
+
+LoRA-aware routing: a request's LoRA set is its multiplexed model id (``@serve.multiplexed``), so Ray
+Serve sends it to a replica that has that set loaded when there is one; each replica keeps a few sets.
+LoRA paths and ``--model`` must name the same files on every machine (shared storage).
+
+Ray Serve because it already does what a home-made pool would have to: replicas placed on the GPUs
+of a cluster's machines, restarted when they die, autoscaled on queue length, and routed by model id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ray import serve
+
+from ..engine import Event, FillRequest, FillResult
+
+DEPLOYMENT = "FluxFillReplica"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How a replica builds its engine (plain data: it travels to other machines)."""
+
+    model: str | None = None  # None: the built-in tiny model
+    base: str | None = None
+    preset: str = "reference"
+    device: str = "cpu"
+    dtype: str = "float32"
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+
+
+def build_engine(spec: EngineSpec) -> Any:
+    from ..cli import tiny_engine
+    from ..config import EngineConfig
+
+    config = EngineConfig.preset(spec.preset, dtype=spec.dtype)
+    if spec.model is None:
+        engine = tiny_engine(config, device=spec.device)
+    else:
+        from ..engine import FluxFillEngine
+
+        engine = FluxFillEngine.from_pretrained(spec.model, config=config, device=spec.device, base=spec.base)
+    if spec.warmup_sizes:
+        engine.warmup(spec.warmup_sizes)
+    return engine
+
+
+def lora_key(request: FillRequest) -> str:
+    """The multiplexed model id of a request: its LoRA set (``""``: none)."""
+    if not request.loras:
+        return ""
+    specs = [{"path": str(spec.path), "scale": float(spec.scale)} for spec in request.loras]
+    return json.dumps(specs, sort_keys=True)
+
+
+class _Stop(Exception):
+    """The ingress stopped listening (canceled task): end the replica's pass at its next step."""
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=2)
+class FillReplica:
+    """One engine on one device; runs one request at a time (the engine's lock)."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.engine = build_engine(spec)
+        self.replica = f"{os.uname().nodename}:{os.getpid()}"
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def lora_set(self, key: str) -> Any:
+        """Load (and keep) a LoRA set: Ray Serve then routes requests with this key here."""
+        loras = [dict(item) for item in json.loads(key)]
+        return await asyncio.to_thread(self.engine.pipeline.load_engine_loras, loras)
+
+    async def run(self, request: FillRequest) -> Any:
+        """Stream ``{"event": ...}`` dicts while the request runs, then ``{"result": ...}``."""
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self.lora_set(key)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def on_event(event: Event) -> None:
+            if stop.is_set() and event.type not in ("error", "done"):
+                raise _Stop()
+            loop.call_soon_threadsafe(queue.put_nowait, ("event", event))
+
+        def work() -> None:
+            try:
+                result = self.engine.run(request, on_event=on_event)
+                loop.call_soon_threadsafe(queue.put_nowait, ("result", result))
+            except BaseException as err:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "event":
+                    yield {"event": asdict(item)}
+                elif kind == "result":
+                    item.stats["replica"] = self.replica
+                    yield {"result": item}
+                    return
+                else:
+                    raise item
+        finally:
+            stop.set()  # canceled by the ingress, or done: either way nothing more to do
+
+
+class RayEngine:
+    """What the task service needs of an engine, served by Ray Serve replicas."""
+
+    def __init__(
+        self, handle: Any, replicas: int, spec: EngineSpec, max_input_megapixels: float, max_loras: int
+    ) -> None:
+        self.handle = handle.options(stream=True)
+        self.replicas = replicas
+        self.spec = spec
+        self.device = _Device(spec.device)
+        self.max_input_megapixels = max_input_megapixels
+        self.max_loras = max_loras
+
+    def run(self, request: FillRequest, on_event: Any = None) -> FillResult:
+        """Run ``request`` on a replica; ``on_event`` gets its events here, and raising from it
+        cancels the replica's pass."""
+        request = request.validated(self.max_input_megapixels, self.max_loras)
+        responses = self.handle.options(multiplexed_model_id=lora_key(request)).run.remote(request)
+        try:
+            for item in responses:
+                if "result" in item:
+                    return item["result"]
+                if on_event is not None:
+                    on_event(Event(**item["event"]))
+        except BaseException:
+            responses.cancel()
+            raise
+        raise RuntimeError("the replica ended without a result")
+
+
+@dataclass(frozen=True)
+class _Device:
+    """``engine.device`` for /healthz and metrics: the replicas' device kind."""
+
+    name: str
+
+    @property
+    def type(self) -> str:
+        return self.name.split(":")[0]
+
+    def __str__(self) -> str:
+        return f"{self.name} (ray replicas)"
+
+
+def deploy(
+    spec: EngineSpec,
+    replicas: int,
+    address: str | None = None,
+    autoscale: tuple[int, int] | None = None,
+    max_input_megapixels: float = 40.0,
+    max_loras: int = 3,
+) -> RayEngine:
+    """Start (or join, with ``address``) a Ray cluster, deploy the replicas, and return the engine
+    the ingress uses. ``autoscale`` = (min, max) replicas instead of a fixed count."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    gpus = 1 if spec.device.startswith("cuda") else 0
+    options: dict[str, Any] = {"ray_actor_options": {"num_gpus": gpus, "num_cpus": 1}}
+    if autoscale is not None:
+        low, high = autoscale
+        options["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "target_ongoing_requests": 1,
+        }
+        replicas = high
+    else:
+        options["num_replicas"] = replicas
+    serve.start(http_options={"location": "NoServer"})  # the ingress is ours: no Ray HTTP proxies
+    application = FillReplica.options(**options).bind(spec)
+    handle = serve.run(application, name="fluxfill", route_prefix=None)
+    return RayEngine(handle, replicas, spec, max_input_megapixels, max_loras)
+
+
+def shutdown() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()

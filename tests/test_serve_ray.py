@@ -1,0 +1,95 @@
+"""Scale-out with Ray Serve: a local Ray cluster on CPU, 2 replicas of the tiny model behind one
+``fluxfill serve`` ingress (a real server on loopback)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from serve_helpers import body, server_in_thread, sse_events, wait_status
+from test_serve import fetched_image, make_app, solo_image
+
+from fluxfill_engine import EngineConfig
+from fluxfill_engine.cli import tiny_engine
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_engine():
+    from fluxfill_engine.serve.ray_backend import EngineSpec, deploy, shutdown
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield deploy(EngineSpec(), replicas=2)
+    finally:
+        shutdown()
+
+
+def test_two_replicas_share_the_tasks(tmp_path, ray_engine):
+    local = tiny_engine(EngineConfig.preset("reference", dtype="float32"))
+    with server_in_thread(make_app(tmp_path, ray_engine)) as base:
+        health = httpx.get(f"{base}/healthz").json()
+        assert health["replicas"] == 2 and "ray" in health["device"]
+        tasks = [httpx.post(f"{base}/v1/tasks", json=body(seed=seed)).json() for seed in range(8)]
+        replicas = set()
+        for task in tasks:
+            done = wait_status(base, task["id"], {"completed", "failed"}, timeout=300)
+            assert done["status"] == "completed", done
+            events = sse_events(base, task["id"])
+            names = [name for name, _ in events]
+            assert names.count("task_postprocess_end") == 1 and "task_error" not in names
+            assert [name for name in names if name == "task_output"] == ["task_output"] * 2  # relayed steps
+            replicas.add(dict(events)["task_end"]["replica"])
+            picture = np.asarray(fetched_image(base, done["outputs"][0]), dtype=np.float32)
+            # The same image as one local engine, up to rounding: a replica computes with another
+            # thread count, so a few uint8 values land one step apart.
+            difference = np.abs(picture - solo_image(local, task["seed"]))
+            assert difference.max() <= 1 and difference.mean() < 0.01
+        assert len(replicas) == 2, replicas  # both replicas worked
+
+
+def test_cancel_reaches_the_replica(tmp_path, ray_engine):
+    with server_in_thread(make_app(tmp_path, ray_engine)) as base:
+        task = httpx.post(f"{base}/v1/tasks", json=body(num_inference_steps=100, max_megapixels=1.0)).json()
+        with httpx.stream("GET", f"{base}/v1/tasks/{task['id']}/events", timeout=120) as stream:
+            for line in stream.iter_lines():
+                if line == "event: task_output":
+                    break
+        httpx.post(f"{base}/v1/tasks/{task['id']}/cancel")
+        final = wait_status(base, task["id"], {"canceled", "completed", "failed"}, timeout=60)
+        assert final["status"] == "canceled" and final["progress"]["step"] < 100
+        after = httpx.post(f"{base}/v1/tasks", json=body()).json()
+        assert wait_status(base, after["id"], {"completed", "failed"}, timeout=120)["status"] == "completed"
+
+
+def test_requests_with_a_lora_set_go_to_the_replica_that_holds_it(tmp_path, ray_engine):
+    import lora_helpers
+
+    from fluxfill_engine.serve.inputs import ServerOptions
+
+    loras = tmp_path / "loras"
+    lora_helpers.peft_lora(loras / "a", 0)
+    lora_helpers.peft_lora(loras / "b", 1, rank=2)
+    app = make_app(tmp_path / "data", ray_engine, options=ServerOptions(lora_dir=loras))
+    with server_in_thread(app) as base:
+        for name in ("a", "b"):
+            ran_on = set()
+            for seed in range(4):
+                task = httpx.post(f"{base}/v1/tasks", json=body(seed=seed, loras=[{"path": name}])).json()
+                done = wait_status(base, task["id"], {"completed", "failed"}, timeout=300)
+                assert done["status"] == "completed", done
+                ran_on.add(dict(sse_events(base, task["id"]))["task_end"]["replica"])
+            assert len(ran_on) == 1, ran_on  # every request of the set went where the set is loaded
+
+
+def test_fluxfill_serve_ray_command(tmp_path):
+    """`fluxfill serve --ray --replicas 2` as a user starts it: its own local Ray cluster."""
+    from serve_helpers import server_process
+
+    ray.shutdown()  # the command starts its own cluster in its own process
+    with server_process(tmp_path, "--ray", "--replicas", "2") as (base, _):
+        assert httpx.get(f"{base}/healthz").json()["replicas"] == 2
+        task = httpx.post(f"{base}/v1/tasks", json=body()).json()
+        assert wait_status(base, task["id"], {"completed", "failed"}, timeout=300)["status"] == "completed"
