@@ -264,8 +264,11 @@ def test_api_keys(tmp_path, shared_engine):
         task = httpx.post(f"{base}/v1/tasks", json=body(), headers={"Authorization": "Bearer key-two"}).json()
         events = sse_events(base, task["id"], headers={"Authorization": "Bearer key-one"})
         assert events[-1][0] == "task_postprocess_end"
-        by_query = httpx.get(f"{base}/v1/tasks/{task['id']}?token=key-one")
-        assert by_query.status_code == 200
+        by_query = httpx.get(f"{base}/v1/tasks/{task['id']}/events?token=key-one")  # EventSource's way
+        assert by_query.status_code == 200 and "task_postprocess_end" in by_query.text
+        assert (
+            httpx.get(f"{base}/v1/tasks/{task['id']}?token=key-one").status_code == 401
+        )  # headers elsewhere
 
         async def socket_refused() -> bool:
             try:

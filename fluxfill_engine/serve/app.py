@@ -197,17 +197,21 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
     app.state.service = service
     app.state.config = config
 
-    def authorized(headers: Any, query: Any) -> bool:
+    def authorized(headers: Any, query: Any = None) -> bool:
+        """``query`` is given only where clients cannot set headers (EventSource, browser WebSockets):
+        elsewhere a key in the URL would only end up in access logs."""
         if not config.api_keys:
             return True
         given = headers.get("authorization", "")
-        token = given[7:].strip() if given.lower().startswith("bearer ") else query.get("token", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not token and query is not None:
+            token = query.get("token", "")
         # Every key is compared (no early exit), each in constant time.
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]
         return bool(token) and any(matches)
 
-    def needs_key(request: Request) -> JSONResponse | None:
-        if authorized(request.headers, request.query_params):
+    def needs_key(request: Request, query_token: bool = False) -> JSONResponse | None:
+        if authorized(request.headers, request.query_params if query_token else None):
             return None
         return _error(
             401,
@@ -384,7 +388,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
 
     @app.get("/v1/tasks/{task_id}/events")
     async def task_events(task_id: str, request: Request) -> Response:
-        refused = needs_key(request)
+        refused = needs_key(request, query_token=True)
         if refused is not None:
             return refused
         try:
@@ -492,7 +496,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
 
     @app.post(f"/api/v3/{WAVESPEED_MODEL}")
     async def wavespeed_submit(request: Request) -> JSONResponse:
-        if not authorized(request.headers, request.query_params):
+        if not authorized(request.headers):
             return _wavespeed_error(401, "missing or wrong API key (Authorization: Bearer KEY)")
         try:
             task, _, spec = await submit(request, "wavespeed")
@@ -506,7 +510,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
 
     @app.get("/api/v3/predictions/{task_id}/result")
     async def wavespeed_result(task_id: str, request: Request) -> JSONResponse:
-        if not authorized(request.headers, request.query_params):
+        if not authorized(request.headers):
             return _wavespeed_error(401, "missing or wrong API key (Authorization: Bearer KEY)")
         task = service.store.get(task_id)
         if task is None:
