@@ -2,11 +2,79 @@
 and the path that honours them: diffusers' own transformer forward inside the engine's loop.
 
 The engine's transformer is its own module (fused QKV, split input projection), so whatever diffusers
-attaches to ``FluxTransformer2DModel`` (hooks, attention processors, quantized layers, offload hooks)
-would be bypassed by it. :func:`diffusers_features` lists what is set; when anything is, the pipeline
-runs :class:`DiffusersForward` for that call (with a one-time warning naming the features), which calls
-the diffusers module exactly as diffusers' Fill loop does, so the feature acts with diffusers' numerics.
-Nothing is ignored silently.
+attaches to ``FluxTransformer2DModel`` (hooks, attention processors, quantized layers, offload hooks,
+compiled blocks) would be bypassed by it. :func:`diffusers_features` lists what is set; when anything is,
+the pipeline runs :class:`DiffusersForward` for that call (with a one-time warning naming the features),
+which calls the diffusers module exactly as diffusers' Fill loop does, so the feature acts with
+diffusers' numerics. Nothing diffusers offers is ignored silently.
+
+Every user-facing feature of diffusers 0.42 on the transformer (``FluxTransformer2DModel`` and its
+mixins ``ModelMixin``, ``CacheMixin``, ``AttentionMixin``, ``PeftAdapterMixin``,
+``FromOriginalModelMixin``, ``FluxTransformer2DLoadersMixin``) and on the pipeline (``FluxFillPipeline``,
+``DiffusionPipeline``, ``FluxLoraLoaderMixin``, ``TextualInversionLoaderMixin``, ``FromSingleFileMixin``),
+and what the drop-in does with it. "engine": the engine's transformer honours it; "diffusers": this
+module routes the call to diffusers' forward, with the warning. Tests: ``F`` tests/test_diffusers_features.py,
+``C`` tests/test_diffusers_fill_cases.py, ``L`` tests/test_lora.py, ``B`` tests/test_pipeline_behaviour.py,
+``D`` tests/test_loading.py; "gpu": the test runs where there is a CUDA GPU only.
+
+=============================================================  =========  ==============================
+feature                                                        path       tested (images = diffusers')
+=============================================================  =========  ==============================
+transformer.enable_cache: FirstBlockCache, TaylorSeer,         diffusers  F, each config; the loop gives
+  MagCache, PyramidAttentionBroadcast, SeaCache, TextKVCache                the "cond" cache context
+  FasterCache                                                  diffusers  F: fails on Flux in diffusers
+                                                                            too (same error)
+transformer.disable_cache                                      engine     F
+transformer.enable_layerwise_casting                           diffusers  F (fp32 compute), C (bf16)
+transformer.enable_group_offload (block/leaf level)            diffusers  F, C
+transformer.set_attention_backend / reset_attention_backend    diffusers  F / engine again (F)
+diffusers.attention_backend(...) context,                      diffusers  F (any backend but native)
+  DIFFUSERS_ATTN_BACKEND
+enable_xformers_memory_efficient_attention (transformer, pipe) diffusers  F: routed, the call raises
+  enable_npu_flash_attention, FluxAttnProcessor2_0_NPU                      diffusers' own error here
+  enable_xla_flash_attention, XLAFluxFlashAttnProcessor2_0                  (no xformers/NPU/XLA)
+transformer.set_attn_processor: FluxAttnProcessor              engine     F
+  any other processor (custom, IP-Adapter)                     diffusers  F (custom subclass)
+transformer.fuse_qkv_projections / unfuse_qkv_projections      engine     F (values unchanged)
+transformer.compile_repeated_blocks, .compile(),               diffusers  F (eager backend)
+  torch.compile(transformer)
+transformer.enable_gradient_checkpointing / disable_...        engine     F (inference: no effect in
+                                                                            diffusers either)
+from_pretrained(quantization_config=...): torchao, quanto,     diffusers  F (torchao, quanto); others
+  bitsandbytes, gguf, modelopt, nunchaku, sdnq, autoround, bfl              detected by hf_quantizer,
+                                                                            not run (GPU/packages)
+transformer.dequantize                                         engine     F (torchao)
+layers quantized outside diffusers (torchao quantize_,         diffusers  F (both)
+  optimum-quanto quantize)
+enable_parallelism                                             (owned elsewhere: context parallel)
+LoRA: load_lora_weights, set_adapters, fuse/unfuse_lora,       engine     L (load_lora_adapter leaves
+  enable/disable_lora, delete_adapters, unload_lora(_weights),              the same peft adapters; not
+  enable_lora_hotswap, transformer.load_lora_adapter                        tested on its own)
+pipe.enable_model_cpu_offload                                  engine     B (execution device CPU)
+pipe.enable_sequential_cpu_offload, accelerate offload         diffusers  F (diffusers' method, CPU as
+  hooks from device_map loading                                             execution device), C gpu;
+                                                                            device_map: not run
+pipe.enable_group_offload                                      diffusers  F, C (transformer routed; the
+                                                                            other components run their own
+                                                                            forward)
+pipe.remove_all_hooks, maybe_free_model_hooks                  engine     F (remove_all_hooks)
+pipe.enable_attention_slicing / set_attention_slice            engine     F, C (no Fill component has
+                                                                            set_attention_slice: a no-op
+                                                                            in diffusers too)
+pipe.load_textual_inversion / unload_textual_inversion         engine     F (load: prompts converted
+                                                                            as diffusers does)
+pipe.to, from_pretrained (dtype, variant, device_map=device),  engine     B, D, C
+  save_pretrained, from_pipe, from_single_file, components
+pipe.set_progress_bar_config, callbacks, interrupt             engine     B, C
+VAE and text-encoder features (vae.enable_tiling, their        engine     by construction: the drop-in
+  offload or casting hooks)                                                 calls those modules' own
+                                                                            forward/encode/decode
+=============================================================  =========  ==============================
+
+Not routed, on purpose: plain ``torch.nn.Module`` hooks a user registers on the transformer
+(``register_forward_hook`` and the like) do not fire on the engine's path, which never calls the diffusers
+module's forward; the benchmark's diffusers runner instruments a transformer it shares with the engine's
+reference runner and relies on that. Model-level features on the other components need nothing here.
 """
 
 from __future__ import annotations
@@ -15,6 +83,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .runtime import RUNTIME_ATTR
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
@@ -31,14 +101,22 @@ _HOOK_FEATURES = {
     "sea_cache": "enable_cache (SeaCacheConfig)",
     "text_kv_cache": "enable_cache (TextKVCacheConfig)",
     "layer_skip": "layer skipping",
+    "smoothed_energy_guidance": "smoothed energy guidance",
     "layerwise_casting": "enable_layerwise_casting",
     "peft_autocast_disable": "enable_layerwise_casting",
     "group_offloading": "enable_group_offload",
     "lazy_prefetch_group_offloading": "enable_group_offload",
+    "layer_execution_tracker": "enable_group_offload",
     "cp_input": "enable_parallelism",
     "cp_output": "enable_parallelism",
 }
-_DEFAULT_PROCESSOR = "FluxAttnProcessor"
+# Attention backends some diffusers methods set (diffusers.models.attention.AttentionModuleMixin).
+_BACKEND_METHODS = {
+    "xformers": "enable_xformers_memory_efficient_attention",
+    "_native_npu": "enable_npu_flash_attention",
+    "_fused_npu": "enable_npu_flash_attention",
+    "_native_xla": "enable_xla_flash_attention",
+}
 
 
 def _hook_features(transformer: torch.nn.Module) -> set[str]:
@@ -51,24 +129,73 @@ def _hook_features(transformer: torch.nn.Module) -> set[str]:
     return features
 
 
-def diffusers_features(transformer: FluxTransformer2DModel) -> list[str]:
-    """The features set on ``transformer`` that only diffusers' own forward honours (sorted names)."""
-    features = _hook_features(transformer)
-    if getattr(transformer, "hf_quantizer", None) is not None or getattr(transformer, "is_quantized", False):
-        method = getattr(getattr(transformer, "hf_quantizer", None), "quantization_config", None)
-        features.add(f"quantized by diffusers ({getattr(method, 'quant_method', 'quantization_config')})")
-    if any("_hf_hook" in m.__dict__ for m in transformer.modules() if m is not transformer):
-        features.add("enable_sequential_cpu_offload")
+def _backend_feature(backend: Any) -> str:
+    name = getattr(backend, "value", backend)
+    return f"{_BACKEND_METHODS.get(name, 'set_attention_backend')} (attention backend {name})"
+
+
+def _attention_features(transformer: torch.nn.Module) -> set[str]:
+    """Non-default attention processors, backends set on processors, and diffusers' process-wide
+    active backend (``attention_backend(...)`` context or ``DIFFUSERS_ATTN_BACKEND``), which every
+    processor without a backend of its own follows."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    features = set()
+    follows_active = False
     for module in transformer.modules():
         processor = module.__dict__.get("processor")
         if processor is None:
             continue
+        if type(processor) is not FluxAttnProcessor:
+            features.add(f"set_attn_processor ({type(processor).__name__})")
         backend = getattr(processor, "_attention_backend", None)
         if backend is not None:
-            features.add(f"set_attention_backend ({getattr(backend, 'value', backend)})")
-        name = type(processor).__name__
-        if name != _DEFAULT_PROCESSOR:
-            features.add(f"attention processor {name}")
+            features.add(_backend_feature(backend))
+        follows_active = follows_active or backend is None
+    active = _AttentionBackendRegistry._active_backend
+    active = getattr(active, "value", active)
+    if follows_active and active != AttentionBackendName.NATIVE.value:
+        features.add(f"attention_backend context or DIFFUSERS_ATTN_BACKEND (attention backend {active})")
+    return features
+
+
+def _quantization_features(transformer: torch.nn.Module) -> set[str]:
+    """Quantized by diffusers (``quantization_config``), or layers replaced or given tensor-subclass
+    weights by someone other than the engine (torchao ``quantize_``, optimum-quanto ``quantize``)."""
+    quantizer = getattr(transformer, "hf_quantizer", None)
+    if quantizer is not None or getattr(transformer, "is_quantized", False):
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+        return {f"quantized by diffusers ({getattr(method, 'value', method) or 'quantization_config'})"}
+    runtime = transformer.__dict__.get(RUNTIME_ATTR)
+    if runtime is not None and runtime.quant_plan is not None:
+        return set()  # the engine's own quantization: its layers are in the diffusers tree too
+    kinds = set()
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
+            kinds.add(type(module).__name__)
+        for parameter in module._parameters.values():
+            if parameter is not None and type(parameter) not in (torch.nn.Parameter, torch.Tensor):
+                kinds.add(type(parameter).__name__)
+    return {f"quantized or replaced layers ({', '.join(sorted(kinds))})"} if kinds else set()
+
+
+def _compiled(transformer: torch.nn.Module) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(transformer, OptimizedModule):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
+
+
+def diffusers_features(transformer: FluxTransformer2DModel) -> list[str]:
+    """The features set on ``transformer`` that only diffusers' own forward honours (sorted names)."""
+    features = _hook_features(transformer) | _attention_features(transformer)
+    features |= _quantization_features(transformer)
+    if any("_hf_hook" in m.__dict__ for m in transformer.modules() if m is not transformer):
+        features.add("enable_sequential_cpu_offload (accelerate offload hooks)")
+    if _compiled(transformer):
+        features.add("torch.compile (compile_repeated_blocks, Module.compile or torch.compile)")
     return sorted(features)
 
 

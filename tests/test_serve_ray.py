@@ -93,3 +93,45 @@ def test_fluxfill_serve_ray_command(tmp_path):
         assert httpx.get(f"{base}/healthz").json()["replicas"] == 2
         task = httpx.post(f"{base}/v1/tasks", json=body()).json()
         assert wait_status(base, task["id"], {"completed", "failed"}, timeout=300)["status"] == "completed"
+
+
+def test_serve_run_application(tmp_path):
+    """The application a user deploys with `serve run ...ray_backend:build` on an existing cluster:
+    Ray's own HTTP proxy in front of the ingress deployment, 2 engine replicas."""
+    from ray import serve
+    from serve_helpers import free_port
+
+    from fluxfill_engine.serve.ray_backend import build
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build({"replicas": "2", "data_dir": str(tmp_path)}), name="fluxfill", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        health = wait_ready_any(base)
+        assert health["replicas"] == 2
+        task = httpx.post(f"{base}/v1/tasks", json=body()).json()
+        assert wait_status(base, task["id"], {"completed", "failed"}, timeout=300)["status"] == "completed"
+        names = [name for name, _ in sse_events(base, task["id"])]
+        assert names[0] == "task_queue" and names[-1] == "task_postprocess_end"
+        assert (tmp_path / "tasks.sqlite3").exists()  # the ingress keeps the store
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_ready_any(base: str) -> dict:
+    import time
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(f"{base}/healthz", timeout=5)
+            if answer.status_code == 200:
+                return answer.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(base)

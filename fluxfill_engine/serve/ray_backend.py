@@ -203,3 +203,100 @@ def shutdown() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+
+def build(args: dict[str, str]) -> Any:
+    """The Ray Serve application for an existing cluster: ``serve run`` deploys the whole service
+    (the ingress with the HTTP API, task store and events; the engine replicas)::
+
+        serve run fluxfill_engine.serve.ray_backend:build model=/models/FLUX.1-Fill-dev replicas=4 \\
+            device=cuda preset=fast data_dir=/shared/fluxfill api_keys=K1,K2
+
+    Arguments (all optional): ``model`` (default: the tiny model), ``base``, ``preset``, ``device``
+    (``cuda`` gives each replica one GPU), ``dtype``, ``replicas`` or ``autoscale=MIN,MAX``,
+    ``data_dir`` (the ingress's task store and files; default ``fluxfill-data``), ``max_queue``,
+    ``max_batch``, ``api_keys`` (comma-separated), ``lora_dir``, ``warmup`` (``WxH,...``).
+    """
+    from pathlib import Path
+
+    from ..config import EngineConfig
+    from .app import ServerConfig, create_app
+    from .inputs import ServerOptions
+    from .service import ServiceSettings
+
+    unknown = sorted(set(args) - set(_BUILD_ARGS))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; allowed: {sorted(_BUILD_ARGS)}")
+    device = args.get("device", "cpu")
+    dtype = args.get("dtype", "bfloat16" if device.startswith("cuda") else "float32")
+    preset = args.get("preset", "reference")
+    engine_config = EngineConfig.preset(preset, dtype=dtype)
+    warmup = tuple(
+        tuple(int(side) for side in size.lower().split("x"))
+        for size in args.get("warmup", "").split(",")
+        if size
+    )
+    spec = EngineSpec(args.get("model"), args.get("base"), preset, device, dtype, warmup)
+    autoscale = tuple(int(n) for n in args["autoscale"].split(",")) if "autoscale" in args else None
+    replicas = autoscale[1] if autoscale else int(args.get("replicas", 1))
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": 1}
+    }
+    if autoscale:
+        options["autoscaling_config"] = {
+            "min_replicas": autoscale[0],
+            "max_replicas": autoscale[1],
+            "target_ongoing_requests": 1,
+        }
+    else:
+        options["num_replicas"] = replicas
+    config = ServerConfig(
+        service=ServiceSettings(
+            data_dir=Path(args.get("data_dir", "fluxfill-data")),
+            max_queue=int(args.get("max_queue", 64)),
+            max_batch_images=int(args.get("max_batch", 4)),
+        ),
+        options=ServerOptions(
+            lora_dir=Path(args["lora_dir"]) if "lora_dir" in args else None,
+            max_input_megapixels=engine_config.max_input_megapixels,
+            max_loras=engine_config.max_loras,
+        ),
+        api_keys=tuple(key for key in args.get("api_keys", "").split(",") if key),
+        model=args.get("model", "tiny"),
+        preset=preset,
+        device=device,
+        tiny_model="model" not in args,
+    )
+    limits = (engine_config.max_input_megapixels, engine_config.max_loras)
+
+    def asgi_app() -> Any:  # runs on the ingress replica
+        app_name = serve.get_replica_context().app_name
+        handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app_name)
+        return create_app(config, lambda: RayEngine(handle, replicas, spec, *limits))
+
+    ingress = serve.deployment(serve.ingress(asgi_app)(_Ingress), name="FluxFillIngress", num_replicas=1)
+    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(FillReplica.options(**options).bind(spec))
+
+
+class _Ingress:
+    """The ingress deployment; it holds the replicas' deployment so ``serve run`` deploys both."""
+
+    def __init__(self, replicas: Any) -> None:
+        self.replicas = replicas
+
+
+_BUILD_ARGS = (
+    "model",
+    "base",
+    "preset",
+    "device",
+    "dtype",
+    "replicas",
+    "autoscale",
+    "data_dir",
+    "max_queue",
+    "max_batch",
+    "api_keys",
+    "lora_dir",
+    "warmup",
+)
