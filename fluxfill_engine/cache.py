@@ -2,7 +2,9 @@
 
 Every step runs the first double-stream block; when its residual changed by less than the threshold
 (relative L1) since the last full step, the cached residual of the remaining blocks is reused. The
-rule, its guards and costs are described once, in ``docs/architecture.md`` ("Step cache").
+rule, its guards and costs are described once, in ``docs/architecture.md`` ("Step cache"). Under
+context parallel the change is summed over every rank's tokens (:meth:`StepCache.use_shard`), so every
+rank skips the same steps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .config import StepCachePolicy
 
 if TYPE_CHECKING:
     from .conditioning import LatentGrid
+    from .parallel import SequenceShard
 
 
 def mask_token_weights(
@@ -43,6 +46,7 @@ class StepCache:
         self.policy = policy
         self.num_steps = num_steps
         self.token_weights = None if token_weights is None else token_weights[..., None].float()
+        self.shard: SequenceShard | None = None  # context parallel: residuals hold this rank's tokens
         self.reference_residual: torch.Tensor | None = None
         self.remaining_residual: torch.Tensor | None = None
         self.consecutive_skips = 0
@@ -66,13 +70,30 @@ class StepCache:
             weights = mask_token_weights(mask_part, grid.latent_height, grid.latent_width)
         return cls(policy, num_steps, weights)
 
+    def use_shard(self, shard: SequenceShard, device: torch.device) -> None:
+        """Under context parallel: residuals hold this rank's image tokens (padding included); the
+        means run over every rank's real tokens, so all ranks measure, and decide, the same."""
+        if self.shard is shard:
+            return
+        if self.shard is not None:
+            raise ValueError("a StepCache serves one request; make a new one per request")
+        self.shard = shard
+        if self.token_weights is not None:
+            self.token_weights = shard.split_image(self.token_weights)  # padding gets weight 0
+        elif shard.image_local * shard.size != shard.image_len:
+            self.token_weights = shard.image_token_weights(device)[None, :, None]
+
     def relative_change(self, residual: torch.Tensor) -> torch.Tensor:
         """``mean|r - r_ref| / mean|r_ref|`` (token-weighted when mask-aware), a 0-d fp32 tensor."""
         change = (residual.float() - self.reference_residual.float()).abs()
         base = self.reference_residual.float().abs()
         if self.token_weights is not None:
             change, base = change * self.token_weights, base * self.token_weights
-        return change.mean() / base.mean().clamp_min(1e-12)
+        if self.shard is None:
+            return change.mean() / base.mean().clamp_min(1e-12)
+        count = residual.shape[0] * self.shard.image_len * residual.shape[-1]
+        sums = self.shard.sum_over_ranks(torch.stack([change.double().sum(), base.double().sum()])) / count
+        return (sums[0] / sums[1].clamp_min(1e-12)).float()
 
     def can_skip(self, step: int, residual: torch.Tensor) -> bool:
         """Whether step ``step`` may reuse the cached remaining-blocks residual."""

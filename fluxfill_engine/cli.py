@@ -155,6 +155,14 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
+    inpaint.add_argument(
+        "--context-parallel",
+        type=int,
+        metavar="N",
+        help="split the image's tokens over N processes (Ulysses), one GPU each, for one image's latency: "
+        "launch as `torchrun --nproc-per-node N -m fluxfill_engine.cli inpaint ...`; rank 0 writes the "
+        "output (default: torchrun's process count, else 1)",
+    )
     from .bench.cli import add_bench_parser
     from .serve.main import add_serve_parser
 
@@ -276,6 +284,30 @@ def _with_option(message: str) -> str:
     return message
 
 
+def _context_parallel(requested: int | None, device: str) -> tuple[int, str, bool]:
+    """``--context-parallel``: the degree (default: torchrun's process count, else 1), this rank's
+    device (``cuda`` becomes ``cuda:LOCAL_RANK``) and whether this process prints and writes (rank 0)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    degree = world if requested is None else requested
+    command = f"-m fluxfill_engine.cli inpaint --context-parallel {degree}"
+    launch = f"`torchrun --nproc-per-node {degree} {command} ...`"
+    if degree < 1:
+        raise ValueError(f"--context-parallel must be >= 1, got {degree}")
+    if degree == 1 and world == 1:
+        return 1, device, True
+    if degree != world:
+        raise ValueError(
+            f"--context-parallel {degree}, but {world} process(es) were started: launch as {launch}"
+        )
+    from .parallel import init_distributed, is_main_process, local_rank
+
+    if not init_distributed():
+        raise ValueError(f"--context-parallel {degree} needs {degree} processes: launch as {launch}")
+    return degree, f"cuda:{local_rank()}" if device == "cuda" else device, is_main_process()
+
+
 def run_inpaint(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before the model loads: one line naming the option.
     if args.mask is not None and args.image is None:
@@ -287,14 +319,16 @@ def run_inpaint(args: argparse.Namespace) -> int:
             raise ValueError(f"{option}: no such image file: {str(path)!r}")
     paths = _check_output(args.out, args.num_images if isinstance(args.num_images, int) else 1)
     device = _checked_device(args.device)
+    degree, device, main_process = _context_parallel(args.context_parallel, device)
+    say = print if main_process else (lambda *_: None)  # under torchrun: rank 0 speaks and writes
     from .engine import FillRequest, FluxFillEngine
     from .lora import lora_label, resolve_lora_file
 
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    config = EngineConfig.preset(args.preset, dtype=dtype)
+    config = EngineConfig.preset(args.preset, dtype=dtype, context_parallel=degree)
     if args.image is None:
         image, mask = demo_inputs(512, 512)
-        print("No --image/--mask given: painting into a built-in demo gradient with a centred mask.")
+        say("No --image/--mask given: painting into a built-in demo gradient with a centred mask.")
     else:
         image, mask = args.image, args.mask
     request = FillRequest(
@@ -323,24 +357,31 @@ def run_inpaint(args: argparse.Namespace) -> int:
             resolve_lora_file(spec, lora_label(index, spec))
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise type(err)(_with_option(str(err))) from None
+    if degree > 1:  # every rank must draw the same noise: rank 0's seed
+        from .parallel import broadcast_seed
+
+        request.seed = broadcast_seed(request.seed)
     if args.model is None:
-        print("No --model given: running the built-in tiny random-weight model. Its output is noise;")
-        print("the point is that every stage of the real path runs.")
+        say("No --model given: running the built-in tiny random-weight model. Its output is noise;")
+        say("the point is that every stage of the real path runs.")
         engine = tiny_engine(config, device=device)
     else:
-        print(f"Loading {args.model} ...")
+        say(f"Loading {args.model} ...")
         engine = FluxFillEngine.from_pretrained(args.model, config=config, device=device, base=args.base)
     try:
-        result = engine.run(request, on_event=_StepProgress())
+        result = engine.run(request, on_event=_StepProgress() if main_process else None)
     except (ValueError, TypeError, FileNotFoundError) as err:  # a LoRA that does not fit the model
         raise type(err)(_with_option(str(err))) from None
+    if not main_process:
+        return 0
     for path, picture in zip(paths, result.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         picture.save(path)
     stats = result.stats
     (width, height), (work_w, work_h) = stats["output_size"], stats["working_size"]
+    parallel = f", context parallel over {degree} processes" if degree > 1 else ""
     print(
-        f"wrote {', '.join(map(str, paths))} ({width}x{height}, worked at {work_w}x{work_h}, seed {result.seed})"
+        f"wrote {', '.join(map(str, paths))} ({width}x{height}, worked at {work_w}x{work_h}, seed {result.seed}{parallel})"
     )
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in result.timings.items())
     print(f"timings: {timings}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,10 @@ class EngineConfig:
             ``"side"`` (an unmerged low-rank path: a per-step cost, no switch cost). See
             :mod:`fluxfill_engine.lora`.
         lora_cache_size: how many loaded LoRA files stay in memory (least recently used dropped first).
+        context_parallel: split each request's tokens over this many processes (Ulysses sequence
+            parallel, for one request's latency): 1 (off) or a divisor of the model's attention heads
+            (24 on FLUX.1: 2, 3, 4, 6, 8, 12, 24), launched as that many processes by ``torchrun
+            --nproc-per-node N``. See :mod:`fluxfill_engine.parallel`.
     """
 
     dtype: str | None = None
@@ -140,6 +145,7 @@ class EngineConfig:
     max_lora_rank: int = 128
     lora_strategy: str = "auto"
     lora_cache_size: int = 8
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
         check_dtype_name(self.dtype, "EngineConfig.dtype")
@@ -189,6 +195,25 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.lora_strategy must be one of {list(LORA_STRATEGIES)}, got {self.lora_strategy!r}"
             )
+        self._check_context_parallel()
+
+    def _check_context_parallel(self) -> None:
+        """What can be checked without the model: an int >= 1, and the process count when
+        torch.distributed is running (the head-count divisor is checked where the model is known)."""
+        value = self.context_parallel
+        allowed = "1 (off) or a divisor of the model's attention heads (24 on FLUX.1: 2, 3, 4, 6, 8, 12, 24)"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"EngineConfig.context_parallel must be an int, {allowed}; got {value!r}")
+        if value < 1:
+            raise ValueError(f"EngineConfig.context_parallel must be {allowed}; got {value}")
+        dist = sys.modules.get("torch.distributed")  # never imported here: `fluxfill --help` stays instant
+        if value > 1 and dist is not None and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            if world != value:
+                raise ValueError(
+                    f"EngineConfig.context_parallel={value}, but torch.distributed runs {world} processes: "
+                    f"launch with `torchrun --nproc-per-node {value}` (or set context_parallel={world})"
+                )
 
     @property
     def torch_dtype(self) -> torch.dtype | None:  # noqa: F821 (torch is imported for type checking only)

@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .parallel import engine_runs_diffusers_parallelism
 from .runtime import RUNTIME_ATTR
 
 if TYPE_CHECKING:
@@ -191,6 +192,8 @@ def _compiled(transformer: torch.nn.Module) -> bool:
 def diffusers_features(transformer: FluxTransformer2DModel) -> list[str]:
     """The features set on ``transformer`` that only diffusers' own forward honours (sorted names)."""
     features = _hook_features(transformer) | _attention_features(transformer)
+    if engine_runs_diffusers_parallelism(transformer):  # Ulysses: the engine's own context parallel
+        features.discard("enable_parallelism")
     features |= _quantization_features(transformer)
     if any("_hf_hook" in m.__dict__ for m in transformer.modules() if m is not transformer):
         features.add("enable_sequential_cpu_offload (accelerate offload hooks)")

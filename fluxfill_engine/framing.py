@@ -88,17 +88,27 @@ def outpaint_canvas(
     where the mask is grey (soft masks, the feathered seam), and there the edge colours blend far better
     than black would.
     """
+    return _outpaint_image(image, margins), outpaint_mask(image.size, mask, margins)
+
+
+def _outpaint_image(image: PIL.Image.Image, margins: dict[str, int]) -> PIL.Image.Image:
     left, top, right, bottom = (margins.get(side, 0) for side in OUTPAINT_SIDES)
     array = np.asarray(image.convert("RGB"))
     extended = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode="edge")
-    height, width = array.shape[:2]
-    new_mask = np.full(extended.shape[:2], 255, np.uint8)
+    return PIL.Image.fromarray(extended, "RGB")
+
+
+def outpaint_mask(image_size: Size, mask: PIL.Image.Image | None, margins: dict[str, int]) -> PIL.Image.Image:
+    """:func:`outpaint_canvas`'s mask, from the image's size alone: the new area (255) and ``mask``."""
+    left, top, right, bottom = (margins.get(side, 0) for side in OUTPAINT_SIDES)
+    width, height = image_size
+    new_mask = np.full((height + top + bottom, width + left + right), 255, np.uint8)
     new_mask[top : top + height, left : left + width] = 0
     if mask is not None:
         given = np.asarray(mask.resize((width, height), PIL.Image.Resampling.BILINEAR))
         region = new_mask[top : top + height, left : left + width]
         new_mask[top : top + height, left : left + width] = np.maximum(region, given)
-    return PIL.Image.fromarray(extended, "RGB"), PIL.Image.fromarray(new_mask, "L")
+    return PIL.Image.fromarray(new_mask, "L")
 
 
 def crop_box(mask: PIL.Image.Image, padding: int) -> Box:
@@ -178,21 +188,77 @@ def make_frame(
     """The geometry of one request (see the module docstring); ``size`` is the asked output size.
     Without ``soft_mask`` the mask is thresholded at half (as diffusers does), so what the model
     repaints and what is pasted back are the same pixels."""
-    if mask is not None:
-        mask = resized(mask, image.size)
+    canvas = image
     if outpaint is not None:
-        image, mask = outpaint_canvas(image, mask, outpaint)
+        canvas = _outpaint_image(image, outpaint)
     if size is not None:
-        image, mask = resized(image, size), resized(mask, size)
+        canvas = resized(canvas, size)
+    mask = canvas_mask(image.size, mask, size, outpaint, soft_mask)
+    region, working = _placement(
+        canvas.size, mask, size, mask_grow, mask_blur, crop_to_mask, crop_padding, max_megapixels
+    )
+    return Frame(canvas=canvas, mask=grow_mask(mask, mask_grow), region=region, working_size=working)
+
+
+def frame_working_size(
+    image_size: Size,
+    mask: PIL.Image.Image | None,
+    size: Size | None,
+    outpaint: dict[str, int] | None,
+    mask_grow: int,
+    mask_blur: int,
+    crop_to_mask: bool,
+    crop_padding: int,
+    max_megapixels: float,
+    soft_mask: bool = False,
+) -> Size:
+    """:func:`make_frame`'s ``working_size`` (same arguments, the image's size for the image) without
+    touching the image's pixels: arithmetic on sizes, and with ``crop_to_mask`` the box of the mask
+    (resized and thresholded as the frame's, never grown: the grown box is the box grown)."""
+    canvas = size or image_size
+    if size is None and outpaint is not None:
+        left, top, right, bottom = (outpaint.get(side, 0) for side in OUTPAINT_SIDES)
+        canvas = (image_size[0] + left + right, image_size[1] + top + bottom)
+    mask = canvas_mask(image_size, mask, size, outpaint, soft_mask) if crop_to_mask else None
+    return _placement(canvas, mask, size, mask_grow, mask_blur, crop_to_mask, crop_padding, max_megapixels)[1]
+
+
+def canvas_mask(
+    image_size: Size,
+    mask: PIL.Image.Image | None,
+    size: Size | None,
+    outpaint: dict[str, int] | None,
+    soft_mask: bool,
+) -> PIL.Image.Image:
+    """The mask on the canvas, before ``mask_grow``: at the image's size, grown by the outpaint margin,
+    at the output size, thresholded at half unless ``soft_mask``."""
+    if mask is not None:
+        mask = resized(mask, image_size)
+    if outpaint is not None:
+        mask = outpaint_mask(image_size, mask, outpaint)
+    if size is not None:
+        mask = resized(mask, size)
     if not soft_mask:
         mask = mask.point(lambda value: 255 if value >= 128 else 0)
-    mask = grow_mask(mask, mask_grow)
+    return mask
+
+
+def _placement(
+    canvas_size: Size,
+    mask: PIL.Image.Image | None,
+    size: Size | None,
+    mask_grow: int,
+    mask_blur: int,
+    crop_to_mask: bool,
+    crop_padding: int,
+    max_megapixels: float,
+) -> tuple[Box, Size]:
+    """The region and the working size, from the canvas's size and (with ``crop_to_mask``) its mask
+    before ``mask_grow``: growing by ``g`` grows the mask's box by ``g`` (clipped to the canvas)."""
     if crop_to_mask:
         # Padding at least the feather, so the seam's blend never reaches the region's edge.
-        region = crop_box(mask, max(crop_padding, mask_blur))
+        region = crop_box(mask, mask_grow + max(crop_padding, mask_blur))
         left, top, right, bottom = region
-        working = working_size((right - left, bottom - top), max_megapixels)
-    else:
-        region = (0, 0, *image.size)
-        working = floor_to_multiple(size) if size is not None else working_size(image.size, max_megapixels)
-    return Frame(canvas=image, mask=mask, region=region, working_size=working)
+        return region, working_size((right - left, bottom - top), max_megapixels)
+    working = floor_to_multiple(size) if size is not None else working_size(canvas_size, max_megapixels)
+    return (0, 0, *canvas_size), working

@@ -11,6 +11,9 @@ Differences from diffusers' forward, all lossless rewrites:
   computed once per request; single-stream blocks concatenate text and image once, not per block.
 - The forward is split into ``embed`` / ``first_block`` / ``remaining_blocks`` / ``final`` so a step
   cache can skip the remaining blocks.
+- Context parallel (:mod:`.parallel`): with a :class:`~.parallel.ContextParallel` set, each rank runs the
+  blocks on its share of the text and image tokens, attention exchanges heads for tokens, and the
+  forward returns the full velocity on every rank.
 
 Shapes: B batch, L image tokens, S text tokens, D model width (3072), H heads, Dh head dim (128).
 """
@@ -39,6 +42,7 @@ from .layers import (
     timestep_embedding,
 )
 from .lora import LoraController, LoraLinear, LoraSlot, base_layer
+from .parallel import ContextParallel, SequenceShard, UlyssesAttention, fingerprint
 from .quantization import QuantPlan, quantize_linear
 
 if TYPE_CHECKING:
@@ -215,6 +219,11 @@ class RequestInputs:
 
     ``temb`` holds one conditioning vector per step: ``[num_steps, B, D]``. The attention functions
     are the concrete backends for the double- and single-stream shapes (``auto`` resolved).
+
+    Under context parallel (``shard`` set) ``cond_proj`` holds this rank's image tokens and the
+    attention functions are :class:`~.parallel.UlyssesAttention` wrappers; ``txt`` stays whole (a step
+    callback may replace it) and is split every step. ``fingerprint`` of the request's inputs is
+    compared across ranks at the first step.
     """
 
     cond_proj: torch.Tensor
@@ -223,6 +232,8 @@ class RequestInputs:
     rope: tuple[torch.Tensor, torch.Tensor]
     double_attention: AttentionFn
     single_attention: AttentionFn
+    shard: SequenceShard | None = None
+    fingerprint: torch.Tensor | None = None
 
 
 class FillTransformer(nn.Module):
@@ -266,6 +277,8 @@ class FillTransformer(nn.Module):
         self._source_params = self._parameter_ids(transformer)
         self._quant_plan: QuantPlan | None = None
         self._compile_settings: tuple[str, bool] | None = None
+        self.context_parallel: ContextParallel | None = None
+        self._ulysses: dict[tuple[AttentionFn, SequenceShard], UlyssesAttention] = {}
         self.set_attention(attention, fused_kernels)
         self.lora = LoraController(self._lora_slots(transformer))
 
@@ -336,6 +349,19 @@ class FillTransformer(nn.Module):
         if not all(_agrees(getattr(*mine), [theirs]) for mine, theirs in self.outer_sources.items()):
             return False
         return all(block.linears_in_sync() for block in [*self.double_blocks, *self.single_blocks])
+
+    def set_context_parallel(self, parallel: ContextParallel | None) -> None:
+        """Split each request's tokens over ``parallel``'s ranks (see :mod:`.parallel`), or ``None`` for
+        one process; keeps the current one when equal (compiled blocks keep seeing the same wrappers)."""
+        if parallel is None or not parallel.same_as(self.context_parallel):
+            self.context_parallel = parallel
+            self._ulysses.clear()
+
+    def _ulysses_attention(self, inner: AttentionFn, shard: SequenceShard) -> UlyssesAttention:
+        key = (inner, shard)
+        if key not in self._ulysses:
+            self._ulysses[key] = UlyssesAttention(inner, shard)
+        return self._ulysses[key]
 
     @property
     def compile_settings(self) -> tuple[str, bool] | None:
@@ -430,15 +456,20 @@ class FillTransformer(nn.Module):
         rope = rope_table(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
         block = self.double_blocks[0]
         head_dim = txt.shape[-1] // block.num_heads
-        shapes = dict(batch=batch, heads=block.num_heads, head_dim=head_dim, dtype=dtype, device=cond.device)
+        parallel = self.context_parallel
+        heads = block.num_heads if parallel is None else block.num_heads // parallel.size
+        shapes = dict(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=cond.device)
         text_len, image_len = txt.shape[1], cond.shape[1]
+        double = resolve_attention(self.attention, [text_len, image_len], **shapes)
+        single = resolve_attention(self.attention, [text_len + image_len], **shapes)
+        if parallel is None:
+            return RequestInputs(cond_proj, txt, temb, rope, double, single)
+        shard = parallel.shard(text_len, image_len)
+        double = self._ulysses_attention(parallel.agree_on_backend(self.attention, double), shard)
+        single = self._ulysses_attention(parallel.agree_on_backend(self.attention, single), shard)
+        inputs_print = fingerprint(cond, prompt_embeds, pooled_prompt_embeds, timesteps)
         return RequestInputs(
-            cond_proj=cond_proj,
-            txt=txt,
-            temb=temb,
-            rope=rope,
-            double_attention=resolve_attention(self.attention, [text_len, image_len], **shapes),
-            single_attention=resolve_attention(self.attention, [text_len + image_len], **shapes),
+            shard.split_image(cond_proj), txt, temb, rope, double, single, shard, inputs_print
         )
 
     def text_embedding(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -473,26 +504,46 @@ class FillTransformer(nn.Module):
 
     def final(self, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.norm_out(F.silu(temb).to(img.dtype)).chunk(2, dim=1)
-        return self.proj_out(modulate(layer_norm(img), shift, scale))
+        hidden = modulate(layer_norm(img), shift, scale)
+        # The class's forward, not the module's: diffusers' enable_parallelism hooks proj_out (shared
+        # with the diffusers module) to gather its output, and the engine gathers itself.
+        base = base_layer(self.proj_out)
+        out = type(base).forward(base, hidden)
+        if isinstance(self.proj_out, LoraLinear) and self.proj_out.active:
+            self.proj_out._add_side(out, hidden)  # what LoraLinear.forward adds
+        return out
 
     def forward(
         self, latents: torch.Tensor, step: int, inputs: RequestInputs, cache: StepCache | None = None
     ) -> torch.Tensor:
         """The velocity prediction ``[B, L, 64]`` for packed noisy ``latents`` at step index ``step``.
 
-        With a ``cache``, the remaining blocks run only on steps the cache does not skip.
+        With a ``cache``, the remaining blocks run only on steps the cache does not skip. Under context
+        parallel (``inputs.shard``) this rank runs its share of the tokens and every rank gets the
+        whole velocity back.
         """
+        shard = inputs.shard
+        txt = inputs.txt
+        if shard is not None:
+            if inputs.fingerprint is not None:  # the request's first step: do all ranks run the same?
+                shard.check_same_inputs(torch.cat([inputs.fingerprint, fingerprint(latents)]))
+                inputs.fingerprint = None
+            latents, txt = shard.split_image(latents), shard.split_text(txt)
         temb = inputs.temb[step]
         temb_act = F.silu(temb)
         img = self.embed(latents, inputs.cond_proj)
-        first_img, txt = self.first_block(img, inputs.txt, temb_act, inputs)
+        first_img, txt = self.first_block(img, txt, temb_act, inputs)
         if cache is None:
-            return self.final(self.remaining_blocks(first_img, txt, temb_act, inputs), temb)
-        first_residual = first_img - img
-        if cache.can_skip(step, first_residual):
-            out = first_img + cache.remaining_residual
-            cache.skipped()
-        else:
             out = self.remaining_blocks(first_img, txt, temb_act, inputs)
-            cache.computed(first_residual, out - first_img)
-        return self.final(out, temb)
+        else:
+            first_residual = first_img - img
+            if shard is not None:
+                cache.use_shard(shard, first_residual.device)
+            if cache.can_skip(step, first_residual):
+                out = first_img + cache.remaining_residual
+                cache.skipped()
+            else:
+                out = self.remaining_blocks(first_img, txt, temb_act, inputs)
+                cache.computed(first_residual, out - first_img)
+        velocity = self.final(out, temb)
+        return velocity if shard is None else shard.gather_image(velocity)

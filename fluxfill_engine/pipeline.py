@@ -32,6 +32,7 @@ from .conditioning import (
 )
 from .config import EngineConfig
 from .denoiser import choose_denoiser, describe_path, load_engine_loras, lora_set_for
+from .limits import MAX_CALL_BATCH
 from .lora import AdapterSet, LoraSpec
 from .model import FillTransformer
 from .quantization import quantize_text_encoder as quantize_text_encoder_linears
@@ -118,8 +119,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             quantize_text_encoder_linears(self.text_encoder_2, plan)
         if config.compile_cache_dir is not None:
             self.compile_cache = load_compile_cache(config.compile_cache_dir)
-        if config.quant != "none" or config.compile:
-            self.engine_transformer()  # quantize/compile now: memory drops and errors surface here
+        if config.quant != "none" or config.compile or config.context_parallel > 1:
+            self.engine_transformer()  # quantize/compile/join the ranks now: errors surface here
         return self
 
     # ---- the engine's own LoRAs ----------------------------------------------------------------------
@@ -263,17 +264,44 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         """Run one call: validate, encode the prompt, prepare latents and the fill conditioning,
         denoise, decode. ``on_stage`` is told when each stage starts and ends and after every step.
         ``soft_mask``: grey mask levels reach the conditioning instead of diffusers' 0.5 threshold."""
-        checked = self._validated(call)
-        grid = LatentGrid(checked.total, checked.height, checked.width, self.vae_scale_factor)
-        seq_len = image_seq_len(grid.height, grid.width, self.vae_scale_factor)
+        return self.generate_batch([call], on_stage, soft_mask)[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self, calls: Sequence[PipelineCall], on_stage: StageHook | None = None, soft_mask: bool = False
+    ) -> list[PipelineResult]:
+        """Run several calls as one pass of the transformer (batch = all their images); one result each.
+
+        Each call is prepared exactly as alone (its prompt through the cache; its generator consumed in
+        diffusers' order: init-image encode, noise, masked-image encode), the latents and conditioning
+        are concatenated and denoised together, and each call's latents are decoded on their own, so a
+        call's images are those it gives alone up to the GEMMs' rounding for another batch size: on a
+        CPU in fp32 the token-level layers are bit-equal and the per-sample ones (modulation, time and
+        text embedders, where M = batch) differ by ~1e-6 (tested). The calls must share what the loop
+        reads (:func:`_check_batch`). Every call is validated before any stage; the stages (and their
+        timings) are the batch's, shared.
+        """
+        calls = [] if isinstance(calls, PipelineCall) else list(calls)
+        if not calls:
+            raise ValueError("`calls` must be a non-empty sequence of PipelineCall objects")
+        checked = [self._validated(call) for call in calls]
+        _check_batch(checked)
+        scale = self.vae_scale_factor
+        grids = [LatentGrid(c.total, c.height, c.width, scale) for c in checked]
+        grid = LatentGrid(sum(g.batch for g in grids), grids[0].height, grids[0].width, scale)
+        if grid.batch > MAX_CALL_BATCH:
+            raise ValueError(f"{grid.batch} images in one batch of calls; at most {MAX_CALL_BATCH}")
+        seq_len = image_seq_len(grid.height, grid.width, scale)
+        lead = calls[0]
         schedule = make_schedule(
-            call.num_inference_steps, seq_len, self.scheduler.config, call.sigmas, call.strength
+            lead.num_inference_steps, seq_len, self.scheduler.config, lead.sigmas, lead.strength
         )
-        check_schedule(schedule, checked)
+        for one in checked:
+            check_schedule(schedule, one)
 
         # diffusers' properties, read by step callbacks (pipe.guidance_scale, pipe.interrupt, ...).
-        self._guidance_scale = call.guidance_scale
-        self._joint_attention_kwargs = call.joint_attention_kwargs
+        self._guidance_scale = lead.guidance_scale
+        self._joint_attention_kwargs = lead.joint_attention_kwargs
         self._interrupt = False
         self._num_timesteps = schedule.num_steps
         device = self._execution_device
@@ -288,6 +316,49 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         stage("total_start")
         stage("preprocess_start")
         stage("text_encode_start")
+        texts = [self._prompt_embeddings(call, device) for call in calls]
+        prompt_embeds = _cat([text[0] for text in texts], "prompt_embeds")
+        pooled_prompt_embeds = _cat([text[1] for text in texts], "pooled_prompt_embeds")
+        text_ids = self._text_ids(prompt_embeds, device)
+        stage("text_encode_end")
+
+        stage("vae_encode_start")
+        dtype = prompt_embeds.dtype
+        prepared = [
+            self._call_latents(one, part, schedule, dtype, device, soft_mask)
+            for one, part in zip(checked, grids, strict=True)
+        ]
+        latents, img_ids = _cat([p[0] for p in prepared], "latents"), prepared[0][1]
+        cond = _cat([p[2] for p in prepared], "masked_image_latents")
+        stage("vae_encode_end")
+        stage("preprocess_end")
+
+        stage("denoise_start")
+        latents, step_stats = self._denoise(
+            lead, schedule, latents, cond, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, grid, stage
+        )
+        stage("denoise_end")
+
+        stage("decode_start")
+        ends = torch.tensor([g.batch for g in grids]).cumsum(0).tolist()
+        parts = [latents[end - g.batch : end] for g, end in zip(grids, ends, strict=True)]
+        images = [
+            self._decode(part, g, c.output_type) for part, g, c in zip(parts, grids, calls, strict=True)
+        ]
+        stage("decode_end")
+        stage("total_end")
+        self.maybe_free_model_hooks()
+        timings = times.durations((*STAGES, "total"))
+        stats = {"width": grid.width, "height": grid.height, "image_seq_len": seq_len, **step_stats}
+        return [
+            PipelineResult(images, part, {**stats, "prompt_cache_hit": text[2]}, dict(timings))
+            for images, part, text in zip(images, parts, texts, strict=True)
+        ]
+
+    def _prompt_embeddings(
+        self, call: PipelineCall, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
+        """One call's prompt embeddings, one per image, and whether the prompt cache served them."""
         prompt_embeds, pooled_prompt_embeds, cache_hit = call.prompt_embeds, call.pooled_prompt_embeds, None
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds, cache_hit = encode_text(self, call, device)
@@ -296,12 +367,20 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         repeats = call.num_images_per_prompt
         prompt_embeds = prompt_embeds.repeat_interleave(repeats, dim=0).to(device)
         pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(repeats, dim=0).to(device)
-        text_ids = self._text_ids(prompt_embeds, device)
-        stage("text_encode_end")
+        return prompt_embeds, pooled_prompt_embeds, cache_hit
 
-        # The generator is consumed in diffusers' order: init-image encode, noise, masked-image encode.
-        stage("vae_encode_start")
-        dtype = prompt_embeds.dtype
+    def _call_latents(
+        self,
+        checked: CheckedCall,
+        grid: LatentGrid,
+        schedule: Schedule,
+        dtype: torch.dtype,
+        device: torch.device,
+        soft_mask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One call's starting latents, image ids and 320-channel conditioning. The generator is
+        consumed in diffusers' order: init-image encode, noise, masked-image encode."""
+        call = checked.call
         init_image = None
         if checked.image is not None:
             init_image = self.image_processor.preprocess(checked.image, height=grid.height, width=grid.width)
@@ -311,37 +390,14 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         )
         if call.masked_image_latents is not None:
             given = call.masked_image_latents.to(device=device, dtype=dtype)
-            cond = repeat_to_batch(given, grid.batch, "masked_image_latents")
-        else:
-            processor = soft_mask_processor(self.mask_processor) if soft_mask else self.mask_processor
-            mask = processor.preprocess(checked.mask_image, height=grid.height, width=grid.width)
-            fused = self._engine_config.fused_kernels
-            cond = masked_image_conditioning(
-                self.vae, init_image, mask, grid, dtype, device, call.generator, fused
-            )
-        stage("vae_encode_end")
-        stage("preprocess_end")
-
-        stage("denoise_start")
-        latents, step_stats = self._denoise(
-            call, schedule, latents, cond, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, grid, stage
+            return latents, img_ids, repeat_to_batch(given, grid.batch, "masked_image_latents")
+        processor = soft_mask_processor(self.mask_processor) if soft_mask else self.mask_processor
+        mask = processor.preprocess(checked.mask_image, height=grid.height, width=grid.width)
+        fused = self._engine_config.fused_kernels
+        cond = masked_image_conditioning(
+            self.vae, init_image, mask, grid, dtype, device, call.generator, fused
         )
-        stage("denoise_end")
-
-        stage("decode_start")
-        images = self._decode(latents, grid, call.output_type)
-        stage("decode_end")
-        stage("total_end")
-        self.maybe_free_model_hooks()
-        timings = times.durations((*STAGES, "total"))
-        stats = {
-            "width": grid.width,
-            "height": grid.height,
-            "image_seq_len": seq_len,
-            **step_stats,
-            "prompt_cache_hit": cache_hit,
-        }
-        return PipelineResult(images=images, latents=latents, stats=stats, timings=timings)
+        return latents, img_ids, cond
 
     def _validated(self, call: PipelineCall) -> CheckedCall:
         """The engine's checks (types, ranges, images read as a viewer shows them), then diffusers' own
@@ -446,3 +502,54 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
         decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(decoded, output_type=output_type)
+
+
+# What the denoising loop reads from a call: calls batched together must agree on it.
+_SHARED_FIELDS = (
+    "num_inference_steps",
+    "sigmas",
+    "strength",
+    "guidance_scale",
+    "joint_attention_kwargs",
+    "max_sequence_length",
+)
+
+
+def _check_batch(checked: Sequence[CheckedCall]) -> None:
+    """Calls run as one batch share the size and every field the loop reads; a step callback sees the
+    whole batch's latents, so it is refused with more than one call."""
+    first = checked[0]
+    for index, one in enumerate(checked[1:], start=1):
+        pairs = [("height", one.height, first.height), ("width", one.width, first.width)]
+        pairs += [(name, getattr(one.call, name), getattr(first.call, name)) for name in _SHARED_FIELDS]
+        for name, value, expected in pairs:
+            if not _same(value, expected):
+                raise ValueError(
+                    f"calls[{index}]: `{name}` is {value!r} but calls[0] has {expected!r}; calls run as one "
+                    "batch must agree on it"
+                )
+    if len(checked) > 1:
+        for index, one in enumerate(checked):
+            if one.call.callback_on_step_end is not None:
+                raise ValueError(f"calls[{index}]: `callback_on_step_end` runs only with a single call")
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """Equal values; arrays (``sigmas`` may be one) element by element."""
+    if value is None or expected is None:
+        return value is expected
+    try:
+        return bool(value == expected)
+    except (TypeError, ValueError, RuntimeError):  # an array's == is elementwise
+        as_tensor = torch.as_tensor
+        return torch.equal(as_tensor(value, dtype=torch.float64), as_tensor(expected, dtype=torch.float64))
+
+
+def _cat(tensors: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """The calls' tensors along the batch; one call's as it is."""
+    if len(tensors) == 1:
+        return tensors[0]
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"`{name}` of the calls in one batch have different shapes {sorted(shapes)}")
+    return torch.cat(list(tensors))

@@ -24,6 +24,7 @@ import torch
 from .config import EngineConfig
 from .lora import LoraCache, resolve_strategy
 from .model import FillTransformer
+from .parallel import resolve_context_parallel
 from .quantization import QuantPlan, resolve, weight_bytes
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class TransformerRuntime:
             fill.quantize(plan)
         fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None, device)
         fill.set_attention(config.attention, config.fused_kernels, device)
+        fill.set_context_parallel(resolve_context_parallel(config.context_parallel, self.transformer))
         resolve_strategy(config.lora_strategy, fill.quant_plan)
         return fill
 

@@ -500,3 +500,26 @@ def test_url_inputs_from_a_trusted_network_and_a_signed_webhook(tmp_path, shared
     message = standardwebhooks.Webhook(secret).verify(payload, headers)
     assert message["type"] == "task.completed" and message["data"]["id"] == task["id"]
     assert message["data"]["outputs"] == [f"/v1/files/{task['id']}/0.png"]
+
+
+def test_queued_tasks_that_fit_together_run_as_one_batch(tmp_path, shared_engine):
+    app = make_app(tmp_path, SlowSteps(shared_engine, 0.2), max_batch_images=4)
+    with server_in_thread(app) as base:
+        first = httpx.post(f"{base}/v1/tasks", json=body(seed=1, num_inference_steps=4)).json()
+        wait_status(base, first["id"], {"running"})
+        fitting = [
+            httpx.post(f"{base}/v1/tasks", json=body(prompt=f"cup {s}", seed=s)).json() for s in (2, 3, 4)
+        ]
+        other = httpx.post(f"{base}/v1/tasks", json=body(seed=5, num_inference_steps=3)).json()
+        for task in (first, *fitting, other):
+            assert wait_status(base, task["id"], {"completed", "failed"})["status"] == "completed"
+        accepted = {
+            task["id"]: dict(sse_events(base, task["id"]))["task_accept"] for task in (*fitting, other)
+        }
+        assert [accepted[task["id"]]["batch_size"] for task in fitting] == [3, 3, 3]
+        assert accepted[other["id"]]["batch_size"] == 1  # other steps: not with them
+        for seed, task in zip((2, 3, 4), fitting, strict=True):
+            done = httpx.get(f"{base}/v1/tasks/{task['id']}").json()
+            picture = np.asarray(fetched_image(base, done["outputs"][0]), dtype=np.float32)
+            difference = np.abs(picture - solo_image(shared_engine, seed, prompt=f"cup {seed}"))
+            assert difference.max() <= 1, difference.max()  # the batch gives each request its solo image
