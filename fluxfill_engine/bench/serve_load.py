@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -296,8 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "max_megapixels": args.max_megapixels,
         "flags": " ".join(flags),
-        "command": "python -m fluxfill_engine.bench.serve_load "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(
+            [
+                "python",
+                "-m",
+                "fluxfill_engine.bench.serve_load",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
     }
     markdown = report_markdown(summary, settings, health)
     print(markdown)
