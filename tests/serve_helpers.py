@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import PIL.Image
 
+from fluxfill_engine.bench import serve_load
+
 # Small inputs at the smallest working resolution: a task takes a fraction of a second on a CPU.
 FAST = {"num_inference_steps": 2, "max_megapixels": 0.065}
 
@@ -109,18 +111,7 @@ def server_in_thread(app: Any, timeout: float = 120.0) -> Iterator[str]:
 
 
 def wait_ready(base: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            answer = httpx.get(f"{base}/healthz", timeout=2)
-            if answer.status_code == 200:
-                return answer.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{base} did not become ready in {timeout} s")
+    return serve_load.wait_ready(base, process, timeout)
 
 
 @contextlib.contextmanager

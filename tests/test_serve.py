@@ -523,3 +523,10 @@ def test_queued_tasks_that_fit_together_run_as_one_batch(tmp_path, shared_engine
             picture = np.asarray(fetched_image(base, done["outputs"][0]), dtype=np.float32)
             difference = np.abs(picture - solo_image(shared_engine, seed, prompt=f"cup {seed}"))
             assert difference.max() <= 1, difference.max()  # the batch gives each request its solo image
+
+
+def test_warm_up_runs_before_ready(tmp_path, shared_engine):
+    config = ServerConfig(service=ServiceSettings(data_dir=tmp_path, warmup_sizes=[(256, 256), (320, 256)]))
+    with server_in_thread(create_app(config, lambda: shared_engine)) as base:
+        health = httpx.get(f"{base}/healthz").json()
+    assert health["status"] == "ready" and set(health["warmup_seconds"]) == {"256x256", "320x256"}

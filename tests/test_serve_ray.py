@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import body, server_in_thread, sse_events, wait_status
+from serve_helpers import body, server_in_thread, sse_events, wait_ready, wait_status
 from test_serve import fetched_image, make_app, solo_image
 
 from fluxfill_engine import EngineConfig
@@ -110,7 +110,7 @@ def test_serve_run_application(tmp_path):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({"replicas": "2", "data_dir": str(tmp_path)}), name="fluxfill", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        health = wait_ready_any(base)
+        health = wait_ready(base, 240)
         assert health["replicas"] == 2
         task = httpx.post(f"{base}/v1/tasks", json=body()).json()
         assert wait_status(base, task["id"], {"completed", "failed"}, timeout=300)["status"] == "completed"
@@ -120,18 +120,3 @@ def test_serve_run_application(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def wait_ready_any(base: str) -> dict:
-    import time
-
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            answer = httpx.get(f"{base}/healthz", timeout=5)
-            if answer.status_code == 200:
-                return answer.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(base)

@@ -25,7 +25,8 @@ def _start_long_task(base: str) -> dict:
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
 def test_restart_keeps_every_task(tmp_path, how):
-    with server_process(tmp_path) as (base, process):
+    with server_process(tmp_path, "--warmup", "256x256") as (base, process):
+        assert list(httpx.get(f"{base}/healthz").json()["warmup_seconds"]) == ["256x256"]
         done = httpx.post(f"{base}/v1/tasks", json=body(seed=1)).json()
         done = wait_status(base, done["id"], {"completed"})
         long = _start_long_task(base)

@@ -189,7 +189,8 @@ def _spawn_server(data_dir: Path, port: int, flags: list[str]) -> subprocess.Pop
     return subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.0) -> dict[str, Any]:
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 300.0) -> dict[str, Any]:
+    """``/healthz`` of ``url`` once it answers 200 (ready); raises if ``process`` exits first."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             process = _spawn_server(Path(data_dir), port, flags)
             url = f"http://127.0.0.1:{port}"
         try:
-            health = _wait_ready(url, process)
+            health = wait_ready(url, process)
             start = time.perf_counter()
             outcomes = asyncio.run(
                 run_load(

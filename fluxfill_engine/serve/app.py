@@ -337,6 +337,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
             "queue_depth": service.queue_depth(),
             "running": service.running(),
             "replicas": service.replicas,
+            "warmup_seconds": service.warmup,
         }
         if service.load_error:
             body["error"] = service.load_error

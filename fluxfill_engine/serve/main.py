@@ -189,8 +189,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(
             f'fluxfill serve needs the serve extra: pip install "fluxfill-engine[serve]" ({err})'
         ) from None
-    from ..cli import _checked_device, tiny_engine
+    from ..cli import _checked_device
     from ..config import EngineConfig
+    from .engines import EngineSpec, build_engine
     from .inputs import ServerOptions
     from .service import ServiceSettings
     from .urlguard import UrlPolicy
@@ -199,28 +200,25 @@ def run_serve(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     engine_config = EngineConfig.preset(args.preset, dtype=dtype)
 
+    spec = EngineSpec(
+        model=None if args.model is None else str(args.model.resolve()),
+        base=None if args.base is None else str(args.base.resolve()),
+        preset=args.preset,
+        device=device,
+        dtype=dtype,
+        warmup_sizes=tuple(args.warmup) if args.ray else (),  # replicas warm up themselves
+    )
+
     def engine_factory() -> Any:
-        if args.ray:
-            from .ray_backend import EngineSpec, deploy
+        if not args.ray:
+            return build_engine(spec)
+        from .ray_backend import deploy
 
-            spec = EngineSpec(
-                model=None if args.model is None else str(args.model.resolve()),
-                base=None if args.base is None else str(args.base.resolve()),
-                preset=args.preset,
-                device=device,
-                dtype=dtype,
-                warmup_sizes=tuple(args.warmup),
-            )
-            limits = {
-                "max_input_megapixels": engine_config.max_input_megapixels,
-                "max_loras": engine_config.max_loras,
-            }
-            return deploy(spec, args.replicas, args.ray_address, args.autoscale, **limits)
-        if args.model is None:
-            return tiny_engine(engine_config, device=device)
-        from ..engine import FluxFillEngine
-
-        return FluxFillEngine.from_pretrained(args.model, config=engine_config, device=device, base=args.base)
+        limits = {
+            "max_input_megapixels": engine_config.max_input_megapixels,
+            "max_loras": engine_config.max_loras,
+        }
+        return deploy(spec, args.replicas, args.ray_address, args.autoscale, **limits)
 
     addons: dict[str, Any] = {}
     if args.prompt_enhancer is not None:
@@ -237,7 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_batch_images=args.max_batch,
             retention_hours=args.retention_hours,
-            warmup_sizes=[] if args.ray else args.warmup,  # replicas warm themselves up
+            warmup_sizes=() if args.ray else args.warmup,
         ),
         options=ServerOptions(
             url_policy=UrlPolicy(allow=args.allow_url_inputs, trusted_networks=tuple(args.trusted_networks)),

@@ -115,6 +115,7 @@ class TaskService:
         self.engine: FluxFillEngine | None = None
         self.state = "warming"  # then "ready", or "failed" when the engine could not load
         self.load_error: str | None = None
+        self.warmup: dict[str, float] = {}  # seconds per warm-up size
         self._engine_factory = engine_factory
         self._queue: list[str] = []
         self._specs: dict[str, TaskSpec] = {}
@@ -282,7 +283,7 @@ class TaskService:
         try:
             self.engine = self._engine_factory()
             if self.settings.warmup_sizes:
-                self.engine.warmup(self.settings.warmup_sizes)
+                self.warmup = self.engine.warmup(self.settings.warmup_sizes)["seconds"]
         except Exception as err:
             logger.exception("the engine failed to load")
             self.load_error = f"{type(err).__name__}: {err}"
