@@ -463,9 +463,7 @@ class FluxFillEngine:
         }
         finished = []
         for request, frame, result in zip(requests, frames, results, strict=True):
-            images = [
-                frame.compose(picture, request.paste_back, request.mask_blur) for picture in result.images
-            ]
+            images = frame.compose(result.images, request.paste_back, request.mask_blur)
             timings = {**result.timings, "total": time.perf_counter() - start}
             stats = {
                 **result.stats,

@@ -13,6 +13,7 @@ All sizes here are ``(width, height)`` in pixels; boxes are ``(left, top, right,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,24 +154,31 @@ class Frame:
         image, mask = self.canvas.crop(self.region), self.mask.crop(self.region)
         return resized(image, self.working_size), resized(mask, self.working_size)
 
-    def compose(self, generated: PIL.Image.Image, paste_back: bool, blur: int) -> PIL.Image.Image:
-        """``generated`` (at the working size) back in the canvas: inside the mask only (feathered) with
-        ``paste_back``, else over the whole region."""
-        region = resized(generated.convert("RGB"), self.region_size)
-        left, top = self.region[:2]
-        if not paste_back and self.region == (0, 0, *self.canvas.size):
-            return region
-        output = self.canvas.copy()
-        if not paste_back:
+    def compose(
+        self, generated: Sequence[PIL.Image.Image], paste_back: bool, blur: int
+    ) -> list[PIL.Image.Image]:
+        """Each of ``generated`` (at the working size) back in the canvas: inside the mask only
+        (feathered) with ``paste_back``, else over the whole region. The feathered mask is computed
+        once for all of them."""
+        left, top, right, bottom = self.region
+        whole = self.region == (0, 0, *self.canvas.size)
+        alpha = paste_alpha(self.mask, blur)[top:bottom, left:right, None] if paste_back else None
+        original = np.asarray(self.canvas.crop(self.region), dtype=np.float32) if paste_back else None
+        outputs = []
+        for picture in generated:
+            region = resized(picture.convert("RGB"), self.region_size)
+            if not paste_back and whole:
+                outputs.append(region)
+                continue
+            output = self.canvas.copy()
+            if paste_back:
+                blended = original * (1 - alpha) + np.asarray(region, dtype=np.float32) * alpha
+                exact = alpha[..., 0] == 0  # outside the feathered mask: the input's pixels, bit for bit
+                blended[exact] = original[exact]
+                region = PIL.Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
             output.paste(region, (left, top))
-            return output
-        alpha = paste_alpha(self.mask, blur)[top : top + region.height, left : left + region.width, None]
-        original = np.asarray(self.canvas.crop(self.region), dtype=np.float32)
-        blended = original * (1 - alpha) + np.asarray(region, dtype=np.float32) * alpha
-        exact = alpha[..., 0] == 0  # outside the feathered mask: the input's pixels, bit for bit
-        blended[exact] = original[exact]
-        output.paste(PIL.Image.fromarray(np.round(blended).astype(np.uint8), "RGB"), (left, top))
-        return output
+            outputs.append(output)
+        return outputs
 
 
 def make_frame(

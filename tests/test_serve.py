@@ -59,7 +59,7 @@ def make_app(data_dir: Path, engine: Any, **overrides: Any):
         data_dir=data_dir,
         **{
             k: overrides.pop(k)
-            for k in ("max_queue", "max_batch_images", "retention_hours")
+            for k in ("max_queue", "max_batch_images", "retention_hours", "public_url")
             if k in overrides
         },
     )
@@ -484,7 +484,13 @@ def test_url_inputs_from_a_trusted_network_and_a_signed_webhook(tmp_path, shared
     origin = f"http://127.0.0.1:{files.server_address[1]}"
     secret = "whsec_" + __import__("base64").b64encode(b"0123456789abcdef0123456789abcdef").decode()
     policy = UrlPolicy(allow=True, trusted_networks=("127.0.0.1/32",))
-    app = make_app(tmp_path, shared_engine, options=ServerOptions(url_policy=policy), webhook_secret=secret)
+    app = make_app(
+        tmp_path,
+        shared_engine,
+        options=ServerOptions(url_policy=policy),
+        webhook_secret=secret,
+        public_url="https://fill.example.com",
+    )
     try:
         with server_in_thread(app) as base:
             request = body(image=f"{origin}/image.png", mask=f"{origin}/mask.png", webhook=f"{origin}/hook")
@@ -499,7 +505,7 @@ def test_url_inputs_from_a_trusted_network_and_a_signed_webhook(tmp_path, shared
     headers = {key.lower(): value for key, value in headers.items()}
     message = standardwebhooks.Webhook(secret).verify(payload, headers)
     assert message["type"] == "task.completed" and message["data"]["id"] == task["id"]
-    assert message["data"]["outputs"] == [f"/v1/files/{task['id']}/0.png"]
+    assert message["data"]["outputs"] == [f"https://fill.example.com/v1/files/{task['id']}/0.png"]
 
 
 def test_queued_tasks_that_fit_together_run_as_one_batch(tmp_path, shared_engine):

@@ -115,6 +115,12 @@ def add_serve_parser(commands: Any) -> None:
         metavar="CIDR",
         help="with --allow-url-inputs: also allow this private network (e.g. internal storage)",
     )
+    serve.add_argument(
+        "--public-url",
+        default="",
+        metavar="URL",
+        help="the server's address as clients reach it (https://host): webhooks then carry absolute URLs",
+    )
     serve.add_argument("--lora-dir", type=Path, help="LoRA files requests may name (relative paths)")
     serve.add_argument(
         "--warmup",
@@ -235,6 +241,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_batch_images=args.max_batch,
             retention_hours=args.retention_hours,
+            public_url=args.public_url.rstrip("/"),
             warmup_sizes=() if args.ray else args.warmup,
         ),
         options=ServerOptions(

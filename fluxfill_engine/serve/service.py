@@ -84,6 +84,7 @@ class ServiceSettings:
     max_queue: int = 64
     max_batch_images: int = 4
     retention_hours: float = 24.0
+    public_url: str = ""  # the server's address as clients reach it: webhooks then carry absolute URLs
     warmup_sizes: Sequence[tuple[int, int]] = ()
 
 
@@ -116,6 +117,7 @@ class TaskService:
         self.state = "warming"  # then "ready", or "failed" when the engine could not load
         self.load_error: str | None = None
         self.warmup: dict[str, float] = {}  # seconds per warm-up size
+        self._next_cleanup = 0.0
         self._engine_factory = engine_factory
         self._queue: list[str] = []
         self._specs: dict[str, TaskSpec] = {}
@@ -298,6 +300,9 @@ class TaskService:
 
     def _work(self) -> None:
         while True:
+            if time.time() >= self._next_cleanup:  # busy or idle, at most once a minute
+                self._next_cleanup = time.time() + 60
+                self.delete_expired()
             batch = self._next_batch()
             if batch is None:
                 return
@@ -318,8 +323,6 @@ class TaskService:
         with self._changed:
             while not self._queue and not self._stopping:
                 self._changed.wait(timeout=30)
-                if not self._queue:
-                    self.delete_expired()
             if self._stopping:
                 return None
             first = self._queue.pop(0)
@@ -496,23 +499,23 @@ class TaskService:
         webhook = task.request.get("webhook")
         if webhook and self.webhooks is not None:
             kind = "task.completed" if status == COMPLETED else f"task.{status}"
-            self.webhooks.send(webhook, kind, task_summary(task))
+            self.webhooks.send(webhook, kind, task_summary(task, self.settings.public_url))
 
     def delete_expired(self) -> None:
         """Delete the output files of tasks finished more than ``retention_hours`` ago (the tasks stay,
-        with ``outputs_expired``). The worker calls it when idle."""
+        with ``outputs_expired``). The workers call it about once a minute."""
         now = time.time()
         for task in self.store.expired(now - self.settings.retention_hours * 3600):
             shutil.rmtree(self.files_dir / task.id, ignore_errors=True)
             self.store.update(task.id, files_deleted=1)
 
 
-def files_url(task_id: str, name: str) -> str:
-    return f"/v1/files/{task_id}/{name}"
+def files_url(task_id: str, name: str, base: str = "") -> str:
+    return f"{base}/v1/files/{task_id}/{name}"
 
 
-def task_summary(task: Task) -> dict[str, Any]:
-    """A task as the native API shows it (relative URLs)."""
+def task_summary(task: Task, base: str = "") -> dict[str, Any]:
+    """A task as the native API shows it; URLs relative, or under ``base`` (``https://host``)."""
     return {
         "id": task.id,
         "status": task.status,
@@ -520,7 +523,7 @@ def task_summary(task: Task) -> dict[str, Any]:
         "started_at": task.started_at,
         "finished_at": task.finished_at,
         "progress": {"step": task.progress_step, "total": task.progress_total},
-        "outputs": [] if task.files_deleted else [files_url(task.id, name) for name in task.outputs],
+        "outputs": [] if task.files_deleted else [files_url(task.id, name, base) for name in task.outputs],
         "outputs_expired": task.files_deleted,
         "seed": task.seed,
         "timings": task.timings,
@@ -528,9 +531,9 @@ def task_summary(task: Task) -> dict[str, Any]:
         "has_nsfw_contents": task.nsfw,
         "request": {key: value for key, value in task.request.items() if key != "lora_files"},
         "urls": {
-            "get": f"/v1/tasks/{task.id}",
-            "events": f"/v1/tasks/{task.id}/events",
-            "cancel": f"/v1/tasks/{task.id}/cancel",
+            "get": f"{base}/v1/tasks/{task.id}",
+            "events": f"{base}/v1/tasks/{task.id}/events",
+            "cancel": f"{base}/v1/tasks/{task.id}/cancel",
         },
     }
 
