@@ -536,3 +536,32 @@ def test_warm_up_runs_before_ready(tmp_path, shared_engine):
     with server_in_thread(create_app(config, lambda: shared_engine)) as base:
         health = httpx.get(f"{base}/healthz").json()
     assert health["status"] == "ready" and set(health["warmup_seconds"]) == {"256x256", "320x256"}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "0"], "--port"),
+        (["--max-queue", "0"], "--max-queue"),
+        (["--replicas", "2"], "need --ray"),
+        (["--lora-dir", "/no/such/folder"], "--lora-dir"),
+        (["--url-allow-network", "10.0.0.0/8"], "--allow-url-inputs"),
+        (["--api-key", " "], "--api-key"),
+        (["--model", "/no/such/model"], "--model"),
+    ],
+)
+def test_serve_flags_are_checked_before_anything_loads(flags, message, capsys):
+    from fluxfill_engine.cli import main
+
+    assert main(["serve", *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("flags", [["--warmup", "big"], ["--autoscale", "3,1"], ["--url-allow-network", "x"]])
+def test_malformed_serve_flags_are_usage_errors(flags, capsys):
+    from fluxfill_engine.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *flags])
+    assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
