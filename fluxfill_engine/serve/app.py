@@ -310,7 +310,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
         with hub.subscription(task_id) as news:
             while True:
                 news.clear()
-                task = service.get(task_id)
+                task = await run_in_threadpool(service.get, task_id)
                 if task.finished or loop.time() > deadline:
                     return task
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -416,7 +416,8 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine
         with hub.subscription(task_id) as news:
             while True:
                 news.clear()
-                for event in service.store.events(task_id, after):
+                # SQLite waits on the worker's writes: off the event loop, so other streams go on.
+                for event in await run_in_threadpool(service.store.events, task_id, after):
                     after = event.seq
                     yield event
                     if event.name in ev.CLOSING_EVENTS:
