@@ -13,7 +13,8 @@ from fluxfill_engine import EngineConfig
 from fluxfill_engine.cli import tiny_engine
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-pytestmark = pytest.mark.slow
+# One worker for the whole module: its tests start, share and shut down one local Ray cluster.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")
