@@ -94,24 +94,6 @@ def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch
     return random_transformer(config, device=device, dtype=dtype, seed=0)
 
 
-def engine_pipeline(transformer: Any) -> Any:
-    """The drop-in pipeline around a transformer alone: a step needs no text encoder or VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from fluxfill_engine import FluxFillPipeline
-    from fluxfill_engine.architecture import SCHEDULER_CONFIG
-
-    return FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-
-
 def step_inputs(
     config: dict[str, Any], args: argparse.Namespace, device: torch.device, dtype: torch.dtype, steps: int
 ) -> dict[str, torch.Tensor]:
@@ -169,6 +151,8 @@ def run_worker(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     transformer = build_transformer(config, device, dtype, args.dry_run)
     build_s = time.perf_counter() - started
+    from fluxfill_engine.bench.models import engine_pipeline
+
     pipe = engine_pipeline(transformer)
     engine_config = EngineConfig(
         dtype=str(dtype).replace("torch.", ""),

@@ -1128,24 +1128,6 @@ class StepInputs:
         }
 
 
-def engine_pipeline(transformer: Any) -> Any:
-    """The drop-in pipeline around a transformer alone: the step needs no text encoder or VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from fluxfill_engine import FluxFillPipeline
-    from fluxfill_engine.architecture import SCHEDULER_CONFIG
-
-    return FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-
-
 @dataclass
 class BuiltStep:
     """A variant ready to run one step (``step(i)``), and what it is."""
@@ -1182,6 +1164,8 @@ def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) ->
         compiled = spec.base != "diffusers"
         return BuiltStep(diffusers_step, compiled, precision, {"kind": "diffusers"}, [transformer])
     assert spec.config is not None
+    from fluxfill_engine.bench.models import engine_pipeline
+
     pipe = engine_pipeline(transformer)
     pipe.configure(spec.config)
     fill = pipe.engine_transformer()
@@ -1547,6 +1531,8 @@ def part_step_cache(run: Run, deadline: Deadline, record: dict[str, Any]) -> Non
     steps = count + 1  # step 0 is always computed: it sets the cache's reference
     inputs = StepInputs.make(run, config, steps=steps)
     base = random_transformer(config, device=run.device, dtype=profile.dtype, seed=0)
+    from fluxfill_engine.bench.models import engine_pipeline
+
     pipe = engine_pipeline(base)
     pipe.configure(PRESETS["reference"])
     fill = pipe.engine_transformer()

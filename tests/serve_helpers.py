@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -120,18 +119,13 @@ def server_process(
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """``fluxfill serve`` as a real subprocess on the built-in tiny model."""
     port = port or free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "fluxfill_engine.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        serve_load.serve_command(data_dir, port, flags),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, 180, process)

@@ -626,3 +626,21 @@ def parameter_counts(configs: ComponentConfigs) -> dict[str, int]:
         "text_encoder": count([clip]),
         "text_encoder_2": count([t5]),
     }
+
+
+def engine_pipeline(transformer: Any) -> Any:
+    """The drop-in pipeline around a transformer alone: a step needs no text encoder or VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..architecture import SCHEDULER_CONFIG
+    from ..pipeline import FluxFillPipeline
+
+    return FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )

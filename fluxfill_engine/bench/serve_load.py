@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,18 +176,16 @@ def summarize(outcomes: list[Outcome], wall: float) -> dict[str, Any]:
     }
 
 
+def serve_command(data_dir: Path, port: int, flags: Sequence[str] = ()) -> list[str]:
+    """The command line of ``fluxfill serve`` on ``port`` with its data in ``data_dir``."""
+    command = [sys.executable, "-m", "fluxfill_engine.cli", "serve", "--port", str(port)]
+    return [*command, "--data-dir", str(data_dir), *flags]
+
+
 def _spawn_server(data_dir: Path, port: int, flags: list[str]) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "fluxfill_engine.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-    ]
-    return subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        serve_command(data_dir, port, flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 300.0) -> dict[str, Any]:
