@@ -340,8 +340,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         stage("denoise_end")
 
         stage("decode_start")
-        ends = torch.tensor([g.batch for g in grids]).cumsum(0).tolist()
-        parts = [latents[end - g.batch : end] for g, end in zip(grids, ends, strict=True)]
+        parts = list(latents.split([g.batch for g in grids]))
         images = [
             self._decode(part, g, c.output_type) for part, g, c in zip(parts, grids, calls, strict=True)
         ]
