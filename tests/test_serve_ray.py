@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 @pytest.fixture(scope="module")
 def ray_engine():
-    from fluxfill_engine.serve.ray_backend import EngineSpec, deploy, shutdown
+    from fluxfill_engine.serve.ray_backend import EngineSpec, deploy, shutdown, start_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2, include_dashboard=False)
     try:
         yield deploy(EngineSpec(), replicas=2)
     finally:
@@ -102,10 +102,10 @@ def test_serve_run_application(tmp_path):
     from ray import serve
     from serve_helpers import free_port
 
-    from fluxfill_engine.serve.ray_backend import build
+    from fluxfill_engine.serve.ray_backend import build, start_ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2, include_dashboard=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -121,3 +121,36 @@ def test_serve_run_application(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_local_start_that_timed_out_is_tried_once_more(monkeypatch):
+    """Ray's fixed 30-s wait for a new raylet can run out on a busy machine: one more local start;
+    an address to join, or any other error, is not retried."""
+    from fluxfill_engine.serve.ray_backend import start_ray
+
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        if len(calls) == 1 or address:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    start_ray()
+    assert calls == [None, None]
+    calls.clear()
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_ray("ray://head:10001")
+    assert calls == ["ray://head:10001"]
+
+    def broken(address=None, **kwargs):
+        calls.append(address)
+        raise ValueError("bad num_cpus")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ValueError, match="bad num_cpus"):
+        start_ray()
+    assert calls == [None]

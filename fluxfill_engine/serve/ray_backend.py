@@ -139,6 +139,30 @@ class _Device:
         return f"{self.name} (ray replicas)"
 
 
+_LOCAL_START_TIMEOUT = "timed out during startup"
+
+
+def start_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Join the cluster at ``address``, or start a local one, unless this process already has one.
+
+    Ray waits a fixed 30 s for a new local node's raylet to register; on a busy machine (a few cores,
+    other work running) that can run out, so a local start that timed out is tried once more."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    init_kwargs.setdefault("log_to_driver", False)
+    tries = 1 if address else 2
+    for attempt in range(tries):
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if _LOCAL_START_TIMEOUT not in str(error) or attempt == tries - 1:
+                raise
+            ray.shutdown()
+
+
 def deploy(
     spec: EngineSpec,
     replicas: int,
@@ -149,10 +173,7 @@ def deploy(
 ) -> RayEngine:
     """Start (or join, with ``address``) a Ray cluster, deploy the replicas, and return the engine
     the ingress uses. ``autoscale`` = (min, max) replicas instead of a fixed count."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    start_ray(address)
     gpus = 1 if spec.device.startswith("cuda") else 0
     options: dict[str, Any] = {"ray_actor_options": {"num_gpus": gpus, "num_cpus": 1}}
     if autoscale is not None:
