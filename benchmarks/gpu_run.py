@@ -20,7 +20,8 @@ tail of its traceback and the next part runs):
    with their cold compile seconds: diffusers regional compile, diffusers + torchao fp8 + compile,
    engine ``balanced``, engine ``fast``. Each: ms/step (CUDA events, median after warm-up), TFLOP/s
    (74.4 TFLOP per step) and its fraction of the measured matmul ceiling, drift against the engine
-   ``reference`` output (SQNR), memory.
+   ``reference`` output (SQNR), memory. Last, the engine ``reference`` step on batches of 2 and 4
+   requests (what the server's batching runs): milliseconds per image against batch 1.
 4. ``e2e``: one 1024x1024, 28-step call with T5-XXL, CLIP and the VAE for diffusers eager and engine
    ``fast``: per-stage seconds (text encoding, preparation and VAE encoding, denoising, decoding).
 5. ``step_cache``: the engine step cache: a skipped step against a full step.
@@ -164,6 +165,7 @@ class Profile:
     e2e_steps: int
     e2e_warmup_steps: int
     step_cache_steps: int
+    batch_sizes: tuple[int, ...]  # the latency part's batched engine steps (batch 1: ``reference``)
     shares: dict[str, float]
     budget_s: float
     # Compiled variants that compile for real; the others run their compiled modules under
@@ -200,6 +202,7 @@ def gpu_profile(budget_s: float = DEFAULT_BUDGET_S) -> Profile:
         e2e_steps=28,
         e2e_warmup_steps=2,
         step_cache_steps=8,
+        batch_sizes=(2, 4),
         shares=dict(GPU_SHARES),
         budget_s=budget_s,
     )
@@ -243,6 +246,7 @@ def dry_run_profile(budget_s: float = 900.0) -> Profile:
         e2e_steps=2,
         e2e_warmup_steps=1,
         step_cache_steps=5,
+        batch_sizes=(2, 4),
         shares={part: share * budget_s / sum(GPU_SHARES.values()) for part, share in GPU_SHARES.items()},
         budget_s=budget_s,
         # Three compiled variants compile for real: diffusers' regional compile, and the engine's
@@ -274,6 +278,9 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
     StepVariant("fast", clone=True, estimate_s=45),
     StepVariant("diffusers-fp8-compile", clone=True, estimate_s=60),
 )
+# The batched steps of the latency part: the engine's eager reference path (the server batches requests
+# of one size; eager, so a batch size costs no compile). Its estimate is per image of the batch.
+BATCHED = StepVariant("reference", clone=False, estimate_s=4)
 # What a CPU cannot run but should still build as far as it gets, in the dry run.
 TRY_ON_CPU = frozenset({"diffusers-fp8-compile"})
 
@@ -1112,6 +1119,17 @@ class StepInputs:
             timesteps=torch.linspace(750.0, 750.0 / steps, steps, device=device),
         )
 
+    def batched(self, size: int) -> StepInputs:
+        """The same inputs for ``size`` requests at once, as the server's batches run them: every
+        per-request tensor repeated along the batch dimension (the ids are shared)."""
+        return dataclasses.replace(
+            self,
+            latents=self.latents.repeat(size, 1, 1),
+            cond=self.cond.repeat(size, 1, 1),
+            prompt_embeds=self.prompt_embeds.repeat(size, 1, 1),
+            pooled=self.pooled.repeat(size, 1),
+        )
+
     def diffusers_kwargs(self, step: int = 0) -> dict[str, Any]:
         """diffusers' FluxFillPipeline call of its transformer: the timestep rounded through the latents'
         dtype and divided by 1000, guidance as float32."""
@@ -1283,6 +1301,31 @@ def latency_variant(
     return result
 
 
+def batched_variant(
+    run: Run,
+    size: int,
+    base: Any,
+    inputs: StepInputs,
+    outputs: dict[str, torch.Tensor],
+    record: dict[str, Any],
+    flops: float,
+) -> dict[str, Any]:
+    """The engine's step on ``size`` requests at once (what ``FluxFillEngine.run_batch`` runs): its
+    milliseconds per image against batch 1 (the ``reference`` item), and each image's drift from the
+    batch-1 output (the inputs are the same for every image of the batch)."""
+    reference = outputs.get("reference")
+    expected = None if reference is None else reference.expand(size, *reference.shape[1:])
+    result, _ = measure_step(run, BATCHED, base, inputs.batched(size), expected, flops * size)
+    result["batch_size"] = size
+    result["ms_per_image_step"] = result["ms_per_step"] / size
+    solo = record["items"].get(BATCHED.name, {})
+    if solo.get("status") == "ok":
+        result["speedup_per_image_vs_batch_1"] = solo["ms_per_step"] / result["ms_per_image_step"]
+    if expected is not None:
+        result["note"] = "drift: each image against the batch-1 output of the same inputs"
+    return result
+
+
 def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
     from fluxfill_engine.bench.models import random_transformer, transformer_flops
     from fluxfill_engine.bench.variants import parse_variant, unavailable_reason
@@ -1320,6 +1363,17 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
             record,
             variant.name,
             functools.partial(latency_variant, run, variant, base, inputs, outputs, flops.total, reason),
+        )
+    for size in profile.batch_sizes:
+        name = f"{BATCHED.name}:batch={size}"
+        estimate_s = BATCHED.estimate_s * size
+        if not deadline.fits(estimate_s):
+            record["items"][name] = too_late(name, estimate_s, deadline)
+            continue
+        run.item(
+            record,
+            name,
+            functools.partial(batched_variant, run, size, base, inputs, outputs, record, flops.total),
         )
 
 
@@ -1681,6 +1735,16 @@ def render_table(record: dict[str, Any]) -> str:
                 f"{key:<38}{_num(item.get('ms_per_step'), '.1f'):>8}{_num(item.get('tflops'), '.1f'):>9}"
                 f"{_num(None if fraction is None else 100 * fraction, '.0f'):>7}{drift:>7}"
                 f"{_num(item.get('peak_during_steps_gib'), '.1f'):>6}{_num(item.get('cold_call_s'), '.1f'):>8}"
+            )
+        batched = [item for item in steps.values() if item.get("status") == "ok" and "batch_size" in item]
+        if batched:
+            lines.append(
+                "batching, ms per image-step: "
+                + ", ".join(
+                    f"batch {item['batch_size']} {_num(item['ms_per_image_step'], '.1f')} "
+                    f"({_num(item.get('speedup_per_image_vs_batch_1'), '.2f')}x)"
+                    for item in batched
+                )
             )
 
     e2e = items("e2e")

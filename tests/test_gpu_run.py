@@ -75,7 +75,8 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
     parts = record["parts"]
     assert all(parts[p]["status"] == "ok" for p in gpu_run.PARTS)
     # Every step variant of part 3 appears, measured or with the reason it cannot run here.
-    assert set(parts["latency"]["items"]) == {v.name for v in gpu_run.STEP_VARIANTS}
+    batched = {f"{gpu_run.BATCHED.name}:batch={size}" for size in gpu_run.dry_run_profile().batch_sizes}
+    assert set(parts["latency"]["items"]) == {v.name for v in gpu_run.STEP_VARIANTS} | batched
     measured = {k: v for k, v in parts["latency"]["items"].items() if v["status"] == "ok"}
     assert {"reference", "diffusers", "engine:quant=fp8,quant_backend=native"} <= set(measured)
     if compile_unavailable_reason(torch.device("cpu")) is None:
@@ -87,6 +88,13 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
         if name != "reference":
             assert item["sqnr_vs_reference_db"] is None or item["sqnr_vs_reference_db"] > 15, name
     assert "fp8" in parts["latency"]["items"]["diffusers-fp8-compile"]["reason"]
+    # Batched steps: every image of the batch is the batch-1 output (the same inputs), to bf16 rounding.
+    for name in batched:
+        item = measured[name]
+        assert item["ms_per_image_step"] == pytest.approx(item["ms_per_step"] / item["batch_size"])
+        assert item["speedup_per_image_vs_batch_1"] > 0
+        assert item["sqnr_vs_reference_db"] is None or item["sqnr_vs_reference_db"] > 30, name
+    assert "batching, ms per image-step: batch 2" in done.stdout
     # The kernels within the tolerance table, the quantized linears within their SQNR bounds.
     checks = parts["correctness"]["items"]
     for key, item in checks.items():
