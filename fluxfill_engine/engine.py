@@ -353,27 +353,10 @@ class FluxFillEngine:
         """
         if self._runs_alone():
             return None
-        return tuple(self._batch_fields(request).items())
+        return tuple(batch_fields(request).items())
 
     def _runs_alone(self) -> bool:
-        policy = self.config.step_cache_policy
-        return (policy is not None and policy.threshold > 0) or diffusers_cache_enabled(
-            self.pipeline.transformer
-        )
-
-    def _batch_fields(self, request: FillRequest) -> dict[str, Any]:
-        validated = isinstance(request.image, PIL.Image.Image) and (
-            request.mask is None or isinstance(request.mask, PIL.Image.Image)
-        )
-        if not validated or not all(isinstance(spec, LoraSpec) for spec in request.loras or ()):
-            raise TypeError("batch_key needs a validated request (FillRequest.validated(...))")
-        return {
-            "working_size": frame_working_size(request.image.size, request.mask, *_frame_options(request)),
-            "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": float(request.guidance_scale),
-            "soft_mask": request.soft_mask,
-            "loras": tuple((str(spec.path), float(spec.scale)) for spec in request.loras or ()),
-        }
+        return self.config.skips_steps or diffusers_cache_enabled(self.pipeline.transformer)
 
     def _serve(
         self, requests: Sequence[FillRequest], on_event: EventHandler | None, batch: bool
@@ -423,9 +406,9 @@ class FluxFillEngine:
                 raise ValueError(
                     "requests run alone while a step cache is on (batch_key is None): one at a time"
                 )
-            first = self._batch_fields(checked[0])
+            first = batch_fields(checked[0])
             for index, request in enumerate(checked[1:], start=1):
-                for name, value in self._batch_fields(request).items():
+                for name, value in batch_fields(request).items():
                     if value != first[name]:
                         raise ValueError(
                             f"requests[{index}]: `{name}` is {value!r} but requests[0] has {first[name]!r}; "
@@ -477,6 +460,23 @@ class FluxFillEngine:
             }
             finished.append(FillResult(images=images, seed=request.seed, timings=timings, stats=stats))
         return finished
+
+
+def batch_fields(request: FillRequest) -> dict[str, Any]:
+    """What one pass of the model shares, for a validated request: the fields of
+    :meth:`FluxFillEngine.batch_key` by name (its working size computed as the framing does)."""
+    validated = isinstance(request.image, PIL.Image.Image) and (
+        request.mask is None or isinstance(request.mask, PIL.Image.Image)
+    )
+    if not validated or not all(isinstance(spec, LoraSpec) for spec in request.loras or ()):
+        raise TypeError("batch_key needs a validated request (FillRequest.validated(...))")
+    return {
+        "working_size": frame_working_size(request.image.size, request.mask, *_frame_options(request)),
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": float(request.guidance_scale),
+        "soft_mask": request.soft_mask,
+        "loras": tuple((str(spec.path), float(spec.scale)) for spec in request.loras or ()),
+    }
 
 
 def _frame_options(request: FillRequest) -> tuple[Any, ...]:

@@ -90,8 +90,9 @@ class SlowSteps:
 
 
 @contextlib.contextmanager
-def server_in_thread(app: Any, timeout: float = 120.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port; yields its base URL once /healthz is 200."""
+def server_in_thread(app: Any, timeout: float = 120.0, ready: bool = True) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port; yields its base URL once /healthz is 200
+    (``ready=False``: once the server answers, its engine maybe still loading)."""
     import uvicorn
 
     port = free_port()
@@ -102,7 +103,12 @@ def server_in_thread(app: Any, timeout: float = 120.0) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, timeout)
+        if ready:
+            wait_ready(base, timeout)
+        else:
+            deadline = time.monotonic() + timeout
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.02)
         yield base
     finally:
         server.should_exit = True

@@ -531,6 +531,35 @@ def test_queued_tasks_that_fit_together_run_as_one_batch(tmp_path, shared_engine
             assert difference.max() <= 1, difference.max()  # the batch gives each request its solo image
 
 
+def test_a_backlog_is_shared_among_idle_replicas(tmp_path, shared_engine):
+    """Four tasks that fit together, queued while the engine loads, with two replicas: each worker
+    takes its share (2 + 2), not one batch of 4 on one replica while the other idles."""
+    loaded = threading.Event()
+    engine = SlowSteps(shared_engine, 0.0)
+    engine.replicas = 2
+
+    def factory():
+        assert loaded.wait(60)
+        return engine
+
+    config = ServerConfig(service=ServiceSettings(data_dir=tmp_path, max_batch_images=4))
+    with server_in_thread(create_app(config, factory), ready=False) as base:
+        tasks = [httpx.post(f"{base}/v1/tasks", json=body(seed=seed)).json() for seed in range(4)]
+        assert httpx.get(f"{base}/healthz").json()["queue_depth"] == 4
+        loaded.set()
+        for task in tasks:
+            assert wait_status(base, task["id"], {"completed", "failed"})["status"] == "completed"
+        sizes = [dict(sse_events(base, task["id"]))["task_accept"]["batch_size"] for task in tasks]
+    assert sizes == [2, 2, 2, 2]
+
+
+def test_batch_share_splits_a_backlog_evenly() -> None:
+    from fluxfill_engine.serve.service import batch_share
+
+    assert [batch_share(8, 2), batch_share(3, 2), batch_share(1, 4), batch_share(5, 1)] == [4, 2, 1, 5]
+    assert batch_share(3, 0) == 3  # the worker asking is idle itself
+
+
 def test_warm_up_runs_before_ready(tmp_path, shared_engine):
     config = ServerConfig(service=ServiceSettings(data_dir=tmp_path, warmup_sizes=[(256, 256), (320, 256)]))
     with server_in_thread(create_app(config, lambda: shared_engine)) as base:

@@ -51,6 +51,33 @@ def test_two_replicas_share_the_tasks(tmp_path, ray_engine):
         assert len(replicas) == 2, replicas  # both replicas worked
 
 
+def test_a_batch_runs_as_one_pass_on_one_replica(ray_engine):
+    """RayEngine.run_batch: the requests go to one replica as one pass (its engine's run_batch), each
+    with its solo image; the batch key is the local engine's."""
+    from serve_helpers import FAST, inputs
+
+    from fluxfill_engine import FillRequest
+
+    local = tiny_engine(EngineConfig.preset("reference", dtype="float32"))
+    image, mask = inputs()
+    requests = [
+        FillRequest(prompt=f"cup {seed}", image=image, mask=mask, seed=seed, **FAST) for seed in (3, 4, 5)
+    ]
+    keys = {ray_engine.batch_key(request.validated()) for request in requests}
+    assert keys == {local.batch_key(requests[0].validated())} and None not in keys
+    events = []
+    results = ray_engine.run_batch(requests, on_event=events.append)
+    assert len({result.stats["replica"] for result in results}) == 1
+    assert [(r.stats["batch_size"], r.stats["batch_requests"]) for r in results] == [(3, 3)] * 3
+    assert [e.type for e in events].count("step") == FAST["num_inference_steps"]  # one pass
+    for seed, result in zip((3, 4, 5), results, strict=True):
+        picture = np.asarray(result.images[0], dtype=np.float32)
+        assert np.abs(picture - solo_image(local, seed, prompt=f"cup {seed}")).max() <= 1
+    bad = FillRequest(prompt="x", image=image, mask=mask, num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"requests\[1\]: .*num_inference_steps"):
+        ray_engine.run_batch([requests[0], bad])
+
+
 def test_cancel_reaches_the_replica(tmp_path, ray_engine):
     with server_in_thread(make_app(tmp_path, ray_engine)) as base:
         task = httpx.post(f"{base}/v1/tasks", json=body(num_inference_steps=100, max_megapixels=1.0)).json()

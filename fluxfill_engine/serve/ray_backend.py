@@ -4,7 +4,8 @@
 The ingress (this process: the HTTP API, the task store, the events) stays as it is; its engine is a
 :class:`RayEngine`, whose ``run`` sends the checked request to a replica and relays the replica's
 progress events back as they happen (a streaming Ray Serve call). The service runs one worker thread
-per replica, so N tasks run at once.
+per replica, so N passes run at once; queued tasks that fit together go to one replica as a batch
+(``RayEngine.run_batch``: ``FluxFillEngine.run_batch`` there), a backlog shared among the idle workers.
 
 LoRA-aware routing: a request's LoRA set is its multiplexed model id (``@serve.multiplexed``), so Ray
 Serve sends it to a replica that has that set loaded when there is one; each replica keeps a few sets.
@@ -20,12 +21,14 @@ import asyncio
 import json
 import os
 import threading
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ray import serve
 
-from ..engine import Event, FillRequest, FillResult
+from ..config import EngineConfig
+from ..engine import Event, FillRequest, FillResult, batch_fields
 from .engines import EngineSpec, build_engine
 
 DEPLOYMENT = "FluxFillReplica"
@@ -45,7 +48,8 @@ class _Stop(Exception):
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=2)
 class FillReplica:
-    """One engine on one device; runs one request at a time (the engine's lock)."""
+    """One engine on one device; runs one pass at a time (the engine's lock): a request, or a batch
+    of requests the ingress put together."""
 
     def __init__(self, spec: EngineSpec) -> None:
         self.engine = build_engine(spec)
@@ -58,7 +62,17 @@ class FillReplica:
         return await asyncio.to_thread(self.engine.pipeline.load_engine_loras, loras)
 
     async def run(self, request: FillRequest) -> Any:
-        """Stream ``{"event": ...}`` dicts while the request runs, then ``{"result": ...}``."""
+        """Stream ``{"event": ...}`` dicts while the request runs, then ``{"results": [result]}``."""
+        async for item in self._stream(lambda on_event: [self.engine.run(request, on_event=on_event)]):
+            yield item
+
+    async def run_batch(self, requests: list[FillRequest]) -> Any:
+        """:meth:`run` for requests with equal batch keys, as one pass (``engine.run_batch``)."""
+        async for item in self._stream(lambda on_event: self.engine.run_batch(requests, on_event=on_event)):
+            yield item
+
+    async def _stream(self, work: Any) -> Any:
+        """Run ``work(on_event)`` on a thread, streaming its events, then its results."""
         key = serve.get_multiplexed_model_id()
         if key:
             await self.lora_set(key)
@@ -71,23 +85,24 @@ class FillReplica:
                 raise _Stop()
             loop.call_soon_threadsafe(queue.put_nowait, ("event", event))
 
-        def work() -> None:
+        def run() -> None:
             try:
-                result = self.engine.run(request, on_event=on_event)
-                loop.call_soon_threadsafe(queue.put_nowait, ("result", result))
+                results = work(on_event)
+                loop.call_soon_threadsafe(queue.put_nowait, ("results", results))
             except BaseException as err:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
 
-        worker = threading.Thread(target=work, daemon=True)
+        worker = threading.Thread(target=run, daemon=True)
         worker.start()
         try:
             while True:
                 kind, item = await queue.get()
                 if kind == "event":
                     yield {"event": asdict(item)}
-                elif kind == "result":
-                    item.stats["replica"] = self.replica
-                    yield {"result": item}
+                elif kind == "results":
+                    for result in item:
+                        result.stats["replica"] = self.replica
+                    yield {"results": item}
                     return
                 else:
                     raise item
@@ -107,16 +122,39 @@ class RayEngine:
         self.device = _Device(spec.device)
         self.max_input_megapixels = max_input_megapixels
         self.max_loras = max_loras
+        self.runs_alone = EngineConfig.preset(spec.preset, dtype=spec.dtype).skips_steps
 
     def run(self, request: FillRequest, on_event: Any = None) -> FillResult:
         """Run ``request`` on a replica; ``on_event`` gets its events here, and raising from it
         cancels the replica's pass."""
-        request = request.validated(self.max_input_megapixels, self.max_loras)
-        responses = self.handle.options(multiplexed_model_id=lora_key(request)).run.remote(request)
+        request = self._validated(request)
+        return self._call("run", request, lora_key(request), on_event)[0]
+
+    def run_batch(self, requests: list[FillRequest], on_event: Any = None) -> list[FillResult]:
+        """Run requests with equal :meth:`batch_key` as one pass on one replica
+        (``FluxFillEngine.run_batch`` there); ``on_event`` as :meth:`run`'s."""
+        checked = []
+        for index, request in enumerate(requests):
+            try:
+                checked.append(self._validated(request))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"requests[{index}]: {err}") from err
+        return self._call("run_batch", checked, lora_key(checked[0]), on_event)
+
+    def batch_key(self, request: FillRequest) -> Hashable | None:
+        """As ``FluxFillEngine.batch_key`` for the replicas' engine (``None`` while its step cache is
+        on), for a validated request."""
+        return None if self.runs_alone else tuple(batch_fields(request).items())
+
+    def _validated(self, request: FillRequest) -> FillRequest:
+        return request.validated(self.max_input_megapixels, self.max_loras)
+
+    def _call(self, method: str, payload: Any, lora_set: str, on_event: Any) -> list[FillResult]:
+        responses = getattr(self.handle.options(multiplexed_model_id=lora_set), method).remote(payload)
         try:
             for item in responses:
-                if "result" in item:
-                    return item["result"]
+                if "results" in item:
+                    return item["results"]
                 if on_event is not None:
                     on_event(Event(**item["event"]))
         except BaseException:
@@ -213,7 +251,6 @@ def build(args: dict[str, str]) -> Any:
     """
     from pathlib import Path
 
-    from ..config import EngineConfig
     from .app import ServerConfig, create_app
     from .inputs import ServerOptions
     from .service import ServiceSettings

@@ -122,6 +122,7 @@ class TaskService:
         self._queue: list[str] = []
         self._specs: dict[str, TaskSpec] = {}
         self._running: set[str] = set()
+        self._busy_workers = 0  # workers running a pass
         self._cancel_requested: set[str] = set()
         self._changed = threading.Condition()
         self._stopping = False
@@ -315,29 +316,36 @@ class TaskService:
                     self._finish(task_id, FAILED, ev.TASK_ERROR, {"error": message}, error=message)
             finally:
                 with self._changed:
+                    self._busy_workers -= 1
                     self._running.difference_update(batch)
                     self._cancel_requested.difference_update(batch)
 
     def _next_batch(self) -> list[str] | None:
-        """The oldest queued task and the queued tasks that can run with it, up to the image limit."""
+        """The oldest queued task and the queued tasks that can run with it, up to the image limit;
+        with several workers idle (replicas), this worker takes its share of them, so that a backlog
+        spreads over the replicas instead of becoming one batch on one of them."""
         with self._changed:
             while not self._queue and not self._stopping:
                 self._changed.wait(timeout=30)
             if self._stopping:
                 return None
-            first = self._queue.pop(0)
+            first = self._queue[0]
             batch, images = [first], self._specs[first].request.num_images
             key = self._batch_key(self._specs[first])
             if key is not None:
-                for task_id in list(self._queue):
+                for task_id in self._queue[1:]:
                     spec = self._specs[task_id]
                     if images + spec.request.num_images > self.settings.max_batch_images:
                         continue
                     if self._batch_key(spec) == key:
-                        self._queue.remove(task_id)
                         batch.append(task_id)
                         images += spec.request.num_images
+            idle = max(1, self.replicas - self._busy_workers)
+            batch = batch[: batch_share(len(batch), idle)]
+            for task_id in batch:
+                self._queue.remove(task_id)
             self._running.update(batch)
+            self._busy_workers += 1
             return batch
 
     def _batch_key(self, spec: TaskSpec) -> Any:
@@ -508,6 +516,12 @@ class TaskService:
         for task in self.store.expired(now - self.settings.retention_hours * 3600):
             shutil.rmtree(self.files_dir / task.id, ignore_errors=True)
             self.store.update(task.id, files_deleted=1)
+
+
+def batch_share(tasks: int, idle_workers: int) -> int:
+    """How many of ``tasks`` that could run together one of ``idle_workers`` takes: an even share,
+    rounded up (8 over 2 idle replicas: 4 each; 3 over 2: 2 then 1)."""
+    return -(-tasks // max(1, idle_workers))
 
 
 def files_url(task_id: str, name: str, base: str = "") -> str:
