@@ -59,7 +59,7 @@ def make_app(data_dir: Path, engine: Any, **overrides: Any):
         data_dir=data_dir,
         **{
             k: overrides.pop(k)
-            for k in ("max_queue", "max_batch_images", "retention_hours", "public_url")
+            for k in ("max_queue", "max_batch_images", "retention_hours", "task_retention_days", "public_url")
             if k in overrides
         },
     )
@@ -429,6 +429,27 @@ def test_expired_outputs_are_deleted(tmp_path, shared_engine):
         assert not (tmp_path / "files" / task["id"]).exists()
 
 
+def test_old_tasks_are_forgotten(tmp_path, shared_engine):
+    """Past --task-retention-days a finished task is deleted with its events and files; a queued or
+    running one never is."""
+    app = make_app(tmp_path, SlowSteps(shared_engine, 0.3), task_retention_days=1e-9)
+    with server_in_thread(app) as base:
+        old = httpx.post(f"{base}/v1/tasks", json=body()).json()
+        wait_status(base, old["id"], {"completed"})
+        running = httpx.post(f"{base}/v1/tasks", json=body(num_inference_steps=8)).json()
+        wait_status(base, running["id"], {"running"})
+        time.sleep(0.01)
+        app.state.service.delete_expired()
+        assert httpx.get(f"{base}/v1/tasks/{old['id']}").status_code == 404
+        assert httpx.get(f"{base}/v1/tasks/{old['id']}/events").status_code == 404
+        assert (
+            not (tmp_path / "files" / old["id"]).exists() and not (tmp_path / "inputs" / old["id"]).exists()
+        )
+        assert wait_status(base, running["id"], {"completed"})["status"] == "completed"
+    with sqlite3.connect(tmp_path / "tasks.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM events WHERE task_id = ?", (old["id"],)).fetchone()[0] == 0
+
+
 def test_prompt_enhancer_and_safety_checker(tmp_path, shared_engine):
     from test_serve_addons import save_tiny_checker, save_tiny_lm
 
@@ -577,6 +598,7 @@ def test_warm_up_runs_before_ready(tmp_path, shared_engine):
         (["--url-allow-network", "10.0.0.0/8"], "--allow-url-inputs"),
         (["--api-key", " "], "--api-key"),
         (["--model", "/no/such/model"], "--model"),
+        (["--task-retention-days", "0"], "--task-retention-days"),
     ],
 )
 def test_serve_flags_are_checked_before_anything_loads(flags, message, capsys):

@@ -91,6 +91,13 @@ def add_serve_parser(commands: Any) -> None:
         help="keep output files this long (default: %(default)s)",
     )
     serve.add_argument(
+        "--task-retention-days",
+        type=float,
+        default=30.0,
+        help="keep finished tasks (status, events) this long; then they are deleted and unknown "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
         "--max-request-mb", type=float, default=64.0, help="request body limit, in MiB (default: %(default)s)"
     )
     serve.add_argument(
@@ -162,8 +169,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--max-queue", args.max_queue, 1), ("--max-batch", args.max_batch, 1)):
         if value < low:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
-    if args.retention_hours <= 0 or args.max_request_mb <= 0:
-        raise ValueError("--retention-hours and --max-request-mb must be positive")
+    if args.retention_hours <= 0 or args.max_request_mb <= 0 or args.task_retention_days <= 0:
+        raise ValueError("--retention-hours, --task-retention-days and --max-request-mb must be positive")
     for flag, folder in (
         ("--model", args.model),
         ("--lora-dir", args.lora_dir),
@@ -241,6 +248,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_batch_images=args.max_batch,
             retention_hours=args.retention_hours,
+            task_retention_days=args.task_retention_days,
             public_url=args.public_url.rstrip("/"),
             warmup_sizes=() if args.ray else args.warmup,
         ),

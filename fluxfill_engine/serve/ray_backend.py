@@ -247,7 +247,7 @@ def build(args: dict[str, str]) -> Any:
     Arguments (all optional): ``model`` (default: the tiny model), ``base``, ``preset``, ``device``
     (``cuda`` gives each replica one GPU), ``dtype``, ``replicas`` or ``autoscale=MIN,MAX``,
     ``data_dir`` (the ingress's task store and files; default ``fluxfill-data``), ``max_queue``,
-    ``max_batch``, ``api_keys`` (comma-separated), ``lora_dir``, ``warmup`` (``WxH,...``).
+    ``max_batch``, ``retention_hours``, ``task_retention_days``, ``api_keys`` (comma-separated), ``lora_dir``, ``warmup`` (``WxH,...``).
     """
     from pathlib import Path
 
@@ -286,6 +286,8 @@ def build(args: dict[str, str]) -> Any:
             data_dir=Path(args.get("data_dir", "fluxfill-data")),
             max_queue=int(args.get("max_queue", 64)),
             max_batch_images=int(args.get("max_batch", 4)),
+            retention_hours=float(args.get("retention_hours", 24.0)),
+            task_retention_days=float(args.get("task_retention_days", 30.0)),
         ),
         options=ServerOptions(
             lora_dir=Path(args["lora_dir"]) if "lora_dir" in args else None,
@@ -327,6 +329,8 @@ _BUILD_ARGS = (
     "data_dir",
     "max_queue",
     "max_batch",
+    "retention_hours",
+    "task_retention_days",
     "api_keys",
     "lora_dir",
     "warmup",

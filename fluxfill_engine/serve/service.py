@@ -83,7 +83,8 @@ class ServiceSettings:
     data_dir: Path
     max_queue: int = 64
     max_batch_images: int = 4
-    retention_hours: float = 24.0
+    retention_hours: float = 24.0  # output files
+    task_retention_days: float = 30.0  # the tasks themselves (their rows and events)
     public_url: str = ""  # the server's address as clients reach it: webhooks then carry absolute URLs
     warmup_sizes: Sequence[tuple[int, int]] = ()
 
@@ -511,8 +512,12 @@ class TaskService:
 
     def delete_expired(self) -> None:
         """Delete the output files of tasks finished more than ``retention_hours`` ago (the tasks stay,
-        with ``outputs_expired``). The workers call it about once a minute."""
+        with ``outputs_expired``), and the tasks finished more than ``task_retention_days`` ago
+        (then unknown: 404). The workers call it about once a minute."""
         now = time.time()
+        for task_id in self.store.forget(now - self.settings.task_retention_days * 86400):
+            shutil.rmtree(self.files_dir / task_id, ignore_errors=True)
+            shutil.rmtree(self.inputs_dir / task_id, ignore_errors=True)
         for task in self.store.expired(now - self.settings.retention_hours * 3600):
             shutil.rmtree(self.files_dir / task.id, ignore_errors=True)
             self.store.update(task.id, files_deleted=1)

@@ -233,6 +233,21 @@ class TaskStore:
             for row in rows
         ]
 
+    def forget(self, finished_before: float) -> list[str]:
+        """Delete the tasks finished before ``finished_before``, with their events, in one
+        transaction; returns their ids."""
+        with self._transaction() as db:
+            ids = [
+                row["id"]
+                for row in db.execute(
+                    "SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
+                    (finished_before,),
+                )
+            ]
+            db.executemany("DELETE FROM events WHERE task_id = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in ids])
+        return ids
+
     def expired(self, finished_before: float) -> list[Task]:
         """Finished tasks whose files are still on disk and older than ``finished_before``."""
         with self._lock:
