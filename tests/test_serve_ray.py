@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -110,6 +112,41 @@ def test_requests_with_a_lora_set_go_to_the_replica_that_holds_it(tmp_path, ray_
                 assert done["status"] == "completed", done
                 ran_on.add(dict(sse_events(base, task["id"]))["task_end"]["replica"])
             assert len(ran_on) == 1, ran_on  # every request of the set went where the set is loaded
+
+
+def test_autoscaling_adds_a_replica_under_load(tmp_path, ray_engine):
+    """``--autoscale 1,2``: one replica while idle; a sustained backlog makes Ray Serve start the
+    second (after its upscale delay, 30 s by default), and tasks then run on both. Replaces the
+    module's deployment: it runs after the tests that use it."""
+    from ray import serve
+
+    from fluxfill_engine.serve.ray_backend import DEPLOYMENT, EngineSpec, deploy
+
+    serve.delete("fluxfill")  # a fresh deployment: autoscaled from its minimum
+    engine = deploy(EngineSpec(), replicas=1, autoscale=(1, 2))
+    assert engine.replicas == 2  # the ingress runs a worker for each replica it may get
+
+    def running() -> int:
+        deployment = serve.status().applications["fluxfill"].deployments[DEPLOYMENT]
+        return deployment.replica_states.get("RUNNING", 0)
+
+    assert running() == 1
+    with server_in_thread(make_app(tmp_path, engine, max_batch_images=1)) as base:
+        tasks, ran_on, deadline = [], set(), time.monotonic() + 240
+        while len(ran_on) < 2 and time.monotonic() < deadline:
+            while sum(t["status"] in ("queued", "running") for t in tasks) < 4:  # keep a backlog
+                tasks.append(httpx.post(f"{base}/v1/tasks", json=body(num_inference_steps=40)).json())
+            time.sleep(0.5)
+            tasks = [httpx.get(f"{base}/v1/tasks/{t['id']}").json() for t in tasks]
+            ran_on |= {
+                dict(sse_events(base, t["id"]))["task_end"]["replica"]
+                for t in tasks
+                if t["status"] == "completed"
+            }
+        assert running() == 2 and len(ran_on) == 2, (running(), ran_on)
+        for task in tasks:
+            final = wait_status(base, task["id"], {"completed", "failed", "canceled"}, timeout=300)
+            assert final["status"] == "completed", final
 
 
 def test_fluxfill_serve_ray_command(tmp_path):
