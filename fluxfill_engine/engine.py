@@ -388,7 +388,7 @@ class FluxFillEngine:
             raise ValueError("`requests` is empty: a batch needs at least one FillRequest")
         checked = []
         for index, request in enumerate(requests):
-            with _naming(f"requests[{index}]" if batch else None):
+            with naming_errors(f"requests[{index}]" if batch else None):
                 if batch and not isinstance(request, FillRequest):
                     raise TypeError(f"a FillRequest was expected, got {type(request).__name__}")
                 checked.append(request.validated(self.config.max_input_megapixels, self.config.max_loras))
@@ -414,7 +414,7 @@ class FluxFillEngine:
                             f"requests[{index}]: `{name}` is {value!r} but requests[0] has {first[name]!r}; "
                             "requests in one batch must have equal batch keys (FluxFillEngine.batch_key)"
                         )
-        with _naming("requests[0]" if batch else None):  # one LoRA set: the batch keys are equal
+        with naming_errors("requests[0]" if batch else None):  # one LoRA set: the batch keys are equal
             loras = self.pipeline.load_engine_loras(checked[0].loras)
         return checked, loras
 
@@ -513,7 +513,7 @@ def _pipeline_call(request: FillRequest, frame: Frame) -> PipelineCall:
 
 
 @contextlib.contextmanager
-def _naming(prefix: str | None) -> Iterator[None]:
+def naming_errors(prefix: str | None) -> Iterator[None]:
     """Input errors raised inside get ``prefix: `` in front of their message (``None``: unchanged)."""
     try:
         yield

@@ -218,3 +218,17 @@ def test_a_local_start_that_timed_out_is_tried_once_more(monkeypatch):
     with pytest.raises(ValueError, match="bad num_cpus"):
         start_ray()
     assert calls == [None]
+
+
+def test_shutdown_without_a_cluster_starts_none(monkeypatch):
+    """Ray Serve's own shutdown connects (starting a local cluster) just to stop; ours does nothing."""
+    from ray import serve
+
+    from fluxfill_engine.serve.ray_backend import shutdown
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: calls.append("init"))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    shutdown()
+    assert calls == []

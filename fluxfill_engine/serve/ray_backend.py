@@ -28,7 +28,7 @@ from typing import Any
 from ray import serve
 
 from ..config import EngineConfig
-from ..engine import Event, FillRequest, FillResult, batch_fields
+from ..engine import Event, FillRequest, FillResult, batch_fields, naming_errors
 from .engines import EngineSpec, build_engine
 
 DEPLOYMENT = "FluxFillReplica"
@@ -135,10 +135,8 @@ class RayEngine:
         (``FluxFillEngine.run_batch`` there); ``on_event`` as :meth:`run`'s."""
         checked = []
         for index, request in enumerate(requests):
-            try:
+            with naming_errors(f"requests[{index}]"):
                 checked.append(self._validated(request))
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"requests[{index}]: {err}") from err
         return self._call("run_batch", checked, lora_key(checked[0]), on_event)
 
     def batch_key(self, request: FillRequest) -> Hashable | None:
@@ -231,10 +229,13 @@ def deploy(
 
 
 def shutdown() -> None:
+    """Stop Ray Serve and leave the cluster; nothing when this process has no cluster (Ray Serve's
+    own shutdown would start one just to stop it)."""
     import ray
 
-    serve.shutdown()
-    ray.shutdown()
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
 
 
 def build(args: dict[str, str]) -> Any:
