@@ -280,7 +280,7 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
 )
 # The batched steps of the latency part: the engine's eager reference path (the server batches requests
 # of one size; eager, so a batch size costs no compile). Its estimate is per image of the batch.
-BATCHED = StepVariant("reference", clone=False, estimate_s=4)
+BATCHED = StepVariant("reference", clone=False, estimate_s=2.5)
 # What a CPU cannot run but should still build as far as it gets, in the dry run.
 TRY_ON_CPU = frozenset({"diffusers-fp8-compile"})
 
