@@ -4,11 +4,13 @@ Every step runs the first double-stream block; when its residual changed by less
 (relative L1) since the last full step, the cached residual of the remaining blocks is reused. The
 rule, its guards and costs are described once, in ``docs/architecture.md`` ("Step cache"). Under
 context parallel the change is summed over every rank's tokens (:meth:`StepCache.use_shard`), so every
-rank skips the same steps.
+rank skips the same steps. Several requests run as one pass (:class:`BatchStepCache`) keep one cache
+each: every request decides its own steps, as alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +21,9 @@ from .config import StepCachePolicy
 if TYPE_CHECKING:
     from .conditioning import LatentGrid
     from .parallel import SequenceShard
+
+# ``remaining(rows)``: the remaining blocks on the batch rows ``rows`` (``None``: every row).
+Remaining = Callable[[torch.Tensor | None], torch.Tensor]
 
 
 def mask_token_weights(
@@ -108,6 +113,26 @@ class StepCache:
         )
         return not forced and bool(rel_l1 < policy.threshold)  # the one host sync of the step
 
+    def apply(
+        self,
+        step: int,
+        img: torch.Tensor,
+        first_img: torch.Tensor,
+        remaining: Remaining,
+        shard: SequenceShard | None = None,
+    ) -> torch.Tensor:
+        """The image tokens after every block at step ``step``: the first block's output
+        ``first_img`` (its input ``img``) plus the remaining blocks' residual, cached or computed."""
+        first_residual = first_img - img
+        if shard is not None:
+            self.use_shard(shard, first_residual.device)
+        if self.can_skip(step, first_residual):
+            self.skipped()
+            return first_img + self.remaining_residual
+        out = remaining(None)
+        self.computed(first_residual, out - first_img)
+        return out
+
     def skipped(self) -> None:
         self.consecutive_skips += 1
         self._cached.append(True)
@@ -128,3 +153,83 @@ class StepCache:
             "threshold": self.policy.threshold,
             "mask_aware": self.policy.mask_aware,
         }
+
+
+class BatchStepCache:
+    """The step caches of several requests run as one pass, one :class:`StepCache` per request (its
+    rows of the batch): each request decides its own steps from its own rows, as it would alone, and
+    the remaining blocks run only on the rows of the requests that compute the step."""
+
+    def __init__(self, caches: Sequence[StepCache], sizes: Sequence[int]) -> None:
+        if len(caches) != len(sizes):
+            raise ValueError("one StepCache per request")
+        self.caches = list(caches)
+        self.rows = _row_slices(sizes)
+
+    @classmethod
+    def for_requests(
+        cls,
+        policy: StepCachePolicy,
+        num_steps: int,
+        cond: torch.Tensor,
+        noise_channels: int,
+        grid: LatentGrid,
+        sizes: Sequence[int],
+    ) -> StepCache | BatchStepCache:
+        """One request's :class:`StepCache`, or the requests' (``sizes``: each one's images, in batch
+        order) when there are several."""
+        if len(sizes) == 1:
+            return StepCache.for_request(policy, num_steps, cond, noise_channels, grid)
+        caches = [
+            StepCache.for_request(policy, num_steps, cond[rows], noise_channels, grid)
+            for rows in _row_slices(sizes)
+        ]
+        return cls(caches, sizes)
+
+    def apply(
+        self,
+        step: int,
+        img: torch.Tensor,
+        first_img: torch.Tensor,
+        remaining: Remaining,
+        shard: SequenceShard | None = None,
+    ) -> torch.Tensor:
+        """:meth:`StepCache.apply` for each request's rows; one pass of the remaining blocks over the
+        rows of the requests that compute (all of them: the whole batch, no gather)."""
+        first_residual = first_img - img
+        skips = []
+        for cache, rows in zip(self.caches, self.rows, strict=True):
+            if shard is not None:
+                cache.use_shard(shard, first_residual.device)
+            skips.append(cache.can_skip(step, first_residual[rows]))
+        computing = [rows for rows, skip in zip(self.rows, skips, strict=True) if not skip]
+        if len(computing) == len(self.rows):
+            computed = remaining(None)
+        elif computing:
+            index = torch.cat([torch.arange(r.start, r.stop) for r in computing]).to(first_img.device)
+            computed = remaining(index)
+        parts, offset = [], 0
+        for cache, rows, skip in zip(self.caches, self.rows, skips, strict=True):
+            if skip:
+                cache.skipped()
+                parts.append(first_img[rows] + cache.remaining_residual)
+                continue
+            size = rows.stop - rows.start
+            out = computed[offset : offset + size]
+            offset += size
+            cache.computed(first_residual[rows], out - first_img[rows])
+            parts.append(out)
+        return torch.cat(parts)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each request's :meth:`StepCache.stats`, in batch order."""
+        return [cache.stats() for cache in self.caches]
+
+
+def _row_slices(sizes: Sequence[int]) -> list[slice]:
+    """Consecutive batch rows of the given sizes: ``[2, 1]`` -> rows 0-1, row 2."""
+    slices, start = [], 0
+    for size in sizes:
+        slices.append(slice(start, start + size))
+        start += size
+    return slices

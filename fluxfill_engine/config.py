@@ -236,13 +236,6 @@ class EngineConfig:
         return self._step_cache_policy(self.step_cache_threshold)
 
     @property
-    def skips_steps(self) -> bool:
-        """Whether the step cache can skip a step (a threshold of 0 never does). Its skip decision
-        is one per pass, so an engine with it on runs every request alone (no batching)."""
-        policy = self.step_cache_policy
-        return policy is not None and policy.threshold > 0
-
-    @property
     def text_encoder_quant(self) -> str:
         """The weight-only mode for T5 when ``quantize_text_encoder`` is on."""
         return "fp8-weight" if self.quant.startswith("fp8") else "int8-weight"

@@ -347,16 +347,17 @@ class FluxFillEngine:
         does, from sizes and, with ``crop_to_mask``, the mask's box; the model does not run), which
         ``width``/``height``, ``max_megapixels``, ``crop_to_mask``, ``crop_padding``, ``mask_grow``,
         ``mask_blur`` and ``outpaint`` decide; ``num_inference_steps``; ``guidance_scale``;
-        ``soft_mask``; the LoRAs (paths and scales, in order). Every request runs alone (``None``) while
-        a step cache is on (the engine's, or diffusers' on the transformer): its skip decision is one
-        for the whole batch, so a batched request would not get the images it gets alone.
+        ``soft_mask``; the LoRAs (paths and scales, in order). With the engine's step cache each
+        request of a batch decides its own steps, as alone (the remaining blocks run on the rows of the
+        requests that compute a step). Every request runs alone (``None``) while diffusers' cache is on
+        the transformer: its decision is one for the whole pass.
         """
         if self._runs_alone():
             return None
         return tuple(batch_fields(request).items())
 
     def _runs_alone(self) -> bool:
-        return self.config.skips_steps or diffusers_cache_enabled(self.pipeline.transformer)
+        return diffusers_cache_enabled(self.pipeline.transformer)
 
     def _serve(
         self, requests: Sequence[FillRequest], on_event: EventHandler | None, batch: bool
@@ -404,7 +405,8 @@ class FluxFillEngine:
         if batch and len(checked) > 1:
             if self._runs_alone():
                 raise ValueError(
-                    "requests run alone while a step cache is on (batch_key is None): one at a time"
+                    "requests run alone while diffusers' cache is on the transformer (batch_key is None): "
+                    "one at a time"
                 )
             first = batch_fields(checked[0])
             for index, request in enumerate(checked[1:], start=1):

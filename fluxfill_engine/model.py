@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFn, JointQKV, make_attention, resolve_attention
-from .cache import StepCache
+from .cache import BatchStepCache, StepCache
 from .compilation import compile_blocks
 from .layers import (
     RowSlice,
@@ -514,11 +514,16 @@ class FillTransformer(nn.Module):
         return out
 
     def forward(
-        self, latents: torch.Tensor, step: int, inputs: RequestInputs, cache: StepCache | None = None
+        self,
+        latents: torch.Tensor,
+        step: int,
+        inputs: RequestInputs,
+        cache: StepCache | BatchStepCache | None = None,
     ) -> torch.Tensor:
         """The velocity prediction ``[B, L, 64]`` for packed noisy ``latents`` at step index ``step``.
 
-        With a ``cache``, the remaining blocks run only on steps the cache does not skip. Under context
+        With a ``cache``, the remaining blocks run only on steps the cache does not skip (with a
+        :class:`~.cache.BatchStepCache`, only on the rows of the requests that compute the step). Under context
         parallel (``inputs.shard``) this rank runs its share of the tokens and every rank gets the
         whole velocity back.
         """
@@ -536,14 +541,12 @@ class FillTransformer(nn.Module):
         if cache is None:
             out = self.remaining_blocks(first_img, txt, temb_act, inputs)
         else:
-            first_residual = first_img - img
-            if shard is not None:
-                cache.use_shard(shard, first_residual.device)
-            if cache.can_skip(step, first_residual):
-                out = first_img + cache.remaining_residual
-                cache.skipped()
-            else:
-                out = self.remaining_blocks(first_img, txt, temb_act, inputs)
-                cache.computed(first_residual, out - first_img)
+
+            def remaining(rows: torch.Tensor | None) -> torch.Tensor:
+                if rows is None:
+                    return self.remaining_blocks(first_img, txt, temb_act, inputs)
+                return self.remaining_blocks(first_img[rows], txt[rows], temb_act[rows], inputs)
+
+            out = cache.apply(step, img, first_img, remaining, shard)
         velocity = self.final(out, temb)
         return velocity if shard is None else shard.gather_image(velocity)

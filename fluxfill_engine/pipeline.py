@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from .cache import StepCache
+from .cache import BatchStepCache
 from .call import STAGES, ImageInput, PerThread, PipelineCall, PipelineResult, StageHook
 from .compilation import load_compile_cache, save_compile_cache
 from .conditioning import (
@@ -335,7 +335,17 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
 
         stage("denoise_start")
         latents, step_stats = self._denoise(
-            lead, schedule, latents, cond, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, grid, stage
+            lead,
+            schedule,
+            latents,
+            cond,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            text_ids,
+            img_ids,
+            grid,
+            stage,
+            [g.batch for g in grids],
         )
         stage("denoise_end")
 
@@ -348,10 +358,10 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         stage("total_end")
         self.maybe_free_model_hooks()
         timings = times.durations((*STAGES, "total"))
-        stats = {"width": grid.width, "height": grid.height, "image_seq_len": seq_len, **step_stats}
+        stats = {"width": grid.width, "height": grid.height, "image_seq_len": seq_len}
         return [
-            PipelineResult(images, part, {**stats, "prompt_cache_hit": text[2]}, dict(timings))
-            for images, part, text in zip(images, parts, texts, strict=True)
+            PipelineResult(images, part, {**stats, **steps, "prompt_cache_hit": text[2]}, dict(timings))
+            for images, part, text, steps in zip(images, parts, texts, step_stats, strict=True)
         ]
 
     def _prompt_embeddings(
@@ -436,8 +446,11 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         img_ids: torch.Tensor,
         grid: LatentGrid,
         stage: StageHook,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The Euler loop over the schedule; returns the final latents and the step statistics."""
+        sizes: Sequence[int],
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The Euler loop over the schedule; returns the final latents and each call's step statistics
+        (``sizes``: each call's images, in batch order; with the step cache each call decides its own
+        steps, as alone)."""
         hook = getattr(self.transformer, "_hf_hook", None)
         if hook is not None:
             hook.pre_forward(self.transformer)  # model CPU offload: bring the transformer onto the device
@@ -455,7 +468,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         cache = (
             None
             if policy is None
-            else StepCache.for_request(policy, schedule.num_steps, cond, noise_channels, grid)
+            else BatchStepCache.for_requests(policy, schedule.num_steps, cond, noise_channels, grid, sizes)
         )
         callback = call.callback_on_step_end
         with self.progress_bar(total=schedule.num_steps) as progress_bar:
@@ -481,14 +494,20 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                         inputs.txt = fill.text_embedding(prompt_embeds)
                 progress_bar.update()
                 stage("step", step=i, total=schedule.num_steps)
-        cache_stats = None if cache is None else cache.stats()
-        stats = {
-            "num_steps": schedule.num_steps,
-            "steps_full": schedule.num_steps if cache is None else cache_stats["steps_full"],
-            "steps_cached": 0 if cache is None else cache_stats["steps_cached"],
-            "step_cache": cache_stats,
-            "loras": lora_stats,
-        }
+        if cache is None:
+            cache_stats: list[dict[str, Any] | None] = [None] * len(sizes)
+        else:
+            cache_stats = cache.stats() if isinstance(cache, BatchStepCache) else [cache.stats()]
+        stats = [
+            {
+                "num_steps": schedule.num_steps,
+                "steps_full": schedule.num_steps if one is None else one["steps_full"],
+                "steps_cached": 0 if one is None else one["steps_cached"],
+                "step_cache": one,
+                "loras": lora_stats,
+            }
+            for one in cache_stats
+        ]
         del fill, inputs  # nothing below needs them: an unquantized engine's fused weights can go
         if hook is not None:
             self.runtime.release()  # model CPU offload: the hook moves the transformer off

@@ -79,7 +79,11 @@ SCENARIOS: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
     # 6 heads, for 3 ranks: 64x80 is 20 image tokens (padding), 47 text tokens (padding).
     "heads6": (6, {}, call_kwargs(64, 80, 2)),
     "heads6_step_cache": (6, {"step_cache_threshold": 0.5}, call_kwargs(64, 80, 8)),
+    # Two calls as one pass (generate_batch), each with its own step-cache decisions.
+    "step_cache_calls": (2, {"step_cache_threshold": 0.27}, call_kwargs(48, 80, 10)),
 }
+# The second call of ``step_cache_calls``: another prompt and seed, two images.
+SECOND_CALL = {"prompt": "a red brick wall", "num_images_per_prompt": 2}
 
 
 def enable_diffusers_parallelism(transformer: Any, degree: int) -> None:
@@ -113,8 +117,16 @@ def run_scenario(name: str, parallel: int, seed: int = 0) -> tuple[np.ndarray, d
     pipe.set_progress_bar_config(disable=True)
     kwargs = {**kwargs, "generator": torch.Generator().manual_seed(seed)}
     started = time.perf_counter()
-    images = pipe(**kwargs).images
-    stats = dict(pipe.last_stats)
+    if name == "step_cache_calls":
+        from fluxfill_engine import PipelineCall
+
+        second = {**kwargs, **SECOND_CALL, "generator": torch.Generator().manual_seed(seed + 1)}
+        results = pipe.generate_batch([PipelineCall(**kwargs), PipelineCall(**second)])
+        images = np.concatenate([np.asarray(result.images) for result in results])
+        stats = {"step_cache": [result.stats["step_cache"] for result in results]}
+    else:
+        images = pipe(**kwargs).images
+        stats = dict(pipe.last_stats)
     stats["seconds"] = time.perf_counter() - started
     stats["transformer_path"] = pipe.describe()["transformer_path"]
     fill = pipe.runtime.current

@@ -328,14 +328,68 @@ def test_an_event_handler_raising_stops_the_batch_and_the_engine_goes_on(engine)
     assert [r.seed for r in results] == [1, 2]
 
 
-def test_with_a_step_cache_every_request_runs_alone():
-    engine = helpers.tiny_engine(EngineConfig(step_cache_threshold=0.1))
+def cache_config(threshold, mask_aware):
+    return EngineConfig(
+        step_cache_threshold=threshold,
+        step_cache_warmup=1,
+        step_cache_final=1,
+        step_cache_mask_aware=mask_aware,
+    )
+
+
+@pytest.mark.parametrize("mask_aware", [False, True], ids=["plain", "mask-aware"])
+def test_with_the_step_cache_each_request_of_a_batch_decides_its_own_steps(mask_aware, monkeypatch):
+    """A threshold between two requests' first measured changes: alone, one skips step 1 and the
+    other computes it. In a batch each request skips exactly the steps it skips alone (the remaining
+    blocks run on the rows of those that compute) and gets its solo images."""
+    steps = 8
+    requests = [
+        request(seed=1, num_inference_steps=steps),
+        request(seed=3, offset=80, num_inference_steps=steps, num_images=2, prompt="a red cat"),
+        request(seed=4, offset=20, num_inference_steps=steps),
+    ]
+    measuring = helpers.tiny_engine(cache_config(0.0, mask_aware))  # never skips: the plain changes
+    first = [measuring.run(r).stats["step_cache"]["rel_l1"][1] for r in requests]
+    threshold = (min(first) + max(first)) / 2
+    engine = helpers.tiny_engine(cache_config(threshold, mask_aware))
+    assert engine.batch_key(requests[0].validated()) is not None
+    decoded = record_decoded(monkeypatch, engine.pipeline)
+    alone = [engine.run(r) for r in requests]
+    decoded_alone = list(decoded)
+    decoded.clear()
+    rows = []
+    remaining = type(engine.pipeline.engine_transformer()).remaining_blocks
+
+    def counting(self, img, *args, **kwargs):
+        rows.append(img.shape[0])
+        return remaining(self, img, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.pipeline.engine_transformer()), "remaining_blocks", counting)
+    batched = engine.run_batch(requests)
+    flags = [one.stats["step_cache"]["cached"] for one in alone]
+    assert len({flag[1] for flag in flags}) == 2  # step 1: some skip, some compute
+    for index, (one, many) in enumerate(zip(alone, batched, strict=True)):
+        assert many.stats["step_cache"]["cached"] == one.stats["step_cache"]["cached"], index
+        assert many.stats["steps_cached"] == one.stats["steps_cached"]
+        assert float(np.abs(decoded[index] - decoded_alone[index]).max()) <= FLOAT_ATOL
+        assert_same_images(levels(one), levels(many))
+    # Each step's pass ran on the images of the requests computing it, none when all skipped.
+    sizes = [r.num_images for r in requests]
+    expected = [
+        sum(n for n, flag in zip(sizes, step, strict=True) if not flag) for step in zip(*flags, strict=True)
+    ]
+    assert rows == [count for count in expected if count]
+
+
+def test_with_diffusers_cache_on_the_transformer_every_request_runs_alone():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    engine = helpers.tiny_engine()
+    engine.pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     assert engine.batch_key(request().validated()) is None
-    with pytest.raises(ValueError, match="step cache"):
+    with pytest.raises(ValueError, match="diffusers' cache"):
         engine.run_batch([request(seed=1), request(seed=2)])
     assert len(engine.run_batch([request(seed=1)])) == 1
-    # Threshold 0 never skips: the computed path is the plain one, so batching is fine.
-    assert helpers.tiny_engine(EngineConfig(step_cache_threshold=0.0)).batch_key(request().validated())
 
 
 def test_generate_batch_refuses_calls_that_cannot_share_the_loop(engine):

@@ -113,8 +113,6 @@ def measure(
             f"--batch-sizes must be distinct, each in [1, --requests={requests}], got {batch_sizes}"
         )
     config = EngineConfig.preset(engine_preset)
-    if config.skips_steps:
-        raise BenchError(f"the {engine_preset!r} preset runs every request alone (its step cache is on)")
     model = MODEL_PRESETS[MODEL_SIZES[model_size]]
     size = size or max(model.width, MIN_SIZE)
     mask_size = mask_size or size // 4

@@ -122,7 +122,6 @@ class RayEngine:
         self.device = _Device(spec.device)
         self.max_input_megapixels = max_input_megapixels
         self.max_loras = max_loras
-        self.runs_alone = EngineConfig.preset(spec.preset, dtype=spec.dtype).skips_steps
 
     def run(self, request: FillRequest, on_event: Any = None) -> FillResult:
         """Run ``request`` on a replica; ``on_event`` gets its events here, and raising from it
@@ -139,10 +138,9 @@ class RayEngine:
                 checked.append(self._validated(request))
         return self._call("run_batch", checked, lora_key(checked[0]), on_event)
 
-    def batch_key(self, request: FillRequest) -> Hashable | None:
-        """As ``FluxFillEngine.batch_key`` for the replicas' engine (``None`` while its step cache is
-        on), for a validated request."""
-        return None if self.runs_alone else tuple(batch_fields(request).items())
+    def batch_key(self, request: FillRequest) -> Hashable:
+        """As ``FluxFillEngine.batch_key`` for the replicas' engine, for a validated request."""
+        return tuple(batch_fields(request).items())
 
     def _validated(self, request: FillRequest) -> FillRequest:
         return request.validated(self.max_input_megapixels, self.max_loras)
