@@ -206,7 +206,7 @@ class BatchStepCache:
         if len(computing) == len(self.rows):
             computed = remaining(None)
         elif computing:
-            index = torch.cat([torch.arange(r.start, r.stop) for r in computing]).to(first_img.device)
+            index = torch.cat([torch.arange(r.start, r.stop, device=first_img.device) for r in computing])
             computed = remaining(index)
         parts, offset = [], 0
         for cache, rows, skip in zip(self.caches, self.rows, skips, strict=True):
