@@ -94,34 +94,6 @@ def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch
     return random_transformer(config, device=device, dtype=dtype, seed=0)
 
 
-def step_inputs(
-    config: dict[str, Any], args: argparse.Namespace, device: torch.device, dtype: torch.dtype, steps: int
-) -> dict[str, torch.Tensor]:
-    """One request's transformer inputs, random from a fixed seed (equal on every rank)."""
-    rows, cols = args.height // 16, args.width // 16
-    tokens = rows * cols
-    generator = torch.Generator(device=device).manual_seed(5)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device=device, generator=generator).to(dtype)
-
-    noise = int(config.get("out_channels") or 64)
-    mask_channels = int(config["in_channels"]) - 2 * noise
-    mask = torch.rand(1, tokens, mask_channels, device=device, generator=generator) > 0.5
-    img_ids = torch.zeros(rows, cols, 3, device=device)
-    img_ids[..., 1] = torch.arange(rows, device=device)[:, None]
-    img_ids[..., 2] = torch.arange(cols, device=device)[None, :]
-    return {
-        "latents": randn(1, tokens, noise),
-        "cond": torch.cat([randn(1, tokens, noise), mask.to(dtype)], dim=2),
-        "prompt_embeds": randn(1, args.text_tokens, int(config["joint_attention_dim"])),
-        "pooled": randn(1, int(config["pooled_projection_dim"])),
-        "txt_ids": torch.zeros(args.text_tokens, 3, device=device),
-        "img_ids": img_ids.reshape(tokens, 3),
-        "timesteps": torch.linspace(750.0, 750.0 / steps, steps, device=device),
-    }
-
-
 def all_to_all_bytes(config: dict[str, Any], tokens: int, size: int, element_bytes: int) -> float:
     """Bytes one rank sends per step: per block, q, k, v out and the attention output back, each
     ``tokens / size`` rows of width ``d``, of which ``(size - 1) / size`` leave the rank."""
@@ -151,7 +123,7 @@ def run_worker(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     transformer = build_transformer(config, device, dtype, args.dry_run)
     build_s = time.perf_counter() - started
-    from fluxfill_engine.bench.models import engine_pipeline
+    from fluxfill_engine.bench.models import StepInputs, engine_pipeline
 
     pipe = engine_pipeline(transformer)
     engine_config = EngineConfig(
@@ -164,32 +136,23 @@ def run_worker(args: argparse.Namespace) -> int:
     pipe.configure(engine_config)
     fill = pipe.engine_transformer()
     steps = max(args.warmup + args.repeats + 1, 2)
-    inputs = step_inputs(config, args, device, dtype, steps)
-    prepared = fill.prepare(
-        inputs["cond"],
-        inputs["prompt_embeds"],
-        inputs["pooled"],
-        inputs["timesteps"],
-        GUIDANCE,
-        inputs["txt_ids"],
-        inputs["img_ids"],
-        inputs["latents"].dtype,
-    )
+    inputs = StepInputs.random(config, args.width, args.height, args.text_tokens, device, dtype, steps)
+    prepared = inputs.prepare(fill, GUIDANCE)
     clock = Clock(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dist.barrier()
     cold = time.perf_counter()
-    output = fill(inputs["latents"], 0, prepared)
+    output = fill(inputs.latents, 0, prepared)
     clock.sync()
     cold_s = time.perf_counter() - cold
     for index in range(args.warmup):
-        fill(inputs["latents"], 1 + index, prepared)
+        fill(inputs.latents, 1 + index, prepared)
     clock.sync()
     dist.barrier()
     marks = [clock.mark()]
     for index in range(args.repeats):
-        fill(inputs["latents"], 1 + args.warmup + index, prepared)
+        fill(inputs.latents, 1 + args.warmup + index, prepared)
         marks.append(clock.mark())
     clock.sync()
     times_ms = [1000 * clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]

@@ -89,7 +89,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,9 @@ for _path in (ROOT / "kernels", ROOT):  # the device runs from the tree (no `pip
 import torch  # noqa: E402
 
 from fluxfill_engine.timing import Clock  # noqa: E402
+
+if TYPE_CHECKING:
+    from fluxfill_engine.bench.models import StepInputs
 
 SCHEMA = "fluxfill-gpu-run/1"
 PARTS = ("machine", "correctness", "latency", "e2e", "step_cache")
@@ -680,20 +683,10 @@ def measured_peaks(run: Run) -> dict[str, float]:
 # ---- part 2: correctness ---------------------------------------------------------------------------
 
 
-def flux_ids(
-    text_tokens: int, grid: tuple[int, int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLUX's position ids: text all zeros, image ``(0, row, col)`` over the patch grid."""
-    rows, cols = grid
-    img_ids = torch.zeros(rows, cols, 3, device=device)
-    img_ids[..., 1] = torch.arange(rows, device=device)[:, None]
-    img_ids[..., 2] = torch.arange(cols, device=device)[None, :]
-    return torch.zeros(text_tokens, 3, device=device), img_ids.reshape(rows * cols, 3)
-
-
 def attention_inputs(run: Run, dtype: torch.dtype, seed: int) -> dict[str, Any]:
     """q, k, v as strided views of one fused projection (as the model hands them over), FLUX's two-row
     norm weights and RoPE table, at the profile's FLUX shape."""
+    from fluxfill_engine.bench.models import flux_ids
     from fluxfill_engine.layers import rope_table
 
     profile, device = run.profile, run.device
@@ -1077,73 +1070,14 @@ def transformer_config(profile: Profile) -> dict[str, Any]:
     return dict(profile.transformer_config or TRANSFORMER_CONFIG)
 
 
-@dataclass
-class StepInputs:
-    """One denoising step's inputs, made once on the device: packed latents, the 320-channel
-    condition, random prompt embeddings (no text encoder), ids, the timestep and guidance."""
+def step_inputs(run: Run, config: dict[str, Any], steps: int = 1) -> StepInputs:
+    """One denoising step's random inputs at the profile's size (no text encoder)."""
+    from fluxfill_engine.bench.models import StepInputs
 
-    latents: torch.Tensor
-    cond: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    txt_ids: torch.Tensor
-    img_ids: torch.Tensor
-    timesteps: torch.Tensor  # sigma * 1000, float32, one per step (the engine's prepare)
-
-    @classmethod
-    def make(cls, run: Run, config: dict[str, Any], steps: int = 1) -> StepInputs:
-        profile, device, dtype = run.profile, run.device, run.profile.dtype
-        rows, cols = profile.height // 16, profile.width // 16
-        tokens = rows * cols
-        generator = torch.Generator(device=device).manual_seed(5)
-
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, device=device, generator=generator).to(dtype)
-
-        noise_channels = int(config.get("out_channels") or 64)
-        cond_latents = randn(1, tokens, noise_channels)
-        mask = (
-            torch.rand(
-                1, tokens, config["in_channels"] - 2 * noise_channels, device=device, generator=generator
-            )
-            > 0.5
-        )
-        txt_ids, img_ids = flux_ids(profile.text_tokens, (rows, cols), device)
-        return cls(
-            latents=randn(1, tokens, noise_channels),
-            cond=torch.cat([cond_latents, mask.to(dtype)], dim=2),
-            prompt_embeds=randn(1, profile.text_tokens, config["joint_attention_dim"]),
-            pooled=randn(1, config["pooled_projection_dim"]),
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            timesteps=torch.linspace(750.0, 750.0 / steps, steps, device=device),
-        )
-
-    def batched(self, size: int) -> StepInputs:
-        """The same inputs for ``size`` requests at once, as the server's batches run them: every
-        per-request tensor repeated along the batch dimension (the ids are shared)."""
-        return dataclasses.replace(
-            self,
-            latents=self.latents.repeat(size, 1, 1),
-            cond=self.cond.repeat(size, 1, 1),
-            prompt_embeds=self.prompt_embeds.repeat(size, 1, 1),
-            pooled=self.pooled.repeat(size, 1),
-        )
-
-    def diffusers_kwargs(self, step: int = 0) -> dict[str, Any]:
-        """diffusers' FluxFillPipeline call of its transformer: the timestep rounded through the latents'
-        dtype and divided by 1000, guidance as float32."""
-        dtype = self.latents.dtype
-        return {
-            "hidden_states": torch.cat((self.latents, self.cond), dim=2),
-            "timestep": self.timesteps[step : step + 1].to(dtype) / 1000,
-            "guidance": torch.full([1], GUIDANCE, device=self.latents.device, dtype=torch.float32),
-            "pooled_projections": self.pooled,
-            "encoder_hidden_states": self.prompt_embeds,
-            "txt_ids": self.txt_ids,
-            "img_ids": self.img_ids,
-            "return_dict": False,
-        }
+    profile = run.profile
+    return StepInputs.random(
+        config, profile.width, profile.height, profile.text_tokens, run.device, profile.dtype, steps
+    )
 
 
 @dataclass
@@ -1174,7 +1108,7 @@ def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) ->
             precision = "fp8"
         if spec.base in ("diffusers-compile", "diffusers-fp8-compile"):
             transformer.compile_repeated_blocks(fullgraph=True)
-        kwargs = inputs.diffusers_kwargs()
+        kwargs = inputs.diffusers_kwargs(GUIDANCE)
 
         def diffusers_step(_: int) -> torch.Tensor:
             return transformer(**kwargs)[0]
@@ -1187,16 +1121,7 @@ def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) ->
     pipe = engine_pipeline(transformer)
     pipe.configure(spec.config)
     fill = pipe.engine_transformer()
-    prepared = fill.prepare(
-        inputs.cond,
-        inputs.prompt_embeds,
-        inputs.pooled,
-        inputs.timesteps,
-        GUIDANCE,
-        inputs.txt_ids,
-        inputs.img_ids,
-        inputs.latents.dtype,
-    )
+    prepared = inputs.prepare(fill, GUIDANCE)
     plan = fill.quant_plan
     info = {
         "kind": "engine",
@@ -1332,7 +1257,7 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
 
     profile = run.profile
     config = transformer_config(profile)
-    inputs = StepInputs.make(run, config, steps=1)
+    inputs = step_inputs(run, config, steps=1)
     flops = transformer_flops(config, inputs.latents.shape[1], profile.text_tokens)
     record["model"] = {
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
@@ -1583,7 +1508,7 @@ def part_step_cache(run: Run, deadline: Deadline, record: dict[str, Any]) -> Non
     config = transformer_config(profile)
     count = profile.step_cache_steps
     steps = count + 1  # step 0 is always computed: it sets the cache's reference
-    inputs = StepInputs.make(run, config, steps=steps)
+    inputs = step_inputs(run, config, steps=steps)
     base = random_transformer(config, device=run.device, dtype=profile.dtype, seed=0)
     from fluxfill_engine.bench.models import engine_pipeline
 
