@@ -143,6 +143,10 @@ class StepCache:
         self.consecutive_skips = 0
         self._cached.append(False)
 
+    def stats_per_request(self) -> list[dict[str, Any]]:
+        """:meth:`stats` as :class:`BatchStepCache` gives them: one record (one request)."""
+        return [self.stats()]
+
     def stats(self) -> dict[str, Any]:
         """``steps_full``, ``steps_cached`` and ``rel_l1`` per step (``None`` before a reference exists)."""
         return {
@@ -221,7 +225,7 @@ class BatchStepCache:
             parts.append(out)
         return torch.cat(parts)
 
-    def stats(self) -> list[dict[str, Any]]:
+    def stats_per_request(self) -> list[dict[str, Any]]:
         """Each request's :meth:`StepCache.stats`, in batch order."""
         return [cache.stats() for cache in self.caches]
 

@@ -494,10 +494,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                         inputs.txt = fill.text_embedding(prompt_embeds)
                 progress_bar.update()
                 stage("step", step=i, total=schedule.num_steps)
-        if cache is None:
-            cache_stats: list[dict[str, Any] | None] = [None] * len(sizes)
-        else:
-            cache_stats = cache.stats() if isinstance(cache, BatchStepCache) else [cache.stats()]
+        cache_stats = [None] * len(sizes) if cache is None else cache.stats_per_request()
         stats = [
             {
                 "num_steps": schedule.num_steps,
