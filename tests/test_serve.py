@@ -59,7 +59,14 @@ def make_app(data_dir: Path, engine: Any, **overrides: Any):
         data_dir=data_dir,
         **{
             k: overrides.pop(k)
-            for k in ("max_queue", "max_batch_images", "retention_hours", "task_retention_days", "public_url")
+            for k in (
+                "max_queue",
+                "max_batch_images",
+                "retention_hours",
+                "task_retention_days",
+                "public_url",
+                "cleanup_every_s",
+            )
             if k in overrides
         },
     )
@@ -426,6 +433,21 @@ def test_expired_outputs_are_deleted(tmp_path, shared_engine):
         after = httpx.get(f"{base}/v1/tasks/{task['id']}").json()
         assert after["outputs"] == [] and after["outputs_expired"] is True and after["status"] == "completed"
         assert httpx.get(base + file_url).status_code == 404
+        assert not (tmp_path / "files" / task["id"]).exists()
+
+
+def test_an_idle_server_cleans_up_on_its_own(tmp_path, shared_engine):
+    """The workers delete what retention expired every ``cleanup_every_s``, also with nothing queued."""
+    app = make_app(
+        tmp_path, shared_engine, retention_hours=1e-6, task_retention_days=1e-9, cleanup_every_s=0.2
+    )
+    with server_in_thread(app) as base:
+        task = httpx.post(f"{base}/v1/tasks", json=body()).json()
+        wait_status(base, task["id"], {"completed"})
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/v1/tasks/{task['id']}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/v1/tasks/{task['id']}").status_code == 404
         assert not (tmp_path / "files" / task["id"]).exists()
 
 

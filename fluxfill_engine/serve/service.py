@@ -87,6 +87,7 @@ class ServiceSettings:
     task_retention_days: float = 30.0  # the tasks themselves (their rows and events)
     public_url: str = ""  # the server's address as clients reach it: webhooks then carry absolute URLs
     warmup_sizes: Sequence[tuple[int, int]] = ()
+    cleanup_every_s: float = 60.0  # how often the workers delete what retention expired, busy or idle
 
 
 class TaskService:
@@ -302,12 +303,17 @@ class TaskService:
 
     def _work(self) -> None:
         while True:
-            if time.time() >= self._next_cleanup:  # busy or idle, at most once a minute
-                self._next_cleanup = time.time() + 60
+            with self._changed:  # one worker at a time cleans up
+                cleanup = time.time() >= self._next_cleanup
+                if cleanup:
+                    self._next_cleanup = time.time() + self.settings.cleanup_every_s
+            if cleanup:
                 self.delete_expired()
             batch = self._next_batch()
             if batch is None:
                 return
+            if not batch:  # nothing queued for a while: back to the clean-up check
+                continue
             try:
                 self._run_batch(batch)
             except Exception:  # never lets a task stop the worker
@@ -324,12 +330,15 @@ class TaskService:
     def _next_batch(self) -> list[str] | None:
         """The oldest queued task and the queued tasks that can run with it, up to the image limit;
         with several workers idle (replicas), this worker takes its share of them, so that a backlog
-        spreads over the replicas instead of becoming one batch on one of them."""
+        spreads over the replicas instead of becoming one batch on one of them. ``[]`` when nothing
+        was queued within ``cleanup_every_s``; ``None`` when the service stops."""
         with self._changed:
-            while not self._queue and not self._stopping:
-                self._changed.wait(timeout=30)
+            if not self._queue and not self._stopping:
+                self._changed.wait(timeout=self.settings.cleanup_every_s)
             if self._stopping:
                 return None
+            if not self._queue:
+                return []
             first = self._queue[0]
             batch, images = [first], self._specs[first].request.num_images
             key = self._batch_key(self._specs[first])
@@ -513,7 +522,7 @@ class TaskService:
     def delete_expired(self) -> None:
         """Delete the output files of tasks finished more than ``retention_hours`` ago (the tasks stay,
         with ``outputs_expired``), and the tasks finished more than ``task_retention_days`` ago
-        (then unknown: 404). The workers call it about once a minute."""
+        (then unknown: 404). The workers call it every ``cleanup_every_s``, busy or idle."""
         now = time.time()
         for task_id in self.store.forget(now - self.settings.task_retention_days * 86400):
             shutil.rmtree(self.files_dir / task_id, ignore_errors=True)
