@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def transformer_config(dry_run: bool) -> dict[str, Any]:
     from fluxfill_engine.architecture import TRANSFORMER_CONFIG
-    from fluxfill_engine.tiny import TINY_TRANSFORMER_CONFIG
+    from fluxfill_engine.testing.tiny import TINY_TRANSFORMER_CONFIG
 
     return dict(TINY_TRANSFORMER_CONFIG if dry_run else TRANSFORMER_CONFIG)
 

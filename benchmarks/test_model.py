@@ -20,7 +20,7 @@ from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
 from fluxfill_engine.pipeline import FluxFillPipeline
 from fluxfill_engine.sampling import calculate_shift, euler_step, make_schedule
-from fluxfill_engine.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
+from fluxfill_engine.testing.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 TIER_PARAMS = [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)]

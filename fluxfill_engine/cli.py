@@ -17,22 +17,7 @@ from .config import PRESETS, EngineConfig
 from .limits import MAX_IMAGES, MAX_LORA_SCALE, MAX_LORAS, MAX_SIZE, MAX_STEPS, MIN_SIZE
 
 if TYPE_CHECKING:
-    import PIL.Image
-
-    from .engine import Event, FluxFillEngine
-
-
-def demo_inputs(width: int, height: int) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """A smooth colour gradient and a centred rectangular mask covering half of each side."""
-    import numpy as np
-    import PIL.Image
-
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    rgb = np.stack([xs / max(width - 1, 1), ys / max(height - 1, 1), 0.5 + 0.0 * xs], axis=-1)
-    image = PIL.Image.fromarray((rgb * 255).round().astype(np.uint8))
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 255
-    return image, PIL.Image.fromarray(mask)
+    from .engine import Event
 
 
 def _outpaint(text: str) -> dict[str, int]:
@@ -171,27 +156,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _checked_device(name: str | None) -> str:
-    """``--device`` as a torch device this machine has (default: cuda if available, else cpu)."""
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device: {name!r} is not a device; use cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {name!r} is not supported; use cpu or cuda[:N]")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device: {name!r} asks for a GPU, but no CUDA GPU is available here; use cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device: {name!r}: this machine has {count} CUDA GPU(s), numbered from 0")
-    return name
-
-
 def _output_paths(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
@@ -242,18 +206,6 @@ class _StepProgress:
         elif event.type in ("decode_start", "error") and self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def tiny_engine(config: EngineConfig, device: str | None = None, seed: int = 0) -> FluxFillEngine:
-    """An engine on the built-in tiny random-weight model (:mod:`.tiny`): every stage runs, the
-    images are noise."""
-    from .engine import FluxFillEngine
-    from .pipeline import FluxFillPipeline
-    from .tiny import tiny_components
-
-    dtype = config.torch_dtype
-    components = tiny_components(seed) if dtype is None else tiny_components(seed, dtype=dtype)
-    return FluxFillEngine(FluxFillPipeline(**components), config=config, device=device)
 
 
 # FillRequest fields -> the options that set them, so a refused request names the option.
@@ -318,7 +270,10 @@ def run_inpaint(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             raise ValueError(f"{option}: no such image file: {str(path)!r}")
     paths = _check_output(args.out, args.num_images if isinstance(args.num_images, int) else 1)
-    device = _checked_device(args.device)
+    from .devices import resolve_device
+    from .testing.demo import demo_inputs, tiny_engine
+
+    device = resolve_device(args.device)
     degree, device, main_process = _context_parallel(args.context_parallel, device)
     say = print if main_process else (lambda *_: None)  # under torchrun: rank 0 speaks and writes
     from .engine import FillRequest, FluxFillEngine

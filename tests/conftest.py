@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
 
 import diffusers  # noqa: E402
 import pytest  # noqa: E402
-from helpers import build_pipes, disable_progress  # noqa: E402
 
 from fluxfill_engine import FluxFillPipeline  # noqa: E402
-from fluxfill_engine.tiny import tiny_components  # noqa: E402
+from fluxfill_engine.testing.tiny import tiny_components  # noqa: E402
+from tests.support.helpers import build_pipes, disable_progress  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

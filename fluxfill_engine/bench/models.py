@@ -34,7 +34,7 @@ from ..architecture import (
     TRANSFORMER_CONFIG,
     VAE_CONFIG,
 )
-from ..tiny import (
+from ..testing.tiny import (
     MID_MAX_SEQUENCE_LENGTH,
     TINY_VOCAB_WORDS,
     mid_components,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from fluxfill_engine import EngineConfig, FluxFillPipeline
 from fluxfill_engine.metrics import psnr_db, sqnr_db
-from fluxfill_engine.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
+from fluxfill_engine.testing.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
 
 SIZE = 256
 REQUESTS = [  # (prompt, seed, mask box as fractions: top, left, bottom, right)

@@ -20,8 +20,8 @@ class EngineSpec:
 
 
 def build_engine(spec: EngineSpec) -> Any:
-    from ..cli import tiny_engine
     from ..config import EngineConfig
+    from ..testing.demo import tiny_engine
 
     config = EngineConfig.preset(spec.preset, dtype=spec.dtype)
     if spec.model is None:

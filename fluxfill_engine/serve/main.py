@@ -202,14 +202,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(
             f'fluxfill serve needs the serve extra: pip install "fluxfill-engine[serve]" ({err})'
         ) from None
-    from ..cli import _checked_device
     from ..config import EngineConfig
+    from ..devices import resolve_device
     from .engines import EngineSpec, build_engine
     from .inputs import ServerOptions
     from .service import ServiceSettings
     from .urlguard import UrlPolicy
 
-    device = _checked_device(args.device)
+    device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     engine_config = EngineConfig.preset(args.preset, dtype=dtype)
 

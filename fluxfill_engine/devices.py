@@ -1,0 +1,24 @@
+"""Which torch device a command-line ``--device`` names, checked against what this machine has."""
+
+from __future__ import annotations
+
+
+def resolve_device(name: str | None) -> str:
+    """``--device`` as a torch device this machine has (default: cuda if available, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: {name!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {name!r} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device: {name!r} asks for a GPU, but no CUDA GPU is available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device: {name!r}: this machine has {count} CUDA GPU(s), numbered from 0")
+    return name

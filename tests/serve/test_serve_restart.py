@@ -1,0 +1,56 @@
+"""A restart, graceful or ``kill -9``, of a real ``fluxfill serve`` process loses no task."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+
+from tests.support.serve import body, free_port, server_process, sse_events, wait_status
+
+pytestmark = pytest.mark.slow
+
+# Long enough at the tiny model's full working resolution to still run when the process is killed.
+LONG = {"num_inference_steps": 100, "max_megapixels": 1.0}
+
+
+def _start_long_task(base: str) -> dict:
+    long = httpx.post(f"{base}/v1/tasks", json=body(seed=2, **LONG)).json()
+    with httpx.stream("GET", f"{base}/v1/tasks/{long['id']}/events", timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line == "event: task_output":
+                break
+    return long
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_restart_keeps_every_task(tmp_path, how):
+    with server_process(tmp_path, "--warmup", "256x256") as (base, process):
+        assert list(httpx.get(f"{base}/healthz").json()["warmup_seconds"]) == ["256x256"]
+        done = httpx.post(f"{base}/v1/tasks", json=body(seed=1)).json()
+        done = wait_status(base, done["id"], {"completed"})
+        long = _start_long_task(base)
+        keyed = httpx.post(f"{base}/v1/tasks", json=body(seed=3), headers={"Idempotency-Key": "k-1"}).json()
+        plain = httpx.post(f"{base}/v1/tasks", json=body(seed=4)).json()
+        assert httpx.get(f"{base}/v1/tasks/{long['id']}").json()["status"] == "running"
+        assert httpx.get(f"{base}/v1/tasks/{keyed['id']}").json()["status"] == "queued"
+        process.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+        process.wait(60)
+    with server_process(tmp_path, port=free_port()) as (base, _):
+        again = httpx.get(f"{base}/v1/tasks/{done['id']}").json()
+        assert again["status"] == "completed" and again["outputs"] == done["outputs"]
+        assert httpx.get(base + again["outputs"][0]).status_code == 200
+        for task in (long, plain):
+            lost = httpx.get(f"{base}/v1/tasks/{task['id']}").json()
+            assert lost["status"] == "failed" and lost["error"] == "interrupted by restart", lost
+            names = [name for name, _ in sse_events(base, task["id"])]
+            assert names[-1] == "task_error" and names.count("task_error") == 1
+        rerun = wait_status(base, keyed["id"], {"completed", "failed"})
+        assert rerun["status"] == "completed" and rerun["seed"] == 3
+        events = sse_events(base, keyed["id"])
+        assert [name for name, data in events if name == "task_queue"] == ["task_queue", "task_queue"]
+        assert events[1][1]["requeued"] == "restart" and events[-1][0] == "task_postprocess_end"
+        same = httpx.post(f"{base}/v1/tasks", json=body(seed=3), headers={"Idempotency-Key": "k-1"})
+        assert same.status_code == 200 and same.json()["id"] == keyed["id"]
+        assert not (tmp_path / "inputs" / keyed["id"]).exists()  # inputs go once the task is done
