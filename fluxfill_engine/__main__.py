@@ -1,3 +1,5 @@
+"""``python -m fluxfill_engine``: the ``fluxfill`` command."""
+
 import sys
 
 from .cli import main

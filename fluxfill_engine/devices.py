@@ -1,6 +1,15 @@
-"""Which torch device a command-line ``--device`` names, checked against what this machine has."""
+"""Which torch device a command-line ``--device`` names, checked against what this machine has, and
+the weights dtype a device runs by default."""
 
 from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""The weights dtypes a command line (``--dtype``) or an engine spec may name."""
+
+
+def default_dtype(device: str) -> str:
+    """The weights dtype when none is given: bfloat16 on a GPU, float32 on a CPU."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def resolve_device(name: str | None) -> str:

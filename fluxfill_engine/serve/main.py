@@ -1,216 +1,25 @@
-"""``fluxfill serve``: its flags, and starting the server from them."""
+"""Starting ``fluxfill serve``'s server from its checked arguments: the engine (in this process or as Ray
+Serve replicas), the optional add-ons, the app, uvicorn. The flags and their checks are
+:mod:`fluxfill_engine.cli.serve`; this module needs the serve extra."""
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS
+import uvicorn
 
-DEFAULT_PORT = 8000
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in text.lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--warmup takes WIDTHxHEIGHT sizes such as 1024x1024, got {text!r}"
-        ) from None
-    return width, height
+from ..config import EngineConfig
+from .app import ServerConfig, create_app
+from .engines import EngineSpec, build_engine
+from .inputs import ServerOptions
+from .service import ServiceSettings
+from .urlguard import UrlPolicy
 
 
-def _sizes(text: str) -> list[tuple[int, int]]:
-    return [_size(part) for part in text.split(",") if part.strip()]
-
-
-def _network(text: str) -> str:
-    try:
-        return str(ipaddress.ip_network(text, strict=False))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--url-allow-network takes a CIDR such as 10.0.5.0/24, got {text!r}"
-        ) from None
-
-
-def _autoscale(text: str) -> tuple[int, int]:
-    try:
-        low, high = (int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--autoscale takes MIN,MAX replicas such as 1,4, got {text!r}"
-        ) from None
-    if not 0 <= low <= high or high < 1:
-        raise argparse.ArgumentTypeError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
-    return low, high
-
-
-def add_serve_parser(commands: Any) -> None:
-    """The ``serve`` subcommand of ``fluxfill``."""
-    serve = commands.add_parser(
-        "serve",
-        help="run the FLUX Fill HTTP API (WaveSpeed-compatible + native) with a playground page",
-        description="Serve FLUX.1 Fill over HTTP: tasks with progress events (SSE, WebSocket), files, "
-        "a WaveSpeed-compatible endpoint and a playground page at /. API: docs/serving.md.",
-    )
-    serve.add_argument(
-        "--model",
-        type=Path,
-        help="a diffusers FLUX.1 Fill folder, or a single-file transformer with --base "
-        "(default: the built-in tiny random-weight model, whose images are noise)",
-    )
-    serve.add_argument("--base", type=Path, help="with a single-file --model: the diffusers folder")
-    serve.add_argument("--preset", default="reference", choices=sorted(PRESETS), help="optimization preset")
-    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    serve.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
-    serve.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("fluxfill-data"),
-        help="tasks database and files (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-queue", type=int, default=64, help="queued tasks before 429 (default: %(default)s)"
-    )
-    serve.add_argument(
-        "--max-batch",
-        type=int,
-        default=4,
-        help="images run together in one pass, at most (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--retention-hours",
-        type=float,
-        default=24.0,
-        help="keep output files this long (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--task-retention-days",
-        type=float,
-        default=30.0,
-        help="keep finished tasks (status, events) this long; then they are deleted and unknown "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-request-mb", type=float, default=64.0, help="request body limit, in MiB (default: %(default)s)"
-    )
-    serve.add_argument(
-        "--api-key",
-        dest="api_keys",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="require Authorization: Bearer KEY (repeat for several keys; default: open)",
-    )
-    serve.add_argument(
-        "--allow-url-inputs",
-        action="store_true",
-        help="accept http(s) URLs for images, masks, LoRAs and webhooks (public addresses only)",
-    )
-    serve.add_argument(
-        "--url-allow-network",
-        dest="trusted_networks",
-        action="append",
-        default=[],
-        type=_network,
-        metavar="CIDR",
-        help="with --allow-url-inputs: also allow this private network (e.g. internal storage)",
-    )
-    serve.add_argument(
-        "--public-url",
-        default="",
-        metavar="URL",
-        help="the server's address as clients reach it (https://host): webhooks then carry absolute URLs",
-    )
-    serve.add_argument("--lora-dir", type=Path, help="LoRA files requests may name (relative paths)")
-    serve.add_argument(
-        "--warmup",
-        type=_sizes,
-        default=[],
-        metavar="WxH,...",
-        help="sizes to run once before /healthz says ready (compiles, autotunes)",
-    )
-    serve.add_argument(
-        "--prompt-enhancer", type=Path, metavar="DIR", help="a local text-generation model folder"
-    )
-    serve.add_argument("--safety-checker", type=Path, metavar="DIR", help="a local safety checker folder")
-    scale = serve.add_argument_group('scale-out (Ray Serve; pip install "fluxfill-engine[ray]")')
-    scale.add_argument(
-        "--ray", action="store_true", help="run the engines as Ray Serve replicas (one GPU each)"
-    )
-    scale.add_argument(
-        "--replicas", type=int, default=1, help="with --ray: engine replicas (default: %(default)s)"
-    )
-    scale.add_argument(
-        "--autoscale",
-        type=_autoscale,
-        metavar="MIN,MAX",
-        help="with --ray: autoscale between MIN and MAX replicas on queue length instead of --replicas",
-    )
-    scale.add_argument(
-        "--ray-address",
-        help="with --ray: an existing cluster ('auto' or ray://HOST:10001; default: a local one)",
-    )
-    serve.add_argument(
-        "--webhook-secret", help="Standard Webhooks secret (default: generated, kept in --data-dir)"
-    )
-
-
-def check_serve_args(args: argparse.Namespace) -> None:
-    """Refuse bad flags before anything loads (one line naming the flag)."""
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1-65535, got {args.port}")
-    for flag, value, low in (("--max-queue", args.max_queue, 1), ("--max-batch", args.max_batch, 1)):
-        if value < low:
-            raise ValueError(f"{flag} must be at least {low}, got {value}")
-    if args.retention_hours <= 0 or args.max_request_mb <= 0 or args.task_retention_days <= 0:
-        raise ValueError("--retention-hours, --task-retention-days and --max-request-mb must be positive")
-    for flag, folder in (
-        ("--model", args.model),
-        ("--lora-dir", args.lora_dir),
-        ("--prompt-enhancer", args.prompt_enhancer),
-        ("--safety-checker", args.safety_checker),
-    ):
-        if folder is not None and not folder.exists():
-            raise ValueError(f"{flag}: no such file or folder: {str(folder)!r}")
-    if args.lora_dir is not None and not args.lora_dir.is_dir():
-        raise ValueError(f"--lora-dir: {str(args.lora_dir)!r} is not a folder")
-    if args.trusted_networks and not args.allow_url_inputs:
-        raise ValueError("--url-allow-network needs --allow-url-inputs")
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
-    if not args.ray and (args.replicas != 1 or args.autoscale or args.ray_address):
-        raise ValueError("--replicas, --autoscale and --ray-address need --ray")
-    if any(not key.strip() for key in args.api_keys):
-        raise ValueError("--api-key: an empty key would let anyone in")
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """Build the app from the flags and run it with uvicorn until interrupted."""
-    check_serve_args(args)
-    try:
-        import uvicorn
-
-        from .app import ServerConfig, create_app
-    except ImportError as err:
-        raise ValueError(
-            f'fluxfill serve needs the serve extra: pip install "fluxfill-engine[serve]" ({err})'
-        ) from None
-    from ..config import EngineConfig
-    from ..devices import resolve_device
-    from .engines import EngineSpec, build_engine
-    from .inputs import ServerOptions
-    from .service import ServiceSettings
-    from .urlguard import UrlPolicy
-
-    device = resolve_device(args.device)
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+def start_server(args: argparse.Namespace, device: str, dtype: str) -> None:
+    """Build the app from the checked ``fluxfill serve`` arguments (:mod:`fluxfill_engine.cli.serve`),
+    on ``device`` in ``dtype``, and run it with uvicorn until interrupted."""
     engine_config = EngineConfig.preset(args.preset, dtype=dtype)
 
     spec = EngineSpec(
@@ -273,4 +82,3 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"fluxfill serve: http://{args.host}:{args.port}/ (data in {args.data_dir})", flush=True)
     app = create_app(config, engine_factory, **addons)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0

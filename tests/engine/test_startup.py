@@ -23,7 +23,7 @@ def _loaded_after(code: str) -> set[str]:
     [
         "import fluxfill_engine",
         "from fluxfill_engine import EngineConfig; EngineConfig.preset('fast')",
-        "from fluxfill_engine.cli import _build_parser; _build_parser().format_help()",
+        "from fluxfill_engine.cli import build_parser; build_parser().format_help()",
         "from fluxfill_engine.cli import main\ntry:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass",
     ],
     ids=["import", "config", "help", "bench-help"],
