@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
+from .task_files import OUTPUT_FORMATS
 from .urlguard import UrlPolicy, UrlRefused, check_url, fetch
 
 if TYPE_CHECKING:
@@ -23,7 +25,6 @@ if TYPE_CHECKING:
 
     from ..engine import FillRequest
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _FILL_FIELDS = (
     "prompt",
     "num_inference_steps",
@@ -60,13 +61,12 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.ASCII)
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A refused request: ``status`` 400 (malformed) or 422 (a value not allowed), naming ``field``."""
 
     def __init__(self, message: str, status: int = 422, field: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, field if field is not None else field_of(message))
         self.status = status
-        self.field = field if field is not None else field_of(message)
 
 
 def field_of(message: str) -> str | None:

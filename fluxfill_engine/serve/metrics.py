@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -47,3 +48,12 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def allocated_gpu_bytes(engine: Any) -> float:
+    """GPU memory the engine's process has allocated on its device; 0 on a CPU or before it loaded."""
+    if engine is None or engine.device.type != "cuda":
+        return 0.0
+    import torch
+
+    return float(torch.cuda.memory_allocated(engine.device))

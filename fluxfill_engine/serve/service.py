@@ -1,8 +1,9 @@
 """The task service: a bounded queue in front of one engine, one worker thread, batching, cancel,
 restart recovery, output files, retention, webhooks.
 
-The HTTP layer (:mod:`.app`) only parses, calls this and renders; everything that must hold
-whatever the transport lives here:
+The HTTP layer (:mod:`.api`) only parses, calls this and renders; everything that must hold
+whatever the transport lives here (which tasks run together is :mod:`.batching`, their files on disk
+:mod:`.task_files`):
 
 - every task ends with exactly one closing event (``task_postprocess_end``, ``task_error`` or
   ``task_cancel``), written in the same transaction as its final state;
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -28,7 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import events as ev
+from .batching import choose_batch
 from .inputs import TaskSpec, restore_task
+from .metrics import ServeMetrics, allocated_gpu_bytes
 from .store import (
     CANCELED,
     COMPLETED,
@@ -40,15 +41,13 @@ from .store import (
     Task,
     TaskStore,
 )
+from .task_files import TaskFiles, delete_expired
+from .views import files_url, task_summary
 
 if TYPE_CHECKING:
-    import PIL.Image
-
     from ..engine import Event, FillResult, FluxFillEngine
-    from .metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
-_SAVE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 class QueueFull(Exception):
@@ -60,11 +59,20 @@ class QueueFull(Exception):
 
 
 class NotFound(KeyError):
-    pass
+    """No task with this id (never created, or deleted after its retention)."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
 
 
 class AlreadyFinished(Exception):
-    """Cancel of a task that has finished (its status says how)."""
+    """Cancel of a task that has finished (``status`` says how)."""
+
+    def __init__(self, task_id: str, status: str) -> None:
+        super().__init__(status)
+        self.task_id = task_id
+        self.status = status
 
 
 class _Canceled(Exception):
@@ -94,7 +102,8 @@ class TaskService:
     """Owns the queue, the worker thread and the engine; thread-safe.
 
     ``engine_factory`` builds the engine on the worker thread (so loading and warm-up happen after
-    the HTTP server is up, and ``/healthz`` says ``warming`` meanwhile).
+    the HTTP server is up, and ``/healthz`` says ``warming`` meanwhile). ``hub`` is told of every
+    task's news (default: a hub of its own, attached to no event loop).
     """
 
     def __init__(
@@ -102,16 +111,18 @@ class TaskService:
         store: TaskStore,
         settings: ServiceSettings,
         engine_factory: Callable[[], FluxFillEngine],
-        hub: ev.EventHub,
-        metrics: ServeMetrics | None = None,
+        hub: ev.EventHub | None = None,
         enhancer: Any = None,
         safety_checker: Any = None,
         webhooks: Any = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.hub = hub
-        self.metrics = metrics
+        self.files = TaskFiles(settings.data_dir)
+        self.hub = hub if hub is not None else ev.EventHub()
+        self.metrics = ServeMetrics(
+            queue_depth=self.queue_depth, gpu_memory=lambda: allocated_gpu_bytes(self.engine)
+        )
         self.enhancer = enhancer
         self.safety_checker = safety_checker
         self.webhooks = webhooks
@@ -132,14 +143,6 @@ class TaskService:
         self._threads = [threading.Thread(target=self._main, name="fluxfill-loader", daemon=True)]
 
     # ---------------------------------------------------------------- lifecycle
-
-    @property
-    def files_dir(self) -> Path:
-        return self.settings.data_dir / "files"
-
-    @property
-    def inputs_dir(self) -> Path:
-        return self.settings.data_dir / "inputs"
 
     def start(self) -> None:
         self._recover()
@@ -182,14 +185,8 @@ class TaskService:
             )
 
     def _restored_spec(self, task: Task) -> TaskSpec | None:
-        from ..images import open_image_bytes
-
-        folder = self.inputs_dir / task.id
         try:
-            image = open_image_bytes((folder / "image.png").read_bytes(), "image")
-            mask_file = folder / "mask.png"
-            mask = open_image_bytes(mask_file.read_bytes(), "mask") if mask_file.exists() else None
-            return restore_task(task.request, image, mask)
+            return restore_task(task.request, *self.files.load_inputs(task.id))
         except (OSError, ValueError, TypeError) as err:
             logger.warning("task %s cannot run again after the restart: %s", task.id, err)
             return None
@@ -220,13 +217,13 @@ class TaskService:
             idempotency_key=idempotency_key,
             seed=spec.request.seed,
         )
-        self._save_inputs(task.id, spec)
+        self.files.save_inputs(task.id, spec.request.image, spec.request.mask)
         with self._changed:
             try:
                 self._check_room()
                 self.store.create(task, (ev.TASK_QUEUE, {"position": len(self._queue) + 1}))
             except (DuplicateKey, QueueFull) as err:
-                shutil.rmtree(self.inputs_dir / task.id, ignore_errors=True)
+                self.files.delete_inputs(task.id)
                 if isinstance(err, QueueFull):
                     raise
                 return err.task, False
@@ -243,13 +240,6 @@ class TaskService:
         if depth >= self.settings.max_queue:
             # The time the queue ahead takes at the measured seconds per image (batching only helps).
             raise QueueFull(max(1, round(depth * self._seconds_per_image / self.replicas)))
-
-    def _save_inputs(self, task_id: str, spec: TaskSpec) -> None:
-        folder = self.inputs_dir / task_id
-        folder.mkdir(parents=True, exist_ok=True)
-        spec.request.image.save(folder / "image.png")
-        if spec.request.mask is not None:
-            spec.request.mask.save(folder / "mask.png")
 
     def cancel(self, task_id: str) -> Task:
         """Cancel a queued task now, or a running one at its next step. Raises :class:`NotFound`,
@@ -268,7 +258,7 @@ class TaskService:
             self._finish(task_id, CANCELED, ev.TASK_CANCEL, {"error": "canceled"}, error="canceled")
             return self.get(task_id)
         if task.finished:
-            raise AlreadyFinished(task.status)
+            raise AlreadyFinished(task_id, task.status)
         return self.get(task_id)
 
     def cancel_requested(self, task_id: str) -> bool:
@@ -328,10 +318,8 @@ class TaskService:
                     self._cancel_requested.difference_update(batch)
 
     def _next_batch(self) -> list[str] | None:
-        """The oldest queued task and the queued tasks that can run with it, up to the image limit;
-        with several workers idle (replicas), this worker takes its share of them, so that a backlog
-        spreads over the replicas instead of becoming one batch on one of them. ``[]`` when nothing
-        was queued within ``cleanup_every_s``; ``None`` when the service stops."""
+        """This worker's next batch (:func:`.batching.choose_batch`), taken off the queue; ``[]`` when
+        nothing was queued within ``cleanup_every_s``; ``None`` when the service stops."""
         with self._changed:
             if not self._queue and not self._stopping:
                 self._changed.wait(timeout=self.settings.cleanup_every_s)
@@ -339,30 +327,13 @@ class TaskService:
                 return None
             if not self._queue:
                 return []
-            first = self._queue[0]
-            batch, images = [first], self._specs[first].request.num_images
-            key = self._batch_key(self._specs[first])
-            if key is not None:
-                for task_id in self._queue[1:]:
-                    spec = self._specs[task_id]
-                    if images + spec.request.num_images > self.settings.max_batch_images:
-                        continue
-                    if self._batch_key(spec) == key:
-                        batch.append(task_id)
-                        images += spec.request.num_images
             idle = max(1, self.replicas - self._busy_workers)
-            batch = batch[: batch_share(len(batch), idle)]
+            batch = choose_batch(self._queue, self._specs, self.engine, self.settings.max_batch_images, idle)
             for task_id in batch:
                 self._queue.remove(task_id)
             self._running.update(batch)
             self._busy_workers += 1
             return batch
-
-    def _batch_key(self, spec: TaskSpec) -> Any:
-        batch_key = getattr(self.engine, "batch_key", None)
-        if batch_key is None or spec.enhance_prompt:  # the enhanced prompt is only known later
-            return None
-        return (batch_key(spec.request), spec.safety_checker)
 
     def _run_batch(self, batch: list[str]) -> None:
         with self._changed:
@@ -373,8 +344,7 @@ class TaskService:
                 task_id, (ev.TASK_ACCEPT, {"batch_size": len(batch)}), status=RUNNING, started_at=now
             )
             self.hub.notify(task_id)
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_size.observe(len(batch))
         results = self._run_engine(batch, specs)
         if results is None and len(batch) > 1 and not self._stopping:
             for task_id, spec in zip(batch, specs, strict=True):  # one bad request fails only itself
@@ -469,10 +439,9 @@ class TaskService:
             images, nsfw = result.images, [False] * len(result.images)
             if spec.safety_checker:
                 images, nsfw = self.safety_checker.check(images)
-            names = self._save_outputs(task_id, images, spec.output_format)
-            if self.metrics is not None:
-                for stage, seconds in result.timings.items():
-                    self.metrics.stage.labels(stage).observe(seconds)
+            names = self.files.save_outputs(task_id, images, spec.output_format)
+            for stage, seconds in result.timings.items():
+                self.metrics.stage.labels(stage).observe(seconds)
             per_image = result.timings.get("total", 0.0) / max(len(images), 1)
             self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
             data = {"outputs": [files_url(task_id, name) for name in names], "has_nsfw_contents": nsfw}
@@ -487,19 +456,6 @@ class TaskService:
                 progress_step=spec.request.num_inference_steps,
             )
 
-    def _save_outputs(self, task_id: str, images: Sequence[PIL.Image.Image], output_format: str) -> list[str]:
-        folder = self.files_dir / task_id
-        folder.mkdir(parents=True, exist_ok=True)
-        names = []
-        for index, image in enumerate(images):
-            name = f"{index}.{output_format}"
-            buffer = io.BytesIO()
-            picture = image.convert("RGB") if output_format == "jpeg" else image
-            picture.save(buffer, _SAVE_FORMATS[output_format])
-            (folder / name).write_bytes(buffer.getvalue())
-            names.append(name)
-        return names
-
     def _finish(self, task_id: str, status: str, event: str, data: dict[str, Any], **fields: Any) -> None:
         """Close a task (once: a second close, e.g. a cancel racing the end, is ignored)."""
         finished_at = time.time()
@@ -509,61 +465,22 @@ class TaskService:
         if not closed:
             return
         self.hub.notify(task_id)
-        shutil.rmtree(self.inputs_dir / task_id, ignore_errors=True)
+        self.files.delete_inputs(task_id)
         task = self.store.get(task_id)
-        if self.metrics is not None:
-            self.metrics.tasks.labels(status).inc()
-            self.metrics.latency.observe(finished_at - task.created_at)
+        if task is None:  # another worker's clean-up deleted it already (a retention shorter than a pass)
+            return
+        self.metrics.tasks.labels(status).inc()
+        self.metrics.latency.observe(finished_at - task.created_at)
         webhook = task.request.get("webhook")
         if webhook and self.webhooks is not None:
             kind = "task.completed" if status == COMPLETED else f"task.{status}"
             self.webhooks.send(webhook, kind, task_summary(task, self.settings.public_url))
 
     def delete_expired(self) -> None:
-        """Delete the output files of tasks finished more than ``retention_hours`` ago (the tasks stay,
-        with ``outputs_expired``), and the tasks finished more than ``task_retention_days`` ago
-        (then unknown: 404). The workers call it every ``cleanup_every_s``, busy or idle."""
-        now = time.time()
-        for task_id in self.store.forget(now - self.settings.task_retention_days * 86400):
-            shutil.rmtree(self.files_dir / task_id, ignore_errors=True)
-            shutil.rmtree(self.inputs_dir / task_id, ignore_errors=True)
-        for task in self.store.expired(now - self.settings.retention_hours * 3600):
-            shutil.rmtree(self.files_dir / task.id, ignore_errors=True)
-            self.store.update(task.id, files_deleted=1)
-
-
-def batch_share(tasks: int, idle_workers: int) -> int:
-    """How many of ``tasks`` that could run together one of ``idle_workers`` takes: an even share,
-    rounded up (8 over 2 idle replicas: 4 each; 3 over 2: 2 then 1)."""
-    return -(-tasks // max(1, idle_workers))
-
-
-def files_url(task_id: str, name: str, base: str = "") -> str:
-    return f"{base}/v1/files/{task_id}/{name}"
-
-
-def task_summary(task: Task, base: str = "") -> dict[str, Any]:
-    """A task as the native API shows it; URLs relative, or under ``base`` (``https://host``)."""
-    return {
-        "id": task.id,
-        "status": task.status,
-        "created_at": task.created_at,
-        "started_at": task.started_at,
-        "finished_at": task.finished_at,
-        "progress": {"step": task.progress_step, "total": task.progress_total},
-        "outputs": [] if task.files_deleted else [files_url(task.id, name, base) for name in task.outputs],
-        "outputs_expired": task.files_deleted,
-        "seed": task.seed,
-        "timings": task.timings,
-        "error": task.error,
-        "has_nsfw_contents": task.nsfw,
-        "request": {key: value for key, value in task.request.items() if key != "lora_files"},
-        "urls": {
-            "get": f"{base}/v1/tasks/{task.id}",
-            "events": f"{base}/v1/tasks/{task.id}/events",
-            "cancel": f"{base}/v1/tasks/{task.id}/cancel",
-        },
-    }
+        """Delete what retention expired (:func:`.task_files.delete_expired`); the workers call it every
+        ``cleanup_every_s``, busy or idle."""
+        settings = self.settings
+        delete_expired(self.store, self.files, settings.retention_hours, settings.task_retention_days)
 
 
 def _error_message(err: BaseException) -> str:

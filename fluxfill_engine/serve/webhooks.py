@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from .urlguard import UrlFailed, UrlPolicy, UrlRefused, request
@@ -54,6 +55,16 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 def generate_secret() -> str:
     """A new random secret (32 bytes) in the ``whsec_<base64>`` form."""
     return _PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def stored_secret(data_dir: Path) -> str:
+    """The signing secret kept in the data folder (made on first use), so signatures verify across
+    restarts."""
+    path = data_dir / "webhook_secret"
+    if not path.exists():
+        path.write_text(generate_secret())
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 class WebhookSender:

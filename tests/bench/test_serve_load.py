@@ -9,8 +9,7 @@ import time
 from fluxfill_engine import EngineConfig
 from fluxfill_engine.bench.serve_load import Outcome, run_load, summarize
 from fluxfill_engine.testing.demo import tiny_engine
-from tests.serve.test_serve import make_app
-from tests.support.serve import SlowSteps, server_in_thread
+from tests.support.serve import SlowSteps, make_app, server_in_thread
 
 
 def test_open_loop_load_with_a_full_queue(tmp_path):

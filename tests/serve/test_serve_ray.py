@@ -11,8 +11,16 @@ import pytest
 
 from fluxfill_engine import EngineConfig
 from fluxfill_engine.testing.demo import tiny_engine
-from tests.serve.test_serve import fetched_image, make_app, solo_image
-from tests.support.serve import body, server_in_thread, sse_events, wait_ready, wait_status
+from tests.support.serve import (
+    body,
+    fetched_image,
+    make_app,
+    server_in_thread,
+    solo_image,
+    sse_events,
+    wait_ready,
+    wait_status,
+)
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 # One worker for the whole module: its tests start, share and shut down one local Ray cluster.

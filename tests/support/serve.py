@@ -1,10 +1,12 @@
 """Real ``fluxfill serve`` servers for the tests: in this process (uvicorn on a loopback port, in a
-thread) or as a subprocess (for restarts and ``kill -9``); request bodies; event readers."""
+thread) or as a subprocess (for restarts and ``kill -9``); request bodies; event readers; the image a
+request gives when the engine runs it alone."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import PIL.Image
 
 from fluxfill_engine.bench import serve_load
@@ -60,6 +63,39 @@ def body(prompt: str = "a white paper cup", seed: int = 1, **fields: Any) -> dic
         **FAST,
         **fields,
     }
+
+
+def make_app(data_dir: Path, engine: Any, **overrides: Any) -> Any:
+    """The app of a server on ``engine`` with its data in ``data_dir``; ``overrides`` are fields of
+    :class:`ServiceSettings` or :class:`ServerConfig` (``options`` a :class:`ServerOptions`)."""
+    from fluxfill_engine.serve.app import ServerConfig, create_app
+    from fluxfill_engine.serve.inputs import ServerOptions
+    from fluxfill_engine.serve.service import ServiceSettings
+
+    service_fields = {field.name for field in dataclasses.fields(ServiceSettings)}
+    service = ServiceSettings(
+        data_dir=data_dir, **{name: overrides.pop(name) for name in list(overrides) if name in service_fields}
+    )
+    options = overrides.pop("options", ServerOptions())
+    return create_app(ServerConfig(service=service, options=options, **overrides), lambda: engine)
+
+
+def solo_image(engine: Any, seed: int, **fields: Any) -> np.ndarray:
+    """The image :func:`body`'s request gives run alone on ``engine`` (float32 pixels)."""
+    from fluxfill_engine import FillRequest
+
+    image, mask = inputs()
+    request = FillRequest(
+        prompt=fields.pop("prompt", "a white paper cup"), image=image, mask=mask, seed=seed, **FAST
+    )
+    return np.asarray(engine.run(request).images[0], dtype=np.float32)
+
+
+def fetched_image(base: str, url: str) -> PIL.Image.Image:
+    """An output image by its URL (absolute, or a path on the server at ``base``)."""
+    answer = httpx.get(url if url.startswith("http") else base + url)
+    assert answer.status_code == 200
+    return PIL.Image.open(io.BytesIO(answer.content))
 
 
 class SlowSteps:

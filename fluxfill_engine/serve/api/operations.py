@@ -1,0 +1,56 @@
+"""What operators and browsers use beside the APIs: the playground page, health, Prometheus metrics, and
+the output files (served without a key: their paths hold the task's random 128-bit id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from .deps import Config, Service, require_key
+from .errors import ApiError
+
+router = APIRouter(tags=["operations"])
+STATIC_DIR = Path(__file__).parent.parent / "static"
+
+
+@router.get("/", include_in_schema=False)
+async def playground() -> FileResponse:
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        raise ApiError(404, "the playground page is not installed")
+    return FileResponse(page, media_type="text/html")
+
+
+@router.get("/healthz")
+async def healthz(service: Service, config: Config) -> JSONResponse:
+    """200 when the engine is ready; 503 while it warms up or after it failed to load."""
+    engine = service.engine
+    body = {
+        "status": service.state,
+        "model": config.model,
+        "preset": config.preset,
+        "device": str(engine.device) if engine is not None else config.device,
+        "tiny_model": config.tiny_model,
+        "queue_depth": service.queue_depth(),
+        "running": service.running(),
+        "replicas": service.replicas,
+        "warmup_seconds": service.warmup,
+    }
+    if service.load_error:
+        body["error"] = service.load_error
+    return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
+
+
+@router.get("/metrics", dependencies=[Depends(require_key)])
+async def metrics(service: Service) -> Response:
+    return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/files/{task_id}/{name}")
+async def output_file(task_id: str, name: str, service: Service) -> FileResponse:
+    task = service.store.get(task_id)
+    if task is None or name not in task.outputs or task.files_deleted:
+        raise ApiError(404, "no such file (or it expired)", "name")
+    return FileResponse(service.files.output(task_id, name))

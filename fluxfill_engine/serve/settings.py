@@ -1,0 +1,24 @@
+"""Everything a ``fluxfill serve`` server is started with, as one value (:func:`.app.create_app` takes it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .inputs import ServerOptions
+from .service import ServiceSettings
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``fluxfill serve`` was started with."""
+
+    service: ServiceSettings
+    options: ServerOptions = field(default_factory=ServerOptions)
+    api_keys: Sequence[str] = ()
+    max_request_bytes: int = 64 * 2**20
+    model: str = "tiny"
+    preset: str = "reference"
+    device: str = "cpu"
+    tiny_model: bool = True
+    webhook_secret: str | None = None
