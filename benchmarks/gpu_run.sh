@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The whole GPU run as one prepared command: benchmarks/gpu_run.py's five parts in about 7 minutes
+# The whole GPU run as one prepared command: `fluxfill bench gpu-run`'s five parts in about 7 minutes
 # on one H100 (see benchmarks/README.md, "The GPU run").
 #
 #   bash benchmarks/gpu_run.sh wheels            here, once: the wheels the device image lacks, into .whl
-#   bash benchmarks/gpu_run.sh [run] [ARGS...]   device: install .whl, run gpu_run.py --out "$OUT" ARGS
+#   bash benchmarks/gpu_run.sh [run] [ARGS...]   device: install .whl, run gpu-run --out "$OUT" ARGS
 #   bash benchmarks/gpu_run.sh dry-run [ARGS...] anywhere: the same code on the CPU at a tiny size
 #
 # The device tool call (its 15 minutes hold one start, this run and a rerun):
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=540)
 # A rerun of some parts: run(command="bash benchmarks/gpu_run.sh run --parts latency,e2e", carry=[".whl"],
-# timeout_s=540). ARGS go to gpu_run.py (--parts, --budget-s; see python benchmarks/gpu_run.py --help).
+# timeout_s=540). ARGS go to gpu-run (--parts, --budget-s; see fluxfill bench gpu-run --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +56,7 @@ device_run() {
     # Run from the tree: the device cannot fetch the build backend for `pip install -e .`.
     export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     mkdir -p "$OUT"
-    python3 benchmarks/gpu_run.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_run.log"
+    python3 -m fluxfill_engine bench gpu-run --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_run.log"
 }
 
 action="${1:-run}"
@@ -66,7 +66,7 @@ case "$action" in
     run) device_run "$@" ;;
     dry-run)
         export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
-        python3 benchmarks/gpu_run.py --dry-run --out "${OUT:-gpu-run-dry}" "$@"
+        python3 -m fluxfill_engine bench gpu-run --dry-run --out "${OUT:-gpu-run-dry}" "$@"
         ;;
     *) usage ;;
 esac

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from fluxfill_engine.architecture import SCHEDULER_CONFIG
-from fluxfill_engine.bench.models import random_transformer
-from fluxfill_engine.bench.runner import bench_inputs
 from fluxfill_engine.conditioning import latent_image_ids
 from fluxfill_engine.model import FillTransformer
 from fluxfill_engine.pipeline import FluxFillPipeline
 from fluxfill_engine.sampling import calculate_shift, euler_step, make_schedule
+from fluxfill_engine.testing.pictures import picture_and_mask
+from fluxfill_engine.testing.random_models import random_transformer
 from fluxfill_engine.testing.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -135,11 +135,11 @@ def test_sampling_step(run, tier, impl):
 
 
 def _pipes() -> tuple[Any, FluxFillPipeline, Any, Any]:
-    """diffusers' pipeline and the engine's on one set of mid components, and the bench inputs."""
+    """diffusers' pipeline and the engine's on one set of mid components, and the benchmark's request."""
     import diffusers
 
     components = mid_components(0)
-    image, mask = bench_inputs(256, 256)
+    image, mask = picture_and_mask(256, 256)
     return diffusers.FluxFillPipeline(**components), FluxFillPipeline(**components), image, mask
 
 

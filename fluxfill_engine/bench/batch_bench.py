@@ -1,10 +1,10 @@
-"""Batching: images per second for N requests run one by one (``FluxFillEngine.run``) against the same
-requests run as batches (``FluxFillEngine.run_batch``) of 1, 2, 4, 8, through the engine's public API.
+"""``fluxfill bench batch``: images per second for N requests run one by one (``FluxFillEngine.run``)
+against the same requests run as batches (``FluxFillEngine.run_batch``) of 1, 2, 4, 8, through the
+engine's public API.
 
-    python -m fluxfill_engine.bench.batch_bench --model-size cpu-mid --steps 4 --requests 8 \\
-        --out benchmarks/results/batch-cpu-mid.json
+    fluxfill bench batch --preset cpu-mid --steps 4 --requests 8 --out benchmarks/results/batch-cpu-mid.json
 
-One engine (``--engine-preset``, default ``reference``) on the random-weight model of ``--model-size``;
+One engine (``--engine-preset``, default ``reference``) on the random-weight model of ``--preset``;
 ``--requests`` requests at one fixed ``--size`` (each its own prompt, seed and mask, one image each), so
 all share a batch key. Every mode runs all the requests once per round, after a warm-up call of each
 mode; the modes are interleaved and their order rotates every round (``--repeats`` rounds). Reported
@@ -16,36 +16,32 @@ the largest difference and the share of values that differ).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import PIL.Image
-import torch
-
-from ..config import PRESETS, EngineConfig
-from ..engine import FillRequest, FillResult, FluxFillEngine
-from ..limits import MIN_SIZE
-from ..pipeline import FluxFillPipeline
+from ..config import PRESETS
+from . import arguments
 from .catalog import BenchError
-from .crop_compare import inputs
-from .models import MODEL_PRESETS
-from .report import write_json
-from .runner import environment, summarize
+
+if TYPE_CHECKING:
+    from .. import FillRequest, FillResult, FluxFillEngine
 
 SCHEMA = "fluxfill-batch-bench/1"
-# --model-size -> the benchmark model preset (bench/models.py).
-MODEL_SIZES = {"tiny": "cpu-tiny", "cpu-mid": "cpu-mid", "gpu-full": "gpu-full"}
 PROMPTS = ("a white paper cup", "a red brick wall", "a small green plant", "a sleeping cat", "a wooden chair")
 ONE_BY_ONE = "one by one"
 
 
 def make_requests(count: int, size: int, steps: int, mask_size: int) -> list[FillRequest]:
     """``count`` requests at ``size`` x ``size``: one photo, each its own prompt, seed and mask place."""
-    image, mask = inputs(size, mask_size)
+    import numpy as np
+    import PIL.Image
+
+    from .. import FillRequest
+    from ..testing.pictures import picture_and_mask
+
+    image, mask = picture_and_mask(size, size, mask_size=mask_size)
     step = max((size - mask_size) // (2 * max(count, 1)), 1)
     requests = []
     for index in range(count):
@@ -75,6 +71,8 @@ def _run_mode(engine: FluxFillEngine, requests: Sequence[FillRequest], batch: in
 
 def _difference(results: Sequence[FillResult], reference: Sequence[FillResult]) -> dict[str, float]:
     """The 8-bit images' largest difference and the share of values that differ."""
+    import numpy as np
+
     ours = np.stack([np.asarray(im, np.int16) for r in results for im in r.images])
     theirs = np.stack([np.asarray(im, np.int16) for r in reference for im in r.images])
     difference = np.abs(ours - theirs)
@@ -82,7 +80,7 @@ def _difference(results: Sequence[FillResult], reference: Sequence[FillResult]) 
 
 
 def measure(
-    model_size: str = "tiny",
+    preset: str = "cpu-tiny",
     size: int | None = None,
     steps: int = 4,
     requests: int = 8,
@@ -95,10 +93,18 @@ def measure(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Run every mode and return the record (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from .. import EngineConfig, FluxFillEngine, FluxFillPipeline
+    from ..limits import MIN_SIZE
+    from .measure import environment, summarize
+    from .models import MODEL_PRESETS, preset_device
+
     if threads is not None:
         torch.set_num_threads(threads)
-    if model_size not in MODEL_SIZES:
-        raise BenchError(f"--model-size must be one of {list(MODEL_SIZES)}, got {model_size!r}")
+    if preset not in MODEL_PRESETS:
+        raise BenchError(f"--preset must be one of {list(MODEL_PRESETS)}, got {preset!r}")
     if engine_preset not in PRESETS:
         raise BenchError(f"--engine-preset must be one of {list(PRESETS)}, got {engine_preset!r}")
     batch_sizes = tuple(batch_sizes)
@@ -113,10 +119,10 @@ def measure(
             f"--batch-sizes must be distinct, each in [1, --requests={requests}], got {batch_sizes}"
         )
     config = EngineConfig.preset(engine_preset)
-    model = MODEL_PRESETS[MODEL_SIZES[model_size]]
+    model = MODEL_PRESETS[preset]
     size = size or max(model.width, MIN_SIZE)
     mask_size = mask_size or size // 4
-    target = torch.device(device or ("cuda" if model.device_type == "cuda" else "cpu"))
+    target = preset_device(preset, device)
     engine = FluxFillEngine(FluxFillPipeline(**model.build(0, target, config.torch_dtype)), config, target)
     work = make_requests(requests, size, steps, mask_size)
     if engine.batch_key(work[0].validated()) is None:
@@ -145,7 +151,7 @@ def measure(
         "schema": SCHEMA,
         "environment": environment(target),
         "settings": dict(
-            model_size=model_size,
+            preset=preset,
             size=size,
             steps=steps,
             requests=requests,
@@ -184,7 +190,7 @@ def markdown(record: dict[str, Any], command: str | None = None) -> str:
     settings, env = record["settings"], record["environment"]
     size = settings["size"]
     lines = [
-        f"# Batching: {settings['requests']} requests one by one vs in batches ({settings['model_size']}, "
+        f"# Batching: {settings['requests']} requests one by one vs in batches ({settings['preset']}, "
         f"{size}x{size}, {settings['steps']} steps)",
         "",
         f"Device: {env.get('device_name')} ({env.get('device')}, torch threads: {env.get('torch_threads')}), "
@@ -215,18 +221,21 @@ def markdown(record: dict[str, Any], command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-size", default="tiny", choices=list(MODEL_SIZES))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench batch``'s arguments."""
+    arguments.add_model_arguments(parser, dtype=False)
     parser.add_argument("--size", type=int, help="request side in pixels (default: the model's size)")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per call (default: 4)")
     parser.add_argument("--requests", type=int, default=8, help="requests per round (default: 8)")
-    parser.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated (default: 1,2,4,8)")
+    parser.add_argument(
+        "--batch-sizes", type=arguments.ints, default=(1, 2, 4, 8), help="comma list (default: 1,2,4,8)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds (default: 2)")
-    parser.add_argument("--no-warmup", action="store_true")
-    parser.add_argument("--engine-preset", default="reference", choices=list(PRESETS))
+    parser.add_argument("--no-warmup", action="store_true", help="no warm-up call of each mode")
+    parser.add_argument(
+        "--engine-preset", default="reference", choices=list(PRESETS), help="EngineConfig preset"
+    )
     parser.add_argument("--mask-size", type=int, help="mask side in pixels (default: a quarter of --size)")
-    parser.add_argument("--device")
     parser.add_argument(
         "--threads",
         type=int,
@@ -234,36 +243,30 @@ def main(argv: list[str] | None = None) -> int:
         "stalling a thread team at every barrier, and CPU seconds per image stay exact",
     )
     parser.add_argument("--out", type=Path, help="JSON record (a .md beside it)")
-    args = parser.parse_args(argv)
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-        record = measure(
-            args.model_size,
-            args.size,
-            args.steps,
-            args.requests,
-            batch_sizes,
-            args.repeats,
-            not args.no_warmup,
-            args.engine_preset,
-            args.mask_size,
-            args.device,
-            args.threads,
-        )
-    except (BenchError, ValueError) as err:
-        print(f"batch_bench: {err}", file=sys.stderr)
-        return 2
-    command = "python -m fluxfill_engine.bench.batch_bench " + " ".join(
-        sys.argv[1:] if argv is None else argv
+
+
+def main(args: argparse.Namespace) -> int:
+    """Measure every mode, print the markdown table, write the record (``--out``) and its markdown."""
+    from .report import write_json
+
+    record = measure(
+        args.preset,
+        args.size,
+        args.steps,
+        args.requests,
+        args.batch_sizes,
+        args.repeats,
+        not args.no_warmup,
+        args.engine_preset,
+        args.mask_size,
+        args.device,
+        args.threads,
     )
+    command = arguments.command_line(args)
     report = markdown(record, command)
     print(report)
     if args.out is not None:
         write_json({**record, "command": command}, args.out)
         args.out.with_suffix(".md").write_text(report)
-        print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+        arguments.say_written([args.out, args.out.with_suffix(".md")])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

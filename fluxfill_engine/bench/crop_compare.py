@@ -1,8 +1,7 @@
-"""Full frame against crop-to-mask: what ``FillRequest.crop_to_mask`` saves for a small mask in a
-large photo, through the engine's public API.
+"""``fluxfill bench crop``: full frame against crop-to-mask, what ``FillRequest.crop_to_mask`` saves
+for a small mask in a large photo, through the engine's public API.
 
-    python -m fluxfill_engine.bench.crop_compare --preset cpu-mid --steps 2 \\
-        --out benchmarks/results/crop-cpu-mid.json
+    fluxfill bench crop --preset cpu-mid --steps 2 --out benchmarks/results/crop-cpu-mid.json
 
 One engine on the preset's random-weight model; one photo of ``--size`` pixels with a ``--mask-size``
 square mask; two requests, interleaved over ``--repeats`` rounds after a warm-up of each: the full
@@ -14,33 +13,10 @@ working size, image tokens, end-to-end seconds and transformer milliseconds per 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
-import torch
-
-from ..config import EngineConfig
-from ..engine import FillRequest, FluxFillEngine
-from ..pipeline import FluxFillPipeline
-from .catalog import MODEL_PRESET_NAMES
-from .models import MODEL_PRESETS
-from .report import write_json
-from .runner import environment, summarize
-
-
-def inputs(size: int, mask_size: int) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """A deterministic photo and a centred square mask."""
-    rng = np.random.default_rng(0)
-    ys, xs = np.mgrid[0:size, 0:size]
-    base = np.stack([xs / size, ys / size, (xs + ys) / (2 * size)], axis=-1)
-    picture = np.round((0.7 * base + 0.3 * rng.random((size, size, 3))) * 255).astype(np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    start = (size - mask_size) // 2
-    mask[start : start + mask_size, start : start + mask_size] = 255
-    return PIL.Image.fromarray(picture), PIL.Image.fromarray(mask)
+from . import arguments
 
 
 def compare(
@@ -53,11 +29,15 @@ def compare(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run both requests and return the record (see the module docstring)."""
-    model = MODEL_PRESETS[preset]
-    target = torch.device(device or ("cuda" if model.device_type == "cuda" else "cpu"))
-    components = model.build(0, target)
+    from .. import EngineConfig, FillRequest, FluxFillEngine, FluxFillPipeline
+    from ..testing.pictures import picture_and_mask
+    from .measure import environment, summarize
+    from .models import MODEL_PRESETS, preset_device
+
+    target = preset_device(preset, device)
+    components = MODEL_PRESETS[preset].build(0, target)
     engine = FluxFillEngine(FluxFillPipeline(**components), config=EngineConfig(), device=target)
-    image, mask = inputs(size, mask_size)
+    image, mask = picture_and_mask(size, size, mask_size=mask_size)
     common = dict(prompt="a white paper cup", image=image, mask=mask, num_inference_steps=steps, seed=0)
     requests = {
         "full-frame": FillRequest(**common, width=size, height=size),
@@ -121,17 +101,21 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu-tiny", choices=MODEL_PRESET_NAMES)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench crop``'s arguments."""
+    arguments.add_model_arguments(parser, dtype=False)
     parser.add_argument("--size", type=int, default=1536, help="photo side in pixels (default: 1536)")
     parser.add_argument("--mask-size", type=int, default=128, help="mask side in pixels (default: 128)")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="sampling steps per call (default: 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls of each request (default: 2)")
     parser.add_argument("--max-megapixels", type=float, default=1.0, help="crop's working resolution")
-    parser.add_argument("--device")
     parser.add_argument("--out", type=Path, help="JSON record (a .md beside it)")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run both requests, print the markdown table, write the record (``--out``) and its markdown."""
+    from .report import write_json
+
     record = compare(
         args.preset, args.size, args.mask_size, args.steps, args.repeats, args.max_megapixels, args.device
     )
@@ -140,9 +124,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         write_json(record, args.out)
         args.out.with_suffix(".md").write_text(report)
-        print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+        arguments.say_written([args.out, args.out.with_suffix(".md")])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""``fluxfill bench --lora``: what LoRAs cost per step and per switch, engine strategies beside diffusers.
+"""``fluxfill bench lora``: what LoRAs cost per step and per switch, engine strategies beside diffusers.
 
-On one random-weight model (``--preset``) and one request, for every rank (``--lora-ranks``, default
-16 and 64) and adapter count (``--lora-counts``, default 1 and 3):
+On one random-weight model (``--preset``) and one request, for every rank (``--ranks``, default
+16 and 64) and adapter count (``--counts``, default 1 and 3):
 
-- each engine strategy (``merge``, ``side``; ``--lora-compile`` compiles the blocks) through the public
+- each engine strategy (``merge``, ``side``; ``--compile`` compiles the blocks) through the public
   API (``FluxFillPipeline.set_engine_loras`` + ``generate``): transformer milliseconds per step
   (``denoise`` minus the switch, over the steps) and the switch seconds the call reports, every timed
   call switching (the set's scales alternate, so each call is a new set);
@@ -18,6 +18,7 @@ like the main benchmark): read small differences with the machine's noise in min
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import statistics
@@ -27,12 +28,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import LORA_STRATEGIES, EngineConfig, parse_dtype
-from .catalog import BenchError
+from . import arguments
+from .catalog import DEFAULT_PROMPT, BenchError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = "fluxfill-lora-bench/1"
 # Where FLUX LoRA trainers put adapters: every attention projection and MLP layer of the blocks.
@@ -81,14 +84,12 @@ class LoraBenchSettings:
 
         check_run_settings(self)
         if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
-            raise BenchError(f"--lora-ranks must be positive ints, got {self.ranks!r}")
+            raise BenchError(f"--ranks must be positive ints, got {self.ranks!r}")
         if not self.counts or any(not isinstance(c, int) or not 1 <= c <= 3 for c in self.counts):
-            raise BenchError(
-                f"--lora-counts must be ints in [1, 3] (EngineConfig.max_loras), got {self.counts!r}"
-            )
+            raise BenchError(f"--counts must be ints in [1, 3] (EngineConfig.max_loras), got {self.counts!r}")
         unknown = [s for s in self.strategies if s not in ENGINE_STRATEGIES]
         if unknown:
-            raise BenchError(f"--lora-strategies must be among {list(ENGINE_STRATEGIES)}, got {unknown}")
+            raise BenchError(f"--strategies must be among {list(ENGINE_STRATEGIES)}, got {unknown}")
         try:
             parse_dtype(self.dtype, "dtype")
         except ValueError as err:
@@ -99,6 +100,7 @@ def write_lora_files(
     transformer: torch.nn.Module, folder: Path, ranks: Sequence[int], count: int, seed: int = 0
 ) -> dict[int, list[Path]]:
     """``count`` random LoRA files per rank for ``transformer``'s block layers (diffusers' format)."""
+    import torch
     from safetensors.torch import save_file
 
     layers = [
@@ -206,36 +208,23 @@ def _engine_rows(
 
 
 def _diffusers_rows(
-    settings: LoraBenchSettings, components: dict[str, Any], call: Any, files: dict[int, list[Path]]
+    settings: LoraBenchSettings, components: dict[str, Any], inputs: Any, files: dict[int, list[Path]]
 ) -> list[dict[str, Any]]:
     import diffusers
 
-    from ..timing import Clock
+    from .measure import ForwardIntervals, Timer
 
     device = next(components["transformer"].parameters()).device
-    clock = Clock(device)
+    clock = Timer(device)
     pipe = diffusers.FluxFillPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    forwards: list[tuple[Any, Any]] = []
-    pending: list[Any] = []
-
-    def pre(*_: Any) -> None:
-        pending.append(clock.mark())
-
-    def post(*_: Any) -> None:
-        forwards.append((pending.pop(), clock.mark()))
-
-    handles = [
-        pipe.transformer.register_forward_pre_hook(pre),
-        pipe.transformer.register_forward_hook(post),
-    ]
+    forwards = ForwardIntervals(clock).watch(pipe.transformer, "transformer")
 
     def run() -> float:
         forwards.clear()
-        request = call()
-        pipe(**{f.name: getattr(request, f.name) for f in dataclasses.fields(request)})
+        pipe(**inputs.diffusers_kwargs())
         clock.sync()
-        return 1000.0 * sum(clock.seconds(a, b) for a, b in forwards) / len(forwards)
+        return 1000.0 * forwards.total_seconds("transformer") / len(forwards.intervals["transformer"])
 
     try:
         base = _Row("diffusers+peft", 0, None)
@@ -271,8 +260,7 @@ def _diffusers_rows(
                     row.ms_per_step.append(run())
                 rows.append(row.summary(base_ms))
     finally:
-        for handle in handles:
-            handle.remove()
+        forwards.remove()
         if getattr(pipe.transformer, "peft_config", None):
             pipe.unload_lora_weights()
     return rows
@@ -280,21 +268,20 @@ def _diffusers_rows(
 
 def run_lora_benchmark(settings: LoraBenchSettings) -> dict[str, Any]:
     """Measure and return the record (``schema``, ``environment``, ``settings``, ``rows``)."""
-    from .models import MODEL_PRESETS
-    from .runner import bench_inputs, environment
-    from .variants import BenchInputs
+    from ..testing.pictures import picture_and_mask
+    from .measure import environment
+    from .models import MODEL_PRESETS, preset_device
+    from .runners import BenchInputs
 
     settings.check()
     preset = MODEL_PRESETS[settings.preset]
-    device = torch.device(settings.device or preset.device_type)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"preset {settings.preset!r} needs a CUDA GPU, and this machine has none")
+    device = preset_device(settings.preset, settings.device)
     dtype = parse_dtype(settings.dtype) or preset.dtype
     width, height = settings.width or preset.width, settings.height or preset.height
     components = preset.build(settings.seed, device, dtype)
-    image, mask = bench_inputs(width, height, settings.seed)
+    image, mask = picture_and_mask(width, height, settings.seed)
     inputs = BenchInputs(
-        prompt="a white paper cup on the table",
+        prompt=DEFAULT_PROMPT,
         image=image,
         mask=mask,
         width=width,
@@ -316,7 +303,7 @@ def run_lora_benchmark(settings: LoraBenchSettings) -> dict[str, Any]:
         if settings.diffusers:
             if settings.progress:
                 print("lora bench: diffusers + peft", file=sys.stderr)
-            rows += _diffusers_rows(settings, components, inputs.call, files)
+            rows += _diffusers_rows(settings, components, inputs, files)
     return {
         "schema": SCHEMA,
         "environment": environment(device),
@@ -358,3 +345,59 @@ def render_lora_markdown(record: dict[str, Any]) -> str:
     if record["settings"].get("note"):
         lines += ["", record["settings"]["note"]]
     return "\n".join(lines) + "\n"
+
+
+# ---- the verb --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench lora``'s arguments."""
+    arguments.add_model_arguments(parser)
+    parser.add_argument("--size", type=arguments.size, help="request size N or WxH (default: the preset's)")
+    arguments.add_run_arguments(parser, steps=28, repeats=3)
+    parser.add_argument("--ranks", type=arguments.ints, default=(16, 64), help="LoRA ranks (default: 16,64)")
+    parser.add_argument(
+        "--counts", type=arguments.ints, default=(1, 3), help="LoRAs per request (default: 1,3)"
+    )
+    parser.add_argument(
+        "--strategies",
+        type=arguments.names,
+        default=ENGINE_STRATEGIES,
+        help=f"engine strategies (default: {','.join(ENGINE_STRATEGIES)})",
+    )
+    parser.add_argument("--compile", action="store_true", help="compile the engine's blocks")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers + peft rows")
+    arguments.add_report_arguments(parser, "bench-lora-PRESET.json")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Measure, print the markdown table, write the JSON record (and ``--markdown``)."""
+    from .report import write_json
+
+    width, height = args.size if args.size else (None, None)
+    settings = LoraBenchSettings(
+        preset=args.preset,
+        width=width,
+        height=height,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        ranks=tuple(args.ranks),
+        counts=tuple(args.counts),
+        strategies=tuple(args.strategies),
+        compile=args.compile,
+        diffusers=not args.no_diffusers,
+        progress=not args.no_progress,
+        note=args.note,
+    )
+    settings.check()
+    record = run_lora_benchmark(settings)
+    out = args.out or Path(f"bench-lora-{settings.preset}.json")
+    write_json(record, out)
+    report = render_lora_markdown(record)
+    print(report)
+    arguments.say_written([out, arguments.write_markdown(report, out, args.markdown)])
+    return 0

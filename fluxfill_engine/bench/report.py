@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .runner import REFERENCE
-from .variants import STAGES
+from ..call import STAGES
+from .summary import REFERENCE
 
 
 def write_json(record: dict[str, Any], path: str | Path) -> Path:

@@ -1,68 +1,43 @@
-"""``fluxfill bench``: every optimization against diffusers' ``FluxFillPipeline``, in one process.
+"""``fluxfill bench variants``: every optimization against diffusers' ``FluxFillPipeline``, in one process.
 
 One model (``--preset``: ``cpu-tiny``, ``cpu-mid`` or ``gpu-full``, see
-:data:`~fluxfill_engine.bench.models.MODEL_PRESETS`) is built once with a fixed seed; every variant
-(:mod:`~fluxfill_engine.bench.variants`) gets a pipeline on those weights and runs the same request
+:data:`~.models.MODEL_PRESETS`) is built once with a fixed seed; every variant
+(:mod:`.variants`) gets a pipeline on those weights and runs the same request
 (same image, mask, prompt and seed). After each variant's warm-up calls (the first is its cold start:
 compilation, autotuning, lazy initialisation), the timed calls are interleaved: repeat ``r`` runs every
 variant once, in an order rotated by ``r``, so a drift in machine speed hits all variants alike.
 
 Per variant the record holds end-to-end seconds (median, p20, p80), a per-stage breakdown, transformer
 milliseconds per step, the achieved TFLOP/s (work per step counted from the shapes by
-:func:`~fluxfill_engine.bench.models.transformer_flops`) and its fraction of the device's peak, peak
+:func:`~.flops.transformer_flops`) and its fraction of the device's peak, peak
 memory, cold and warm call seconds, drift against the ``reference`` variant (SQNR of the final latents,
-PSNR of the images) and the speed ratio against ``diffusers``. :func:`render_markdown` and
-:func:`plot_speed_vs_drift` turn the record into a table and a figure.
+PSNR of the images) and the speed ratio against ``diffusers``. :func:`~.report.render_markdown` and
+:func:`~.report.plot_speed_vs_drift` turn the record into a table and a figure.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import gc
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 
 from ..config import parse_dtype
-from ..metrics import psnr_db, sqnr_db
+from ..testing import random_models
+from ..testing.pictures import picture_and_mask
 from .catalog import DEFAULT_PROMPT, SCHEMA, BenchError
-from .models import (
-    MODEL_PRESETS,
-    device_name_of,
-    device_peak,
-    full_configs,
-    image_tokens_for,
-    parameter_counts,
-    precision_class,
-    transformer_flops,
-)
-from .variants import (
-    STAGES,
-    BenchInputs,
-    EngineRunner,
-    MemoryMeter,
-    RunResult,
-    VariantRunner,
-    VariantSpec,
-    build_runners,
-    dtype_name,
-    resolve_variants,
-)
-
-BASELINE, REFERENCE = "diffusers", "reference"
+from .flops import device_peak, image_tokens_for, transformer_flops
+from .measure import environment, free_memory, load_average
+from .models import MODEL_PRESETS, parameter_counts, preset_device
+from .runners import BenchInputs, RunResult, build_runners, dtype_name
+from .summary import memory_estimate, summarize_runs
+from .variants import VariantSpec, resolve_variants
 
 
 def check_run_settings(settings: Any) -> None:
@@ -132,108 +107,6 @@ class BenchSettings:
             raise BenchError(str(err)) from err
 
 
-# ---- inputs, statistics, drift ---------------------------------------------------------------------
-
-
-def bench_inputs(width: int, height: int, seed: int = 0) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """A deterministic picture (colour gradients with fine texture) and a centred half-size mask."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    u, v = xs / max(width - 1, 1), ys / max(height - 1, 1)
-    rgb = np.stack([u, v, 0.5 + 0.5 * np.sin(6.0 * (u + v))], axis=-1) * 0.8
-    rgb += 0.2 * rng.random((height, width, 3), dtype=np.float32)
-    image = PIL.Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8))
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 255
-    return image, PIL.Image.fromarray(mask)
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Median, p20, p80 (linear interpolation), min, max and mean of ``values``."""
-    array = np.asarray(values, dtype=np.float64)
-    p20, median, p80 = np.percentile(array, [20, 50, 80])
-    return {
-        "median": float(median),
-        "p20": float(p20),
-        "p80": float(p80),
-        "min": float(array.min()),
-        "max": float(array.max()),
-        "mean": float(array.mean()),
-        "n": int(array.size),
-    }
-
-
-# ---- environment -----------------------------------------------------------------------------------
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def _load_average() -> list[float] | None:
-    """The 1/5/15-minute load averages: other work on the machine shows here (None where unknown)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Where and with what the benchmark ran: device, versions, git commit, date, machine load."""
-    from .. import __version__
-
-    env: dict[str, Any] = {
-        "device": str(device),
-        "device_name": device_name_of(device),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": None,
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "torchao": _version("torchao"),
-        "optimum_quanto": _version("optimum-quanto"),
-        "fluxfill_engine": __version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    if status is not None:
-        env["git_dirty"] = bool(status)
-    env["load_average_at_start"] = _load_average()
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(
-            {
-                "cuda": torch.version.cuda,
-                "cudnn": torch.backends.cudnn.version(),
-                "compute_capability": f"{props.major}.{props.minor}",
-                "device_memory_bytes": int(props.total_memory),
-                "multiprocessors": props.multi_processor_count,
-                "matmul_precision": torch.get_float32_matmul_precision(),
-            }
-        )
-    return env
-
-
 @contextlib.contextmanager
 def _compile_environment(fresh: bool, needed: bool) -> Iterator[dict[str, Any]]:
     """An empty Inductor/Triton cache (when ``fresh``) and a recompile limit that several compiled
@@ -263,18 +136,6 @@ def _compile_environment(fresh: bool, needed: bool) -> Iterator[dict[str, Any]]:
                 os.environ[key] = value
 
 
-def _release_freed_memory(device: torch.device) -> None:
-    """Collect garbage and hand freed heap pages back, so a run's memory peak starts from a floor."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 
 
@@ -284,67 +145,12 @@ def _compiles(spec: VariantSpec) -> bool:
     return bool(spec.config and spec.config.compile)
 
 
-def resolve_device(settings: BenchSettings) -> torch.device:
-    preset = MODEL_PRESETS[settings.preset]
-    device = torch.device(settings.device or preset.device_type)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(
-            f"preset {settings.preset!r} runs on a CUDA GPU and this machine has none "
-            f"(torch {torch.__version__}); the CPU presets are "
-            f"{[n for n, p in MODEL_PRESETS.items() if p.device_type == 'cpu']}"
-        )
-    return device
-
-
 def plan(settings: BenchSettings) -> tuple[torch.device, list[VariantSpec], dict[str, str]]:
     """Check the settings and resolve the device and variants (fails before anything is built)."""
     settings.check()
-    device = resolve_device(settings)
+    device = preset_device(settings.preset, settings.device)
     specs, skipped = resolve_variants(settings.variants, device, settings.include_baselines)
     return device, specs, skipped
-
-
-def memory_estimate(
-    specs: Sequence[VariantSpec], counts: dict[str, int], dtype: torch.dtype
-) -> dict[str, Any]:
-    """Weight bytes the variants will hold together (before building anything), from parameter counts.
-
-    The base components are held once; the first ``reference`` and eager ``diffusers`` add nothing;
-    other unquantized engine variants add their fused QKV copy (or a whole cast transformer when their
-    dtype differs), quantized ones their 1-byte block linears, ``diffusers-fp8-compile`` 1 byte per
-    linear weight. Activations come on top (a few GiB at 1024x1024).
-    """
-    size = torch.tensor([], dtype=dtype).element_size()
-    base = size * sum(counts[k] for k in ("transformer", "vae", "text_encoder", "text_encoder_2"))
-    per_variant: dict[str, int] = {}
-    owner_taken = False
-    for spec in specs:
-        if spec.kind == "diffusers":
-            per_variant[spec.name] = counts["linears"] if spec.base == "diffusers-fp8-compile" else 0
-            continue
-        config = spec.config
-        assert config is not None
-        if spec.is_reference and not owner_taken:
-            owner_taken = True
-            per_variant[spec.name] = 0
-            continue
-        own = config.torch_dtype
-        own_size = torch.tensor([], dtype=own).element_size() if own is not None else size
-        cast = own is not None and own != dtype
-        if config.quant != "none":
-            extra = counts["block_linears"] + (
-                own_size * (counts["transformer"] - counts["block_linears"]) if cast else 0
-            )
-        else:
-            extra = own_size * counts["transformer"] if cast else size * counts["fused"]
-        if config.quantize_text_encoder:
-            extra += counts["t5_linears"]
-        per_variant[spec.name] = extra
-    return {
-        "base_bytes": base,
-        "per_variant_bytes": per_variant,
-        "total_bytes": base + sum(per_variant.values()),
-    }
 
 
 def run_benchmark(
@@ -360,7 +166,7 @@ def run_benchmark(
     dtype = parse_dtype(settings.dtype) or preset.dtype
     estimate = None
     if preset.name == "gpu-full" and device.type == "cuda":
-        estimate = memory_estimate(specs, parameter_counts(full_configs()), dtype)
+        estimate = memory_estimate(specs, parameter_counts(random_models.full_configs()), dtype)
         available = torch.cuda.get_device_properties(device).total_memory
         estimate["device_bytes"] = int(available)
         if estimate["total_bytes"] > 0.9 * available:
@@ -373,7 +179,7 @@ def run_benchmark(
             )
     width, height = settings.width or preset.width, settings.height or preset.height
     max_seq = settings.max_sequence_length or preset.max_sequence_length
-    image, mask = bench_inputs(width, height, settings.seed)
+    image, mask = picture_and_mask(width, height, settings.seed)
     inputs = BenchInputs(
         prompt=settings.prompt,
         image=image,
@@ -432,24 +238,24 @@ def run_benchmark(
             for runner in runners:
                 for _ in range(settings.warmup):
                     bar.set_postfix_str(f"warm-up {runner.spec.name}")
-                    _release_freed_memory(device)
+                    free_memory(device)
                     warmups[runner.spec.name].append(runner.run(inputs).e2e_s)
                     bar.update(1)
             if on_update is not None:
-                on_update(_finish(record, runners, results, warmups, flops.total, peak, device))
+                on_update(summarize_runs(record, runners, results, warmups, flops.total, peak, device))
             for repeat in range(settings.repeats):
                 shift = repeat % len(runners)
                 for runner in runners[shift:] + runners[:shift]:
                     bar.set_postfix_str(f"repeat {repeat + 1}/{settings.repeats} {runner.spec.name}")
-                    _release_freed_memory(device)
+                    free_memory(device)
                     results[runner.spec.name].append(runner.run(inputs))
                     bar.update(1)
-                load = _load_average()
+                load = load_average()
                 if load is not None:
                     record.setdefault("load_average_after_repeats", []).append(load)
                 if on_update is not None:
-                    on_update(_finish(record, runners, results, warmups, flops.total, peak, device))
-    final = _finish(record, runners, results, warmups, flops.total, peak, device)
+                    on_update(summarize_runs(record, runners, results, warmups, flops.total, peak, device))
+    final = summarize_runs(record, runners, results, warmups, flops.total, peak, device)
     final["complete"] = True
     return final
 
@@ -471,128 +277,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _finish(
-    record: dict[str, Any],
-    runners: list[VariantRunner],
-    results: dict[str, list[RunResult]],
-    warmups: dict[str, list[float]],
-    flops_per_step: float,
-    peak: Any,
-    device: torch.device,
-) -> dict[str, Any]:
-    """The record with every variant's summary from the runs so far."""
-    out = dict(record)
-    reference = next((r for r in runners if r.spec.is_reference), None)
-    ref_runs = results.get(reference.spec.name, []) if reference else []
-    variants = []
-    for runner in runners:
-        runs = results[runner.spec.name]
-        variants.append(
-            _variant_summary(runner, runs, warmups[runner.spec.name], ref_runs, flops_per_step, peak)
-        )
-    baseline = next(
-        (v for v in variants if v["kind"] == "diffusers" and v["base"] == BASELINE and not v.get("options")),
-        None,
-    )
-    for summary in variants:
-        summary["speedup_vs_diffusers"] = _ratios(baseline, summary)
-    out["variants"] = variants
-    out["baseline_variant"] = baseline["name"] if baseline else None
-    out["reference_variant"] = reference.spec.name if reference else None
-    run_peaks = [r.memory_peak_bytes for runs in results.values() for r in runs]
-    if device.type == "cuda":  # the allocator's peak is reset per call: the process peak is their max
-        out["process_peak_bytes"] = max(run_peaks, default=None)
-    else:
-        out["process_peak_bytes"] = MemoryMeter.process_peak_bytes(device)
-    return out
-
-
-def _ratios(baseline: dict[str, Any] | None, summary: dict[str, Any]) -> dict[str, float | None]:
-    """``diffusers`` median over this variant's median: > 1 means faster than diffusers."""
-    ratios: dict[str, float | None] = {"e2e": None, "transformer": None}
-    if baseline is None:
-        return ratios
-    for key, metric in (("e2e", "e2e_s"), ("transformer", "transformer_ms_per_step")):
-        mine, base = summary.get(metric), baseline.get(metric)
-        if mine and base and mine["median"] > 0:
-            ratios[key] = base["median"] / mine["median"]
-    return ratios
-
-
-def _variant_summary(
-    runner: VariantRunner,
-    runs: list[RunResult],
-    warmups: list[float],
-    ref_runs: list[RunResult],
-    flops_per_step: float,
-    peak: Any,
-) -> dict[str, Any]:
-    spec = runner.spec
-    dtype, quant = runner.precision
-    precision = precision_class(dtype, quant)
-    summary: dict[str, Any] = {
-        "name": spec.name,
-        **spec.describe(),
-        "transformer_dtype": dtype_name(dtype),
-        "precision": precision,
-        "setup_s": runner.setup_s,
-    }
-    if isinstance(runner, EngineRunner):
-        summary["engine"] = runner.describe_engine()
-    first_calls = warmups + [r.e2e_s for r in runs]
-    summary["warmup"] = {
-        "calls_s": warmups,
-        "cold_s": first_calls[0] if first_calls else None,
-        "warm_s": first_calls[1] if len(first_calls) > 1 else None,
-        "cold_overhead_s": None,
-    }
-    if not runs:
-        return summary
-    e2e = summarize([r.e2e_s for r in runs])
-    per_step_ms = summarize([1000.0 * r.transformer_s_per_step for r in runs])
-    summary["e2e_s"] = e2e
-    summary["stages_s"] = {stage: summarize([r.stages_s[stage] for r in runs]) for stage in STAGES}
-    summary["transformer_ms_per_step"] = per_step_ms
-    if summary["warmup"]["cold_s"] is not None:
-        summary["warmup"]["cold_overhead_s"] = summary["warmup"]["cold_s"] - e2e["median"]
-    tflops = flops_per_step / (per_step_ms["median"] / 1000.0) / 1e12
-    peak_value = peak.for_precision(precision)
-    summary["tflops"] = tflops
-    summary["peak_tflops_used"] = peak_value
-    summary["peak_fraction"] = tflops / peak_value if peak_value else None
-    measured = peak.measured_for(precision)
-    summary["measured_peak_fraction"] = tflops / measured if measured else None
-    weights = runner.weight_bytes()
-    extra = max(r.memory_extra_bytes for r in runs)
-    summary["memory"] = {
-        "measure": "cuda_allocator" if runner.device.type == "cuda" else "rss",
-        "weights_bytes": weights,
-        "run_peak_extra_bytes": extra,
-        "standalone_peak_bytes": weights + extra,
-        "process_peak_during_calls_bytes": max(r.memory_peak_bytes for r in runs),
-    }
-    summary["runs"] = [
-        {
-            "e2e_s": r.e2e_s,
-            "stages_s": r.stages_s,
-            "transformer_ms_per_step": 1000.0 * r.transformer_s_per_step,
-            "memory_extra_bytes": r.memory_extra_bytes,
-        }
-        for r in runs
-    ]
-    stats = [r.stats for r in runs if r.stats]
-    if stats:
-        summary["stats"] = stats[-1]
-    if ref_runs:
-        ref, last = ref_runs[-1], runs[-1]
-        summary["drift"] = {
-            "against": "reference",
-            "latent_sqnr_db": sqnr_db(ref.latents, last.latents),
-            "image_psnr_db": psnr_db(ref.image, last.image),
-            "exact": bool(torch.equal(ref.latents, last.latents)),
-            "latent_max_abs_diff": float((ref.latents - last.latents).abs().max()),
-            "image_max_abs_diff": float(np.abs(ref.image - last.image).max()),
-        }
-    return summary

@@ -1,4 +1,4 @@
-"""Open-loop load test of ``fluxfill serve``: requests sent at a fixed rate whatever the server does
+"""``fluxfill bench serve-load``: an open-loop load test of ``fluxfill serve``: requests sent at a fixed rate whatever the server does
 (so a slow server builds a queue and answers 429, as real traffic would make it), each accepted task
 followed over its event stream to its closing event.
 
@@ -6,8 +6,8 @@ Reports p50 / p99 latency (submission to closing event), throughput (completed t
 the run), the 429 rate, and checks that every accepted task ended exactly once (one closing event,
 and a final status that agrees with it)::
 
-    python -m fluxfill_engine.bench.serve_load --requests 200 --rate 20 --out benchmarks/results/serve-load-cpu
-    python -m fluxfill_engine.bench.serve_load --url http://gpu-box:8000 --api-key K --size 1024 --steps 28
+    fluxfill bench serve-load --requests 200 --rate 20 --out benchmarks/results/serve-load-cpu
+    fluxfill bench serve-load --url http://gpu-box:8000 --api-key K --size 1024 --steps 28
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import base64
 import io
 import json
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .catalog import BenchError
 
 CLOSING = ("task_postprocess_end", "task_error", "task_cancel")
 
@@ -178,7 +179,7 @@ def summarize(outcomes: list[Outcome], wall: float) -> dict[str, Any]:
 
 def serve_command(data_dir: Path, port: int, flags: Sequence[str] = ()) -> list[str]:
     """The command line of ``fluxfill serve`` on ``port`` with its data in ``data_dir``."""
-    command = [sys.executable, "-m", "fluxfill_engine.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "fluxfill_engine", "serve", "--port", str(port)]
     return [*command, "--data-dir", str(data_dir), *flags]
 
 
@@ -246,10 +247,8 @@ def report_markdown(summary: dict[str, Any], settings: dict[str, Any], health: d
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fluxfill_engine.bench.serve_load", description=__doc__.split("\n\n")[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench serve-load``'s arguments."""
     parser.add_argument("--url", help="a running server (default: start `fluxfill serve` on the tiny model)")
     parser.add_argument("--requests", type=int, default=200, help="requests to send (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second (default: %(default)s)")
@@ -263,9 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         "--server-flags", default="--max-queue 32", help="flags for the spawned server (default: %(default)r)"
     )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the load, print the markdown table, write ``OUT.json`` and ``OUT.md``; 1 when a task did not
+    end exactly once or an answer was neither 201 nor 429."""
+    from .arguments import command_line
+
     if args.requests < 1 or args.rate <= 0:
-        parser.error("--requests must be >= 1 and --rate > 0")
+        raise BenchError("--requests must be >= 1 and --rate > 0")
     process = None
     with tempfile.TemporaryDirectory() as data_dir:
         url = args.url
@@ -297,14 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "max_megapixels": args.max_megapixels,
         "flags": " ".join(flags),
-        "command": shlex.join(
-            [
-                "python",
-                "-m",
-                "fluxfill_engine.bench.serve_load",
-                *(argv if argv is not None else sys.argv[1:]),
-            ]
-        ),
+        "command": command_line(args),
     }
     markdown = report_markdown(summary, settings, health)
     print(markdown)
@@ -319,7 +317,3 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
         args.out.with_suffix(".md").write_text(markdown)
     return 0 if summary["every_accepted_task_ended_once"] and not summary["other_status"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

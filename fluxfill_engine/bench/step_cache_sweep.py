@@ -1,4 +1,4 @@
-"""Step-cache sweep on the mid CPU model: skip rate, speed and drift across thresholds, for the engine's
+"""``fluxfill bench step-cache``: a sweep on the mid CPU model, skip rate, speed and drift across thresholds, for the engine's
 cache (plain and mask-aware criteria) side by side with diffusers' FirstBlockCacheConfig.
 
     python -m fluxfill_engine.bench.step_cache_sweep --out benchmarks/results/step-cache-cpu-mid.json \\
@@ -19,17 +19,12 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import diffusers
-import numpy as np
-import torch
-from diffusers.hooks import FirstBlockCacheConfig
-from tqdm.auto import tqdm
+from . import arguments
 
-from fluxfill_engine import EngineConfig, FluxFillPipeline
-from fluxfill_engine.metrics import psnr_db, sqnr_db
-from fluxfill_engine.testing.tiny import MID_MAX_SEQUENCE_LENGTH, mid_components
+if TYPE_CHECKING:
+    import torch
 
 SIZE = 256
 REQUESTS = [  # (prompt, seed, mask box as fractions: top, left, bottom, right)
@@ -40,6 +35,8 @@ REQUESTS = [  # (prompt, seed, mask box as fractions: top, left, bottom, right)
 
 
 def make_inputs(seed: int, box: tuple[float, float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     gen = torch.Generator().manual_seed(100 + seed)
     image = torch.rand(1, 3, SIZE, SIZE, generator=gen)
     mask = torch.zeros(1, 1, SIZE, SIZE)
@@ -48,29 +45,16 @@ def make_inputs(seed: int, box: tuple[float, float, float, float]) -> tuple[torc
     return image, mask
 
 
-def sqnr(reference: torch.Tensor, output: torch.Tensor) -> float:
-    value = sqnr_db(reference, output)
-    return math.inf if value is None else value  # identical: infinite SQNR (JSON-encoded below)
-
-
-def psnr(reference: np.ndarray, output: np.ndarray) -> float:
-    value = psnr_db(reference, output)
-    return math.inf if value is None else value
-
-
-class FullStepCounter:
-    """Counts steps on which the second block really ran. Hook a module *inside* the block: diffusers'
-    cache hooks replace the block's forward, so a hook on the block itself fires on skipped steps too."""
-
-    def __init__(self, block: torch.nn.Module) -> None:
-        self.count = 0
-        block.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_: Any) -> None:
-        self.count += 1
+def _or_inf(decibels: float | None) -> float:
+    """Identical outputs (no drift: ``None``) as infinite dB, so they average like numbers."""
+    return math.inf if decibels is None else decibels
 
 
 def run(pipe: Any, request: tuple, steps: int, cache_context: bool = False) -> dict[str, Any]:
+    import torch
+
+    from ..testing.tiny import MID_MAX_SEQUENCE_LENGTH
+
     prompt, seed, box = request
     image, mask = make_inputs(seed, box)
     final = {}
@@ -101,21 +85,45 @@ def run(pipe: Any, request: tuple, steps: int, cache_context: bool = False) -> d
     return {"seconds": time.perf_counter() - start, "latents": final["latents"], "images": images}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--thresholds", default="0.02,0.05,0.08,0.12,0.2,0.3,0.5")
-    parser.add_argument("--out", type=Path, default=Path("step-cache-cpu-mid.json"))
-    parser.add_argument("--markdown", type=Path)
-    args = parser.parse_args()
-    thresholds = [float(t) for t in args.thresholds.split(",")]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench step-cache``'s arguments."""
+    parser.add_argument("--steps", type=int, default=28, help="sampling steps per call (default: 28)")
+    parser.add_argument(
+        "--thresholds",
+        type=arguments.floats,
+        default=(0.02, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5),
+        help="comma list (default: 0.02,0.05,0.08,0.12,0.2,0.3,0.5)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("step-cache-cpu-mid.json"), help="JSON record (default: %(default)s)"
+    )
+    parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the sweep, write the record (and ``--markdown``), print the summary."""
+    import diffusers
+    import torch
+    from diffusers.hooks import FirstBlockCacheConfig
+    from tqdm.auto import tqdm
+
+    from .. import EngineConfig, FluxFillPipeline
+    from ..metrics import psnr_db, sqnr_db
+    from ..testing.tiny import mid_components
+    from ..timing import Clock
+    from .measure import ForwardIntervals
+
+    thresholds = list(args.thresholds)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     ours = FluxFillPipeline(**mid_components(0))
     theirs = diffusers.FluxFillPipeline(**mid_components(0))
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
-    counter = FullStepCounter(theirs.transformer.transformer_blocks[1].norm1)
+    # Steps on which the second block really ran: watched *inside* the block, since diffusers' cache
+    # hooks replace the block's forward (a hook on the block itself fires on skipped steps too).
+    full_steps = ForwardIntervals(Clock(torch.device("cpu")))
+    full_steps.watch(theirs.transformer.transformer_blocks[1].norm1, "second_block")
     for pipe in (ours, theirs):  # warm-up: the first call of a process is slower (allocator, caches)
         run(pipe, REQUESTS[0], args.steps)
 
@@ -139,10 +147,10 @@ def main() -> None:
                 for name, mask_aware in variants:
                     if mask_aware is None:
                         theirs.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-                        counter.count = 0
+                        full_steps.clear()
                         result = run(theirs, request, args.steps, cache_context=True)
                         theirs.transformer.disable_cache()
-                        full, base = counter.count, base_theirs
+                        full, base = len(full_steps.intervals["second_block"]), base_theirs
                     else:
                         no_guards = {"step_cache_final": 0, "step_cache_max_skips": args.steps}
                         config = EngineConfig(
@@ -160,8 +168,8 @@ def main() -> None:
                             "speedup": base["seconds"] / result["seconds"],
                             "seconds": result["seconds"],
                             "baseline_seconds": base["seconds"],
-                            "latent_sqnr_db": sqnr(base["latents"], result["latents"]),
-                            "image_psnr_db": psnr(base["images"], result["images"]),
+                            "latent_sqnr_db": _or_inf(sqnr_db(base["latents"], result["latents"])),
+                            "image_psnr_db": _or_inf(psnr_db(base["images"], result["images"])),
                         }
                     )
                     progress.update()
@@ -217,7 +225,4 @@ def main() -> None:
             )
         args.markdown.write_text("\n".join(lines) + "\n")
     print(json.dumps([{k: v for k, v in r.items() if k != "runs"} for r in summary], indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

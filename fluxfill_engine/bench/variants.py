@@ -1,4 +1,6 @@
-"""The variants ``fluxfill bench`` compares, and how one run of each is timed.
+"""``fluxfill bench variants``: every optimization against diffusers' ``FluxFillPipeline``, in one
+process, on one random-weight model (:mod:`.runner` runs it, :mod:`.runners` times each variant,
+:mod:`.report` writes it). This module names what is compared and is the verb's front.
 
 A variant is a way to run the same model on the same request:
 
@@ -11,36 +13,38 @@ A variant is a way to run the same model on the same request:
 - every engine preset of :data:`fluxfill_engine.config.PRESETS` by name, with optional field overrides
   (``balanced:attention=sdpa``), and ``engine:FIELD=VALUE,...``: the ``reference`` preset with the
   given :class:`~fluxfill_engine.config.EngineConfig` fields changed.
-
-Timing: every run is bracketed by device synchronisation. Stage boundaries are CUDA events on a GPU
-(read once the run has finished, so nothing waits in between) and host clocks on a CPU. The engine
-reports its stage times in the :class:`~fluxfill_engine.call.PipelineResult` of
-``FluxFillPipeline.generate`` (the same clocks); diffusers' pipeline is timed
-with forward hooks on its text encoders and transformer, and both pipelines' final latents are
-captured at the entry of ``vae.decode``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import functools
 import importlib.util
-import threading
-import time
+import json
+import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from ..call import STAGES, PipelineCall, PipelineResult
-from ..compilation import compile_unavailable_reason
 from ..config import PRESETS, EngineConfig
-from ..timing import Clock
-from .catalog import DIFFUSERS_VARIANTS, ENGINE_PREFIX, BenchError, known_variants
+from . import arguments
+from .catalog import (
+    DEFAULT_PROMPT,
+    DIFFUSERS_VARIANTS,
+    ENGINE_PREFIX,
+    MODEL_PRESET_DTYPES,
+    SCHEMA,
+    BenchError,
+    known_variants,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .runner import BenchSettings
 
 DEFAULT_FBCACHE_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
 
@@ -180,6 +184,8 @@ def parse_variant(token: str) -> VariantSpec:
 
 def unavailable_reason(spec: VariantSpec, device: torch.device) -> str | None:
     """Why ``spec`` cannot run on ``device`` (hardware or a missing package), or ``None``."""
+    from ..compilation import compile_unavailable_reason
+
     if spec.kind == "diffusers":
         if spec.base in ("diffusers-compile", "diffusers-fp8-compile"):
             reason = compile_unavailable_reason(device)
@@ -257,511 +263,168 @@ def resolve_variants(
     return specs, skipped
 
 
-# ---- clocks, recorders, memory ---------------------------------------------------------------------
+# ---- the verb --------------------------------------------------------------------------------------
 
 
-class RunRecorder:
-    """What one run records: named marks, intervals per key, the decoder's input latents."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.marks: dict[str, Any] = {}
-        self.intervals: dict[str, list[tuple[Any, Any]]] = {}
-        self._open: dict[str, Any] = {}
-        self.decode_input: torch.Tensor | None = None
-        self.counters: dict[str, int] = {}
-
-    def mark(self, name: str) -> None:
-        self.marks[name] = self.clock.mark()
-
-    def open(self, key: str) -> None:
-        self._open[key] = self.clock.mark()
-
-    def close(self, key: str) -> None:
-        start = self._open.pop(key, None)
-        if start is not None:
-            self.intervals.setdefault(key, []).append((start, self.clock.mark()))
-
-    def count(self, key: str, amount: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + amount
-
-    def span(self, start: str, end: str) -> float:
-        return self.clock.seconds(self.marks[start], self.marks[end])
-
-
-_ACTIVE: list[RunRecorder] = []  # the recorder of the run in progress (at most one)
-
-
-def active_recorder() -> RunRecorder | None:
-    return _ACTIVE[-1] if _ACTIVE else None
-
-
-def _instrument_forward(module: torch.nn.Module, key: str) -> None:
-    """Record every forward of ``module`` as an interval ``key`` of the active run (once per module)."""
-    marker = f"_fluxfill_bench_{key}"
-    if getattr(module, marker, False):
-        return
-
-    def pre(_module: Any, _args: Any) -> None:
-        recorder = active_recorder()
-        if recorder is not None:
-            recorder.open(key)
-
-    def post(_module: Any, _args: Any, _output: Any) -> None:
-        recorder = active_recorder()
-        if recorder is not None:
-            recorder.close(key)
-
-    module.register_forward_pre_hook(pre)
-    module.register_forward_hook(post)
-    setattr(module, marker, True)
-
-
-def _instrument_decode(vae: torch.nn.Module) -> None:
-    """Capture the latents given to ``vae.decode`` (both pipelines decode through it) in the active run."""
-    if getattr(vae, "_fluxfill_bench_decode", False):
-        return
-    original = vae.decode
-
-    @functools.wraps(original)
-    def decode(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        recorder = active_recorder()
-        if recorder is not None and recorder.decode_input is None:
-            recorder.decode_input = z.detach().clone()
-        return original(z, *args, **kwargs)
-
-    vae.decode = decode
-    vae._fluxfill_bench_decode = True
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench variants``' arguments."""
+    parser.description = (
+        "Run diffusers' FluxFillPipeline and the engine's variants on the same random-weight model, "
+        "inputs and seed in one process, interleaved, and report speed, stages, TFLOP/s, memory, "
+        "cold start and drift against the `reference` variant. Writes JSON (--out), markdown "
+        "(--markdown) and a speed-vs-drift plot (--plot, needs matplotlib)."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "variants: "
+        + ", ".join(known_variants())
+        + "; 'engine:FIELD=VALUE,...' (the reference preset with EngineConfig fields changed, e.g. "
+        "engine:quant=fp8,compile=1), 'PRESET:FIELD=VALUE,...' (e.g. balanced:attention=sdpa), "
+        "'diffusers-fbcache:threshold=0.1'.\n"
+        "examples:\n"
+        "  fluxfill bench variants --preset cpu-tiny --variants diffusers,reference --steps 2 --repeats 1\n"
+        "  fluxfill bench variants --preset cpu-mid --steps 8 --repeats 3 "
+        "--out benchmarks/results/cpu-mid.json --markdown\n"
+        "  fluxfill bench variants --preset gpu-full --variants diffusers,diffusers-compile,balanced,fast "
+        "--repeats 3 --plot gpu.png"
+    )
+    arguments.add_model_arguments(parser)
+    parser.add_argument(
+        "--variants",
+        action="append",
+        help="comma list of variants (repeatable; default: every variant this machine can run)",
+    )
+    parser.add_argument("--size", type=arguments.size, help="request size N or WxH (default: the preset's)")
+    arguments.add_run_arguments(parser, steps=28, repeats=3)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the request's prompt")
+    parser.add_argument("--guidance", type=float, default=30.0, help="guidance scale (default: 30)")
+    parser.add_argument(
+        "--max-sequence-length", type=int, help="T5 tokens (default: the preset's: 32 / 128 / 512)"
+    )
+    arguments.add_report_arguments(parser, "bench-PRESET.json, rewritten after every repeat")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="speed vs drift plot (needs matplotlib)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=arguments.peaks,
+        help="device peak override: NUMBER (for the preset's dtype) or PRECISION=NUMBER,...",
+    )
+    parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="do not add `diffusers` and `reference` when they are not listed (no ratios / drift then)",
+    )
+    parser.add_argument(
+        "--keep-prompt-cache", action="store_true", help="let the engine reuse encoded prompts across calls"
+    )
+    parser.add_argument(
+        "--reuse-compile-cache",
+        action="store_true",
+        help="compile with the existing Inductor/Triton caches (default: an empty one, truly cold starts)",
+    )
+    parser.add_argument(
+        "--list-variants", action="store_true", help="list the variants and whether they run here"
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print the markdown of an existing record (and write --markdown / --plot from it)",
+    )
 
 
-class MemoryMeter:
-    """Peak memory of one run above what was allocated when it started.
+def _settings(args: argparse.Namespace) -> BenchSettings:
+    from ..config import parse_dtype
+    from .flops import precision_class
+    from .runner import BenchSettings
 
-    CUDA: the caching allocator's ``max_memory_allocated`` (reset per run). CPU: the process's resident
-    set size, sampled every ``interval`` seconds from ``/proc/self/statm`` by a background thread
-    (``ru_maxrss`` where there is no ``/proc``: then only new process-wide highs show).
-    """
+    variants = None
+    if args.variants:
+        variants = [item for text in args.variants for item in split_variant_list(text)]
+    peaks = dict(args.peak_tflops or {})
+    if "" in peaks:
+        dtype = args.dtype or MODEL_PRESET_DTYPES[args.preset]
+        peaks[precision_class(parse_dtype(dtype))] = peaks.pop("")
+    width, height = args.size if args.size else (None, None)
+    return BenchSettings(
+        preset=args.preset,
+        variants=variants,
+        width=width,
+        height=height,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        prompt=args.prompt,
+        guidance_scale=args.guidance,
+        max_sequence_length=args.max_sequence_length,
+        device=args.device,
+        dtype=args.dtype,
+        include_baselines=not args.no_baselines,
+        keep_prompt_cache=args.keep_prompt_cache,
+        fresh_compile_cache=not args.reuse_compile_cache,
+        peak_tflops=peaks,
+        progress=not args.no_progress,
+        note=args.note,
+    )
 
-    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
-        self.device = device
-        self.interval = interval
-        self.kind = "cuda_allocator" if device.type == "cuda" else "rss"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_bytes = 0
-        self._peak = 0
 
-    @staticmethod
-    def rss_bytes() -> int | None:
-        try:
-            with open("/proc/self/statm") as statm:
-                return int(statm.read().split()[1]) * _page_size()
-        except (OSError, ValueError, IndexError):
-            return None
+def _list_variants(settings: BenchSettings) -> int:
+    from .measure import device_name_of
+    from .models import preset_device
 
-    @staticmethod
-    def process_peak_bytes(device: torch.device) -> int:
-        if device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(device))
-        import resource
+    device = preset_device(settings.preset, settings.device)
+    print(f"variants on {device} ({device_name_of(device)}):")
+    for name in known_variants():
+        reason = unavailable_reason(parse_variant(name), device)
+        print(f"  {name:24s} {'runs here' if reason is None else 'cannot run: ' + reason}")
+    print("  engine:FIELD=VALUE,...   the reference preset with EngineConfig fields changed")
+    return 0
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start_bytes = int(torch.cuda.memory_allocated(self.device))
-            return
-        rss = self.rss_bytes()
-        if rss is None:
-            self._start_bytes = self.process_peak_bytes(self.device)
-            return
-        self._start_bytes = self._peak = rss
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+def _write_outputs(record: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
+    """Print the markdown; write it (``--markdown``) and the plot (``--plot``)."""
+    from .report import plot_speed_vs_drift, render_markdown
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = self.rss_bytes()
-            if rss is not None and rss > self._peak:
-                self._peak = rss
-
-    def stop(self) -> int:
-        """Peak bytes above the start of the run (the absolute peak is left in :attr:`peak_bytes`)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._peak = int(torch.cuda.max_memory_allocated(self.device))
-        elif self._thread is None:
-            self._peak = self.process_peak_bytes(self.device)
+    report = render_markdown(record)
+    print(report)
+    written: list[Path | str | None] = [arguments.write_markdown(report, out, args.markdown)]
+    if args.plot is not None:
+        if plot_speed_vs_drift(record, args.plot):
+            written.append(args.plot)
         else:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-            self._peak = max(self._peak, self.rss_bytes() or 0)
-        return max(0, self._peak - self._start_bytes)
-
-    @property
-    def peak_bytes(self) -> int:
-        """The whole process's peak during the run: allocator bytes (CUDA) or resident set size."""
-        return self._peak
-
-
-@functools.cache
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
-
-
-# ---- runners ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchInputs:
-    """The one request every variant runs."""
-
-    prompt: str
-    image: Any
-    mask: Any
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    max_sequence_length: int
-
-    def call(self) -> PipelineCall:
-        """The request as diffusers' call arguments (a fresh generator each time)."""
-        return PipelineCall(
-            prompt=self.prompt,
-            image=self.image,
-            mask_image=self.mask,
-            height=self.height,
-            width=self.width,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(self.seed),
-            output_type="np",
-            max_sequence_length=self.max_sequence_length,
-        )
-
-
-@dataclass
-class RunResult:
-    """One timed call of one variant."""
-
-    e2e_s: float
-    stages_s: dict[str, float]
-    transformer_s_per_step: float
-    memory_extra_bytes: int
-    memory_peak_bytes: int
-    image: np.ndarray
-    latents: torch.Tensor
-    stats: dict[str, Any] | None = None
-
-
-def _unpacked_latents(recorder: RunRecorder, vae: Any) -> torch.Tensor:
-    if recorder.decode_input is None:
-        raise RuntimeError("the pipeline did not call vae.decode: no final latents were captured")
-    z = recorder.decode_input.to(torch.float64)
-    return ((z - vae.config.shift_factor) * vae.config.scaling_factor).cpu()
-
-
-def _jsonable(value: Any) -> Any:
-    """Stats as plain JSON values (tensors to lists/numbers, unknown objects to strings)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist()) if value.numel() <= 64 else f"tensor{tuple(value.shape)}"
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
-
-
-class VariantRunner:
-    """A built variant: its pipeline and how to time one call of it."""
-
-    def __init__(self, spec: VariantSpec, pipe: Any, device: torch.device, setup_s: float) -> None:
-        self.spec = spec
-        self.pipe = pipe
-        self.device = device
-        self.setup_s = setup_s
-        self.clock = Clock(device)
-        self.keep_prompt_cache = False
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("text_encoder", "text_encoder_2"):
-            _instrument_forward(getattr(pipe, name), "text_encode")
-        _instrument_decode(pipe.vae)
-
-    @property
-    def precision(self) -> tuple[torch.dtype, str | None]:
-        """``(compute dtype, quantized matmul mode or None)`` of the transformer."""
-        raise NotImplementedError
-
-    def weight_bytes(self) -> int:
-        from ..quantization import weight_bytes
-
-        pipe = self.pipe
-        return weight_bytes([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae])
-
-    def run(self, inputs: BenchInputs) -> RunResult:
-        recorder = RunRecorder(self.clock)
-        meter = MemoryMeter(self.device)
-        self._before_run()
-        meter.start()
-        self.clock.sync()
-        _ACTIVE.append(recorder)
-        try:
-            start = time.perf_counter()
-            recorder.mark("call_start")
-            images = self._call(inputs, recorder)
-            recorder.mark("call_end")
-            self.clock.sync()
-            e2e = time.perf_counter() - start
-        finally:
-            _ACTIVE.remove(recorder)
-            extra = meter.stop()
-        stages, per_step = self._stage_times(recorder, inputs.steps)
-        return RunResult(
-            e2e_s=e2e,
-            stages_s=stages,
-            transformer_s_per_step=per_step,
-            memory_extra_bytes=extra,
-            memory_peak_bytes=meter.peak_bytes,
-            image=np.asarray(images, dtype=np.float32),
-            latents=_unpacked_latents(recorder, self.pipe.vae),
-            stats=self._stats(recorder),
-        )
-
-    def _before_run(self) -> None:
-        pass
-
-    def _call(self, inputs: BenchInputs, recorder: RunRecorder) -> Any:
-        raise NotImplementedError
-
-    def _stage_times(self, recorder: RunRecorder, steps: int) -> tuple[dict[str, float], float]:
-        raise NotImplementedError
-
-    def _stats(self, recorder: RunRecorder) -> dict[str, Any] | None:
-        return None
-
-
-class DiffusersRunner(VariantRunner):
-    """``diffusers.FluxFillPipeline`` (eager, compiled, fp8 or first-block cache)."""
-
-    def __init__(self, spec: VariantSpec, pipe: Any, device: torch.device, setup_s: float) -> None:
-        super().__init__(spec, pipe, device, setup_s)
-        _instrument_forward(pipe.transformer, "transformer")
-        self.dtype = pipe.transformer.dtype
-        self.counts_skips = False  # set when the first-block cache's decisions can be read
-
-    @property
-    def precision(self) -> tuple[torch.dtype, str | None]:
-        return self.dtype, "fp8" if self.spec.base == "diffusers-fp8-compile" else None
-
-    def _call(self, inputs: BenchInputs, recorder: RunRecorder) -> Any:
-        call = inputs.call()
-        return self.pipe(**{f.name: getattr(call, f.name) for f in dataclasses.fields(call)}).images
-
-    def _stage_times(self, recorder: RunRecorder, steps: int) -> tuple[dict[str, float], float]:
-        seconds = recorder.clock.seconds
-        text = recorder.intervals.get("text_encode", [])
-        calls = recorder.intervals.get("transformer", [])
-        if not calls:
-            raise RuntimeError(f"{self.spec.name}: the transformer was never called")
-        start, end = recorder.marks["call_start"], recorder.marks["call_end"]
-        text_end = text[-1][1] if text else start
-        stages = {
-            "text_encode": seconds(start, text_end),
-            "vae_encode": seconds(text_end, calls[0][0]),
-            "denoise": seconds(calls[0][0], calls[-1][1]),
-            "decode": seconds(calls[-1][1], end),
-        }
-        per_step = sum(seconds(a, b) for a, b in calls) / len(calls)
-        return stages, per_step
-
-    def _stats(self, recorder: RunRecorder) -> dict[str, Any] | None:
-        if self.spec.base != "diffusers-fbcache":
-            return None
-        counters = recorder.counters
-        computed = counters.get("fbcache_computed", 0) if self.counts_skips else None
-        skipped = counters.get("fbcache_skipped", 0) if self.counts_skips else None
-        return {
-            "fbcache_threshold": self.spec.options["threshold"],
-            "steps_computed": computed,
-            "steps_skipped": skipped,
-        }
-
-
-class EngineRunner(VariantRunner):
-    """``fluxfill_engine.FluxFillPipeline`` configured with an :class:`EngineConfig`."""
-
-    def __init__(self, spec: VariantSpec, pipe: Any, device: torch.device, setup_s: float) -> None:
-        super().__init__(spec, pipe, device, setup_s)
-        fill = pipe.engine_transformer()
-        self.dtype = fill.dtype
-        self.last_result: PipelineResult | None = None
-        self.quant_plan = fill.quant_plan
-
-    @property
-    def precision(self) -> tuple[torch.dtype, str | None]:
-        plan = self.quant_plan
-        return self.dtype, plan.mode if plan is not None else None
-
-    def describe_engine(self) -> dict[str, Any]:
-        plan = self.quant_plan
-        return {
-            "transformer_dtype": str(self.dtype).replace("torch.", ""),
-            "quantization": None
-            if plan is None
-            else {"mode": plan.mode, "backend": plan.backend, "why": plan.reason},
-        }
-
-    def _before_run(self) -> None:
-        if not self.keep_prompt_cache:
-            self.pipe.prompt_cache.clear()  # every run encodes its prompt, as diffusers does
-
-    def _call(self, inputs: BenchInputs, recorder: RunRecorder) -> Any:
-        self.last_result = self.pipe.generate(inputs.call())
-        return self.last_result.images
-
-    def _stage_times(self, recorder: RunRecorder, steps: int) -> tuple[dict[str, float], float]:
-        result: PipelineResult = self.last_result
-        stages = {stage: result.timings[stage] for stage in STAGES}
-        return stages, result.timings["denoise"] / result.stats["num_steps"]
-
-    def _stats(self, recorder: RunRecorder) -> dict[str, Any] | None:
-        return _jsonable(self.last_result.stats)
-
-
-# ---- building ---------------------------------------------------------------------------------------
-
-
-def _fbcache(transformer: Any, threshold: float) -> bool:
-    """diffusers' first-block cache, with the cache context its FluxFillPipeline does not set.
-
-    Returns whether computed/skipped steps can be counted (they are read from the cache's state).
-    """
-    from diffusers import FirstBlockCacheConfig
-
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    leader = None
-    try:
-        from diffusers.hooks import HookRegistry
-        from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
-
-        registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
-        leader = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
-    except (ImportError, AttributeError):  # skip counts are a nicety; the cache works without them
-        leader = None
-    original = transformer.forward
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with transformer.cache_context("cond"):
-            output = original(*args, **kwargs)
-            recorder = active_recorder()
-            if leader is not None and recorder is not None:
-                computed = bool(leader.state_manager.get_state().should_compute)
-                recorder.count("fbcache_computed" if computed else "fbcache_skipped")
-        return output
-
-    transformer.forward = forward
-    return leader is not None
-
-
-def _torchao_fp8(transformer: Any) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    # Without set_inductor_config=False torchao would switch on coordinate descent tuning (and more)
-    # for the whole process: every other compiled variant would be compiled differently too.
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-    quantize_(transformer, config)
-
-
-def build_runners(
-    specs: Sequence[VariantSpec],
-    components: dict[str, Any],
-    device: torch.device,
-    on_built: Callable[[VariantSpec], None] | None = None,
-) -> list[VariantRunner]:
-    """One pipeline per variant on ``components`` (built once), sharing weights wherever that is safe.
-
-    The ``reference`` engine runs on the original transformer (its lossless QKV fusion happens in place
-    first) and so does eager ``diffusers`` (diffusers' forward on the fused views gives the same
-    values). Every other variant gets a :func:`~fluxfill_engine.bench.models.shared_clone`: no weight
-    is copied until the variant changes it (dtype cast, QKV fusion, quantization). Text encoders and
-    the VAE are shared (a variant that quantizes T5 gets its own clone).
-    """
-    import diffusers
-
-    from ..pipeline import FluxFillPipeline
-    from .models import shared_clone
-
-    base = components["transformer"]
-    ordered = sorted(specs, key=lambda s: not s.is_reference)  # the reference fuses the base first
-    built: dict[str, VariantRunner] = {}
-    owner_taken = False
-    clones: dict[str, Any] = {}
-    for spec in ordered:  # all clones before any variant installs hooks or compiles
-        if spec.is_reference and not owner_taken:
-            owner_taken = True
-            start = time.perf_counter()
-            pipe = FluxFillPipeline(**_components_for(components, base))
-            pipe.configure(spec.config)
-            pipe.engine_transformer()
-            built[spec.name] = EngineRunner(spec, pipe, device, time.perf_counter() - start)
-            if on_built:
-                on_built(spec)
-        elif not (spec.kind == "diffusers" and spec.base == "diffusers"):
-            start = time.perf_counter()
-            clones[spec.name] = (shared_clone(base), time.perf_counter() - start)
-    for spec in ordered:
-        if spec.name in built:
-            continue
-        start = time.perf_counter()
-        transformer, clone_s = clones.get(spec.name, (base, 0.0))
-        parts = _components_for(components, transformer)
-        if spec.kind == "diffusers":
-            if spec.base == "diffusers-fp8-compile":
-                _torchao_fp8(transformer)
-            if spec.base in ("diffusers-compile", "diffusers-fp8-compile"):
-                transformer.compile_repeated_blocks(fullgraph=True)
-            counts = spec.base == "diffusers-fbcache" and _fbcache(transformer, spec.options["threshold"])
-            pipe = diffusers.FluxFillPipeline(**parts)
-            runner: VariantRunner = DiffusersRunner(spec, pipe, device, 0.0)
-            runner.counts_skips = counts
-        else:
-            assert spec.config is not None
-            if spec.config.quantize_text_encoder:
-                parts["text_encoder_2"] = shared_clone(parts["text_encoder_2"])
-            pipe = FluxFillPipeline(**parts)
-            pipe.configure(spec.config)
-            runner = EngineRunner(spec, pipe, device, 0.0)
-        runner.setup_s = clone_s + time.perf_counter() - start
-        built[spec.name] = runner
-        if on_built:
-            on_built(spec)
-    return [built[spec.name] for spec in specs]
-
-
-def _components_for(components: dict[str, Any], transformer: Any) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    parts = dict(components)
-    parts["transformer"] = transformer
-    # Schedulers keep per-call state (timesteps, step index): each pipeline gets its own.
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config)
-    return parts
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+            print(
+                "no plot: matplotlib is not installed (pip install 'fluxfill-engine[bench]')", file=sys.stderr
+            )
+    arguments.say_written(written)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the variants (or list them, or render a saved record); print the markdown table, write
+    JSON / markdown / plot."""
+    if args.render is not None:
+        path: Path = args.render
+        if not path.is_file():
+            raise FileNotFoundError(f"--render: no such record: {str(path)!r}")
+        record = json.loads(path.read_text())
+        if record.get("schema") != SCHEMA:
+            raise BenchError(f"--render: {str(path)!r} is not a {SCHEMA} record")
+        _write_outputs(record, path, args)
+        return 0
+    from .report import write_json
+    from .runner import plan, run_benchmark
+
+    settings = _settings(args)
+    settings.check()
+    if args.list_variants:
+        return _list_variants(settings)
+    out = args.out or Path(f"bench-{settings.preset}.json")
+    device, specs, skipped = plan(settings)  # fail fast, before building anything
+    names = ", ".join(s.name for s in specs)
+    print(f"fluxfill bench variants {settings.preset} on {device}: {names}", file=sys.stderr)
+    for name, reason in skipped.items():
+        print(f"  cannot run here: {name} ({reason})", file=sys.stderr)
+    record = run_benchmark(settings, on_update=lambda partial: write_json(partial, out))
+    write_json(record, out)
+    print(f"wrote {out}", file=sys.stderr)
+    _write_outputs(record, out, args)
+    return 0

@@ -1,13 +1,25 @@
-"""The batching benchmark (one by one vs batches), on the tiny model: fast."""
+"""``fluxfill bench batch`` (one by one vs batches), on the tiny model: fast."""
 
 import json
 
-from fluxfill_engine.bench.batch_bench import ONE_BY_ONE, main
+from fluxfill_engine.bench.batch_bench import ONE_BY_ONE
+from fluxfill_engine.cli import main
 
 
 def test_batch_bench_writes_its_record(tmp_path, capsys):
     out = tmp_path / "batch.json"
-    argv = ["--model-size", "tiny", "--steps", "1", "--requests", "4", "--batch-sizes", "1,2,4"]
+    argv = [
+        "bench",
+        "batch",
+        "--preset",
+        "cpu-tiny",
+        "--steps",
+        "1",
+        "--requests",
+        "4",
+        "--batch-sizes",
+        "1,2,4",
+    ]
     assert main([*argv, "--repeats", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["schema"] == "fluxfill-batch-bench/1" and record["settings"]["size"] == 256
@@ -23,10 +35,11 @@ def test_batch_bench_writes_its_record(tmp_path, capsys):
     assert modes["batches of 1"]["vs_one_by_one"]["max_levels"] == 0  # a batch of one is the solo path
     report = out.with_suffix(".md").read_text()
     assert report.startswith("# Batching: 4 requests") and "CPU only" in report
-    assert "python -m fluxfill_engine.bench.batch_bench --model-size tiny" in report
+    # The record names the command that reproduces it (the defaults left out).
+    assert "fluxfill bench batch --steps 1 --requests 4 --batch-sizes 1,2,4 --repeats 1 --out" in report
     assert record["command"].endswith(str(out)) and "batches of 4" in capsys.readouterr().out
 
 
 def test_batch_bench_refuses_what_it_cannot_measure(capsys):
-    assert main(["--requests", "2", "--batch-sizes", "1,4"]) == 2
+    assert main(["bench", "batch", "--requests", "2", "--batch-sizes", "1,4"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err

@@ -13,21 +13,14 @@ import pytest
 import torch
 
 from fluxfill_engine import FluxFillPipeline
-from fluxfill_engine.architecture import CLIP_TEXT_CONFIG, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
-from fluxfill_engine.bench.models import (
-    ComponentConfigs,
-    device_peak,
-    full_configs,
-    image_tokens_for,
-    parameter_counts,
-    random_components,
-    shared_clone,
-    transformer_flops,
-)
+from fluxfill_engine.architecture import TRANSFORMER_CONFIG
+from fluxfill_engine.bench.catalog import BenchError
+from fluxfill_engine.bench.flops import device_peak, image_tokens_for, transformer_flops
+from fluxfill_engine.bench.models import parameter_counts
 from fluxfill_engine.bench.report import plot_speed_vs_drift, render_markdown
-from fluxfill_engine.bench.runner import BenchSettings, memory_estimate, run_benchmark
+from fluxfill_engine.bench.runner import BenchSettings, run_benchmark
+from fluxfill_engine.bench.summary import memory_estimate
 from fluxfill_engine.bench.variants import (
-    BenchError,
     parse_engine_overrides,
     parse_variant,
     resolve_variants,
@@ -36,6 +29,12 @@ from fluxfill_engine.bench.variants import (
 from fluxfill_engine.cli import main
 from fluxfill_engine.config import PRESETS
 from fluxfill_engine.metrics import psnr_db, sqnr_db
+from fluxfill_engine.testing.random_models import (
+    full_configs,
+    random_components,
+    reduced_configs,
+    shared_clone,
+)
 from fluxfill_engine.testing.tiny import tiny_components
 
 CPU = torch.device("cpu")
@@ -53,12 +52,13 @@ def _strict_json(text: str) -> Any:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
-    """``fluxfill bench`` on cpu-tiny with two variants, through the command line."""
+    """``fluxfill bench variants`` on cpu-tiny with two variants, through the command line."""
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "results.json"
     code = main(
         [
             "bench",
+            "variants",
             "--preset",
             "cpu-tiny",
             "--variants",
@@ -150,7 +150,9 @@ def test_markdown_report_lists_every_variant(tiny_run):
 def test_render_rewrites_the_report_from_a_saved_record(tiny_run, capsys):
     record, folder, markdown = tiny_run
     again = folder / "again.md"
-    assert main(["bench", "--render", str(folder / "results.json"), "--markdown", str(again)]) == 0
+    assert (
+        main(["bench", "variants", "--render", str(folder / "results.json"), "--markdown", str(again)]) == 0
+    )
     assert again.read_text() == markdown
     assert "| reference |" in capsys.readouterr().out
 
@@ -196,7 +198,9 @@ def test_engine_overrides_fbcache_and_baselines_added():
 
 
 def test_unknown_variant_is_a_clear_error(capsys):
-    code = main(["bench", "--preset", "cpu-tiny", "--variants", "diffusers,turbo", "--no-progress"])
+    code = main(
+        ["bench", "variants", "--preset", "cpu-tiny", "--variants", "diffusers,turbo", "--no-progress"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown variant 'turbo'" in err and "diffusers-fbcache" in err and "reference" in err
@@ -211,13 +215,13 @@ def test_variant_the_hardware_cannot_run_lists_what_can():
 def test_gpu_preset_without_a_gpu_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert main(["bench", "--preset", "gpu-full", "--no-progress"]) == 2
+    assert main(["bench", "variants", "--preset", "gpu-full", "--no-progress"]) == 2
     assert "runs on a CUDA GPU and this machine has none" in capsys.readouterr().err
 
 
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+        main(["bench", "variants", "--help"])
     out = capsys.readouterr().out
     for option in ("--preset", "--variants", "--size", "--steps", "--repeats", "--warmup", "--seed"):
         assert option in out
@@ -230,7 +234,7 @@ def test_help_lists_the_options(capsys):
     [(["--steps", "0"], "`steps` must be an int >= 1"), (["--size", "100"], "multiple of 16")],
 )
 def test_bad_settings_are_rejected_before_any_work(argv, message, capsys):
-    assert main(["bench", "--preset", "cpu-tiny", "--no-progress", *argv]) == 2
+    assert main(["bench", "variants", "--preset", "cpu-tiny", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -377,30 +381,8 @@ def test_shared_clone_shares_storage_and_isolates_changes():
         assert torch.equal(p, before[name]), name
 
 
-def _reduced_configs() -> ComponentConfigs:
-    """The real component classes and code path at toy widths (CLIP/T5 vocabularies kept real)."""
-    return ComponentConfigs(
-        transformer=dict(
-            TRANSFORMER_CONFIG,
-            num_layers=1,
-            num_single_layers=2,
-            num_attention_heads=2,
-            attention_head_dim=32,
-            joint_attention_dim=64,
-            pooled_projection_dim=32,
-            axes_dims_rope=(8, 12, 12),
-        ),
-        vae=dict(VAE_CONFIG, block_out_channels=(8, 16, 32, 32), norm_num_groups=8, layers_per_block=1),
-        clip=dict(CLIP_TEXT_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, projection_dim=32),
-        t5=dict(T5_CONFIG, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
-        clip_vocab_size=49408,
-        t5_vocab_size=32100,
-    )  # fmt: skip
-
-
 def test_random_components_materialise_on_the_device_with_finite_outputs():
-    components = random_components(_reduced_configs(), device="cpu", dtype=torch.float32, seed=3)
+    components = random_components(reduced_configs(), device="cpu", dtype=torch.float32, seed=3)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         module = components[name]
         assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters()), name
@@ -416,7 +398,7 @@ def test_random_components_materialise_on_the_device_with_finite_outputs():
     linear = components["transformer"].transformer_blocks[0].ff.net[2]
     assert linear.weight.std().item() == pytest.approx(linear.in_features**-0.5, rel=0.05)
     assert torch.all(linear.bias == 0)
-    again = random_components(_reduced_configs(), device="cpu", dtype=torch.float32, seed=3)
+    again = random_components(reduced_configs(), device="cpu", dtype=torch.float32, seed=3)
     assert torch.equal(linear.weight, again["transformer"].transformer_blocks[0].ff.net[2].weight)
 
     from PIL import Image
@@ -442,9 +424,9 @@ def test_random_components_materialise_on_the_device_with_finite_outputs():
 def test_gpu_full_preset_path_runs_on_cpu_at_a_reduced_size(monkeypatch):
     """The gpu-full preset's whole path (meta build, materialise, real-vocabulary tokenizers, both
     pipelines) with the real configs swapped for reduced ones, on the CPU."""
-    from fluxfill_engine.bench import models
+    from fluxfill_engine.testing import random_models
 
-    monkeypatch.setattr(models, "full_configs", _reduced_configs)
+    monkeypatch.setattr(random_models, "full_configs", reduced_configs)
     settings = BenchSettings(
         preset="gpu-full",
         device="cpu",

@@ -1,8 +1,8 @@
-"""The full-frame vs crop-to-mask benchmark, on the tiny model at a small size."""
+"""``fluxfill bench crop`` (full frame vs crop-to-mask), on the tiny model at a small size."""
 
 import json
 
-from fluxfill_engine.bench.crop_compare import main
+from fluxfill_engine.cli import main
 
 
 def test_crop_compare_writes_its_record(tmp_path, capsys):
@@ -10,6 +10,8 @@ def test_crop_compare_writes_its_record(tmp_path, capsys):
     assert (
         main(
             [
+                "bench",
+                "crop",
                 "--size",
                 "768",
                 "--mask-size",

@@ -1,36 +1,29 @@
-"""``benchmarks/gpu_run.py``, the one-command GPU run: its CPU dry run end to end (so nothing a CPU can
-catch fails on the GPU), its pure helpers, and ``benchmarks/gpu_run.sh``'s usage. No network."""
+"""``fluxfill bench gpu-run``, the one-command GPU run: its CPU dry run end to end through the command
+(so nothing a CPU can catch fails on the GPU), its pure helpers, and ``benchmarks/gpu_run.sh``'s usage.
+No network."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from fluxfill_engine.bench.gpu_run.background import KERNEL_TEST_FILES, parse_pytest_outcomes
+from fluxfill_engine.bench.gpu_run.budget import PARTS, Deadline, part_allowance
+from fluxfill_engine.bench.gpu_run.main import parse_parts
+from fluxfill_engine.bench.gpu_run.profiles import BATCHED, STEP_VARIANTS, dry_run_profile
+from fluxfill_engine.bench.gpu_run.record import SCHEMA, finite
+from fluxfill_engine.bench.gpu_run.table import render_table
 from fluxfill_engine.compilation import compile_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
+COMMAND = [sys.executable, "-m", "fluxfill_engine", "bench", "gpu-run"]
 SHELL = ROOT / "benchmarks" / "gpu_run.sh"
-
-
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_run", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_run", module)  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_run = _module()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
         p for p in (str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH")) if p
     )
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
+        [*COMMAND, "--dry-run", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -61,8 +54,8 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
 def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
     done, record, out = dry_run
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
-    assert record["schema"] == gpu_run.SCHEMA and record["mode"] == "dry-run" and record["complete"] is True
-    assert list(record["parts"]) == list(gpu_run.PARTS)
+    assert record["schema"] == SCHEMA and record["mode"] == "dry-run" and record["complete"] is True
+    assert list(record["parts"]) == list(PARTS)
     for name, part in record["parts"].items():
         assert part["status"] in ("ok", "skipped"), (name, part)
         if part["status"] == "skipped":
@@ -73,10 +66,10 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
             if item["status"] == "skipped":
                 assert item.get("reason"), (name, key)
     parts = record["parts"]
-    assert all(parts[p]["status"] == "ok" for p in gpu_run.PARTS)
+    assert all(parts[p]["status"] == "ok" for p in PARTS)
     # Every step variant of part 3 appears, measured or with the reason it cannot run here.
-    batched = {f"{gpu_run.BATCHED.name}:batch={size}" for size in gpu_run.dry_run_profile().batch_sizes}
-    assert set(parts["latency"]["items"]) == {v.name for v in gpu_run.STEP_VARIANTS} | batched
+    batched = {f"{BATCHED.name}:batch={size}" for size in dry_run_profile().batch_sizes}
+    assert set(parts["latency"]["items"]) == {v.name for v in STEP_VARIANTS} | batched
     measured = {k: v for k, v in parts["latency"]["items"].items() if v["status"] == "ok"}
     assert {"reference", "diffusers", "engine:quant=fp8,quant_backend=native"} <= set(measured)
     if compile_unavailable_reason(torch.device("cpu")) is None:
@@ -117,8 +110,12 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
     assert (out / "gpu_run.txt").read_text().strip() in done.stdout
 
 
+def test_the_kernel_test_files_the_device_runs_are_in_the_tree() -> None:
+    assert KERNEL_TEST_FILES and all((ROOT / path).is_file() for path in KERNEL_TEST_FILES)
+
+
 def test_part_allowance_protects_later_parts_and_passes_on_savings() -> None:
-    allowance = gpu_run.part_allowance
+    allowance = part_allowance
     assert allowance(400, 20, 370) == 30  # 10 s of slack goes to the first part
     assert allowance(300, 100, 100) == 200  # an earlier part finished early: its savings flow on
     assert allowance(150, 100, 100) == 100  # an earlier overrun squeezes the later parts, not this one
@@ -128,7 +125,7 @@ def test_part_allowance_protects_later_parts_and_passes_on_savings() -> None:
 
 def test_deadline_fits_and_nests() -> None:
     now = [100.0]
-    deadline = gpu_run.Deadline(30, clock=lambda: now[0])
+    deadline = Deadline(30, clock=lambda: now[0])
     assert deadline.fits(30) and not deadline.fits(31)
     now[0] = 110.0
     assert deadline.left() == 20
@@ -140,10 +137,10 @@ def test_deadline_fits_and_nests() -> None:
 
 
 def test_parse_parts_by_name_or_number_in_run_order() -> None:
-    assert gpu_run.parse_parts(None) == list(gpu_run.PARTS)
-    assert gpu_run.parse_parts("e2e,3") == ["latency", "e2e"]
+    assert parse_parts(None) == list(PARTS)
+    assert parse_parts("e2e,3") == ["latency", "e2e"]
     with pytest.raises(ValueError, match="unknown part 'speed'"):
-        gpu_run.parse_parts("speed")
+        parse_parts("speed")
 
 
 def test_pytest_outcomes_from_verbose_output_with_and_without_xdist() -> None:
@@ -155,7 +152,7 @@ def test_pytest_outcomes_from_verbose_output_with_and_without_xdist() -> None:
             "FAILED tests/test_b.py::test_two[B1-L177-H1-D16] - AssertionError: no",
         ]
     )
-    assert gpu_run.parse_pytest_outcomes(output) == {
+    assert parse_pytest_outcomes(output) == {
         "tests/test_a.py::test_one[bf16]": "PASSED",
         "tests/test_b.py::test_two[B1-L177-H1-D16]": "FAILED",
         "tests/test_b.py::test_three": "SKIPPED",
@@ -180,7 +177,7 @@ def test_table_renders_partial_records_and_shows_only_measured_numbers() -> None
             },
         },
     }
-    table = gpu_run.render_table(record)
+    table = render_table(record)
     assert "bf16 790.4" in table and "boom" in table and "fast needs about 55 s" in table
     assert "190.2" in table and "391.0" in table
     lines = {line.split()[0]: line for line in table.splitlines() if line.strip()}
@@ -188,31 +185,27 @@ def test_table_renders_partial_records_and_shows_only_measured_numbers() -> None
 
 
 def test_finite_makes_records_json_safe() -> None:
-    clean = gpu_run.finite(
-        {"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(2.5), 3: (True, None)}
-    )
+    clean = finite({"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(2.5), 3: (True, None)})
     assert clean == {"a": None, "b": [1.0, None], "c": 2.5, "3": [True, None]}
     json.dumps(clean, allow_nan=False)
 
 
-def _script(*args: str) -> subprocess.CompletedProcess:
+def _command(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def test_script_refuses_bad_arguments_before_doing_anything(tmp_path) -> None:
-    done = _script("--parts", "nope", "--out", str(tmp_path))
+def test_command_refuses_bad_arguments_before_doing_anything(tmp_path) -> None:
+    done = _command("--parts", "nope", "--out", str(tmp_path))
     assert done.returncode == 2 and "unknown part 'nope'" in done.stderr
-    done = _script("--dry-run")
+    done = _command("--dry-run")
     assert done.returncode == 2 and "--out" in done.stderr
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_script_without_a_gpu_points_at_the_dry_run(tmp_path) -> None:
-    done = _script("--out", str(tmp_path))
+def test_command_without_a_gpu_points_at_the_dry_run(tmp_path) -> None:
+    done = _command("--out", str(tmp_path))
     assert done.returncode == 2 and "--dry-run" in done.stderr
 
 

@@ -348,8 +348,10 @@ def test_cli_under_torchrun_writes_once_what_one_process_writes(tmp_path):
 @pytest.mark.slow
 def test_benchmark_dry_run(tmp_path):
     out = tmp_path / "cp.json"
+    command = [sys.executable, "-m", "fluxfill_engine", "bench", "context-parallel", "--dry-run"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "context_parallel.py"), "--dry-run", "--out", str(out)],
+        [*command, "--out", str(out)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,

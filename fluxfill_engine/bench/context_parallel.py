@@ -1,19 +1,22 @@
-"""Context-parallel benchmark: ms per denoising step of the engine transformer on N = 1, 2, 4, 8 GPUs.
+"""``fluxfill bench context-parallel``: ms per denoising step of the engine transformer on N = 1, 2, 4,
+8 GPUs.
 
-    python benchmarks/context_parallel.py --out cp.json              # a multi-GPU machine
-    python benchmarks/context_parallel.py --dry-run --out cp.json    # CPU, tiny model, gloo: the plumbing
+    fluxfill bench context-parallel --out cp.json              # a multi-GPU machine
+    fluxfill bench context-parallel --dry-run --out cp.json    # CPU, tiny model, gloo: the plumbing
 
-For each N the script starts ``torchrun --standalone --nproc-per-node N`` on itself (``--worker``). Every
-rank builds the real FLUX.1 Fill transformer (``fluxfill_engine.architecture``: 19 + 38 blocks, 24 heads)
-on the meta device and materialises it on its GPU from the same seed (``bench.models.random_transformer``,
-no CPU initialisation), configures ``EngineConfig(context_parallel=N, ...)``, prepares one request
+For each N it starts ``torchrun --standalone --nproc-per-node N -m fluxfill_engine.bench.context_parallel
+--worker``. Every rank builds the real FLUX.1 Fill transformer (``fluxfill_engine.architecture``: 19 + 38
+blocks, 24 heads) on the meta device and materialises it on its GPU from the same seed
+(:func:`~fluxfill_engine.testing.random_models.random_transformer`, no CPU initialisation), configures ``EngineConfig(context_parallel=N, ...)``, prepares one request
 (1024x1024: 4096 image + 512 text tokens by default) and times single steps with CUDA events after a
 warm-up. Rank 0 reports. The table gives ms/step, the speedup over N=1 and the efficiency
 ``ms(1) / (N * ms(N))``, TFLOP/s per GPU, the all-to-all bytes each rank sends per step, peak memory,
 and the drift of the N-rank step's output against N=1's (SQNR, max abs difference).
 
 Sizes that need more GPUs than the machine has, or that do not divide the head count, are reported as
-skipped. The dry run runs N = 1, 2 on the tiny model under gloo (tested in tests/test_context_parallel.py).
+skipped. The dry run runs N = 1, 2 on the tiny model under gloo (tested in
+tests/optimizations/test_context_parallel.py). It measures the engine transformer's ``prepare`` and
+step directly: a benchmark of that internal path, as a server's request runs it.
 """
 
 from __future__ import annotations
@@ -21,26 +24,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:
+    import torch
 
 GUIDANCE = 30.0
+# Defaults that differ in the dry run: (on GPUs, dry run).
+DEFAULTS = {
+    "sizes": ("1,2,4,8", "1,2"),
+    "width": (1024, 80),
+    "height": (1024, 48),
+    "text_tokens": (512, 47),
+    "repeats": (10, 3),
+    "warmup": (3, 1),
+}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench context-parallel``'s arguments (``--worker`` and ``--result``: one rank)."""
     parser.add_argument("--sizes", default=None, help="comma list of N (default: 1,2,4,8; dry run: 1,2)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, gloo")
     parser.add_argument("--width", type=int, default=None, help="pixels (default 1024; dry run 80)")
@@ -55,25 +64,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the JSON record here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    dry = args.dry_run
-    defaults = {
-        "sizes": "1,2" if dry else "1,2,4,8",
-        "width": 80 if dry else 1024,
-        "height": 48 if dry else 1024,
-        "text_tokens": 47 if dry else 512,
-        "repeats": 3 if dry else 10,
-        "warmup": 1 if dry else 3,
-    }
-    for name, value in defaults.items():
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    for name, (gpu, dry) in DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, dry if args.dry_run else gpu)
     return args
 
 
 def transformer_config(dry_run: bool) -> dict[str, Any]:
-    from fluxfill_engine.architecture import TRANSFORMER_CONFIG
-    from fluxfill_engine.testing.tiny import TINY_TRANSFORMER_CONFIG
+    from ..architecture import TRANSFORMER_CONFIG
+    from ..testing.tiny import TINY_TRANSFORMER_CONFIG
 
     return dict(TINY_TRANSFORMER_CONFIG if dry_run else TRANSFORMER_CONFIG)
 
@@ -84,12 +86,14 @@ def transformer_config(dry_run: bool) -> dict[str, Any]:
 def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype, dry_run: bool) -> Any:
     """The same random weights on every rank: the tiny model from a CPU seed, the real one materialised
     on the GPU from a device generator with the same seed."""
+    import torch
+
     if dry_run:
         from diffusers import FluxTransformer2DModel
 
         torch.manual_seed(0)
         return FluxTransformer2DModel(**config).eval().to(device=device, dtype=dtype)
-    from fluxfill_engine.bench.models import random_transformer
+    from ..testing.random_models import random_transformer
 
     return random_transformer(config, device=device, dtype=dtype, seed=0)
 
@@ -106,12 +110,15 @@ def all_to_all_bytes(config: dict[str, Any], tokens: int, size: int, element_byt
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    """One rank under torchrun: build, prepare, time single steps; rank 0 writes the result."""
+    import torch
     import torch.distributed as dist
 
-    from fluxfill_engine import EngineConfig
-    from fluxfill_engine.bench.models import transformer_flops
-    from fluxfill_engine.parallel import init_distributed, local_rank
-    from fluxfill_engine.timing import Clock
+    from .. import EngineConfig
+    from ..parallel import init_distributed, local_rank
+    from ..testing.step_inputs import StepInputs, engine_pipeline
+    from ..timing import Clock
+    from .flops import transformer_flops
 
     if not init_distributed():
         raise SystemExit("--worker runs under torchrun")
@@ -123,8 +130,6 @@ def run_worker(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     transformer = build_transformer(config, device, dtype, args.dry_run)
     build_s = time.perf_counter() - started
-    from fluxfill_engine.bench.models import StepInputs, engine_pipeline
-
     pipe = engine_pipeline(transformer)
     engine_config = EngineConfig(
         dtype=str(dtype).replace("torch.", ""),
@@ -193,7 +198,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def compare(reference: torch.Tensor, output: torch.Tensor) -> dict[str, Any]:
-    from fluxfill_engine.metrics import sqnr_db
+    """How far the N-rank step's output is from N=1's."""
+    from ..metrics import sqnr_db
 
     return {"max_abs_diff": float((reference - output).abs().max()), "sqnr_db": sqnr_db(reference, output)}
 
@@ -222,15 +228,15 @@ def worker_argv(args: argparse.Namespace, result: Path) -> list[str]:
 
 
 def run_size(args: argparse.Namespace, size: int, folder: Path) -> dict[str, Any]:
+    from .measure import tree_environment
+
     result = folder / f"size-{size}.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={size}"]
-    command += [str(Path(__file__).resolve()), *worker_argv(args, result)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    command += ["-m", "fluxfill_engine.bench.context_parallel", *worker_argv(args, result)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=tree_environment()
+        )
     except subprocess.TimeoutExpired:
         return {"size": size, "skipped": f"timed out after {args.timeout:.0f} s"}
     if done.returncode != 0 or not result.is_file():
@@ -265,6 +271,9 @@ def render_table(record: dict[str, Any]) -> str:
 
 
 def run_launcher(args: argparse.Namespace) -> int:
+    """Each N as its own torchrun; the table, the JSON record."""
+    import torch
+
     config = transformer_config(args.dry_run)
     heads = int(config["num_attention_heads"])
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -312,12 +321,20 @@ def run_launcher(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """Run every N (or, with ``--worker``, be one rank of one N)."""
+    args = _with_defaults(args)
     if args.worker:
         return run_worker(args)
     return run_launcher(args)
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command from its own argument list (how torchrun starts each rank)."""
+    parser = argparse.ArgumentParser(prog="python -m fluxfill_engine.bench.context_parallel")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,0 +1,182 @@
+"""The GPU run's background jobs: the native library's CMake build and the kernel test files under
+pytest, each in its own process group, with what their output says."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..measure import ROOT
+from .budget import Deadline, skipped
+from .record import Run
+
+KERNEL_TEST_FILES = (
+    "tests/kernels/test_kernel_fused_attention.py",
+    "tests/kernels/test_kernel_qk_norm_rope.py",
+    "tests/kernels/test_kernel_fill_cond.py",
+)
+
+
+class Background:
+    """A command run in the background in its own process group (so stopping it ends its children:
+    the compilers CMake starts, pytest's workers), its output in a log file under the run's folder."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0
+        self.reason: str | None = None  # why it was not started
+
+    def start(self, command: Sequence[str], env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("w") as log:
+            self.started = time.monotonic()
+            self.process = subprocess.Popen(
+                list(command), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def wait(self, seconds: float) -> int | None:
+        """The exit code, or ``None`` when it was still running after ``seconds`` (then it is stopped)."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout=max(0.0, seconds))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def native_build_command(folder: Path, env: dict[str, str]) -> list[str] | str:
+    """The CMake configure-and-build of the native library into ``folder`` (``env`` gets what torch's
+    CMake config needs), or why it cannot run here. The CUDA arguments are those of
+    tests/test_native.py: the toolkit's root (``nvcc`` on PATH may be a wrapper outside it), nvrtc
+    from torch's ``nvidia`` wheels when the toolkit lacks it, and this GPU's architecture alone."""
+    beside_python = Path(sys.executable).parent / "cmake"  # pip's cmake in a venv not activated
+    cmake = shutil.which("cmake") or (str(beside_python) if beside_python.exists() else None)
+    if cmake is None:
+        return "cmake is not installed"
+    if not any(name and shutil.which(name) for name in (env.get("CXX"), "c++", "g++", "clang++")):
+        return "no C++ compiler (c++, g++, clang++ or $CXX)"
+    if env.get("FLUXFILL_NATIVE", "1") == "0":
+        return "FLUXFILL_NATIVE=0 disables the native library"
+    configure = [
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(folder),
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DFLUXFILL_NATIVE_OUTPUT_DIR={folder}",
+    ]
+    if torch.version.cuda is not None:
+        from torch.utils import cpp_extension
+
+        roots = [
+            cpp_extension.CUDA_HOME,
+            "/usr/local/cuda",
+            *sorted(map(str, Path("/usr/local").glob("cuda-*"))),
+        ]
+        root = next(
+            (Path(r) for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None
+        )
+        if root is not None:
+            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+            if not any((root / lib).glob("libnvrtc.so*") for lib in ("lib64", "lib")):
+                wheels = Path(torch.__file__).resolve().parents[1] / "nvidia"
+                nvrtc = sorted(wheels.glob("*/lib/libnvrtc.so*"))
+                if nvrtc:
+                    configure.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+        if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in env:
+            env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    build = [cmake, "--build", str(folder), "-j", "4"]
+    return ["bash", "-c", " && ".join(shlex.join(command) for command in (configure, build))]
+
+
+def kernel_tests_command(run: Run) -> list[str] | None:
+    """pytest on the kernel test files: on a GPU every case runs on CUDA (bf16 included), which the
+    CPU suite skips or runs in the interpreter; the dry run only collects them. ``None`` when the tree
+    has none of them (an installed package without its tests)."""
+    files = [f for f in KERNEL_TEST_FILES if (ROOT / f).is_file()]
+    if not files:
+        return None
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", *files]
+    if run.profile.dry_run:
+        return [*command, "--collect-only", "-q"]
+    command += ["-v", "-rfE"]
+    if importlib.util.find_spec("xdist") is not None:
+        command += ["-n", str(len(files)), "--dist", "loadfile"]
+    return command
+
+
+def kernel_tests_result(run: Run, tests: Background, deadline: Deadline) -> dict[str, Any]:
+    """Wait for the kernel tests (until ``deadline``); outcomes are read from the streamed ``-v``
+    output, so a run stopped at its limit still reports what finished."""
+    if tests.process is None:
+        return skipped(tests.reason or "not started")
+    code = tests.wait(deadline.left())
+    output = tests.output()
+    result: dict[str, Any] = {
+        "command": " ".join(tests.process.args[1:]),
+        "exit_code": code,
+        "run_s": tests.elapsed(),
+    }
+    if run.profile.dry_run:
+        collected = re.search(r"(\d+) tests? collected", output)
+        if code != 0:
+            return {
+                **result,
+                "status": "failed",
+                "error": {"type": "CollectError", "output_tail": output[-3000:]},
+            }
+        reason = "dry run: collected only (running them in the Triton interpreter takes minutes)"
+        return {**result, **skipped(reason, collected=int(collected.group(1)) if collected else None)}
+    outcomes = parse_pytest_outcomes(output)
+    counts = {name: sum(1 for o in outcomes.values() if o == name) for name in sorted(set(outcomes.values()))}
+    failed = sorted(nodeid for nodeid, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
+    result.update({"counts": counts, "failed": failed[:30], "all_passed": code == 0})
+    if code is None:
+        result["note"] = "stopped at its time limit; the counts are what finished"
+    elif code != 0 and not failed:
+        result["output_tail"] = output[-3000:]
+    return result
+
+
+_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_NODEID = re.compile(r"(\S+\.py::\S+)")
+
+
+def parse_pytest_outcomes(output: str) -> dict[str, str]:
+    """``{nodeid: outcome}`` from ``pytest -v`` lines (with or without xdist's ``[gw0]`` prefixes)."""
+    outcomes: dict[str, str] = {}
+    for line in output.splitlines():
+        outcome, nodeid = _OUTCOME.search(line), _NODEID.search(line)
+        if outcome and nodeid and nodeid.group(1) not in outcomes:
+            outcomes[nodeid.group(1)] = outcome.group(1)
+    return outcomes

@@ -1,0 +1,168 @@
+"""The GPU run's two profiles (the real model on the GPU, the dry run on the CPU) and the step
+variants its latency part measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .budget import DEFAULT_BUDGET_S, GPU_SHARES
+
+GUIDANCE = 30.0
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """One way to run a transformer step: ``name`` is a ``fluxfill bench`` variant name."""
+
+    name: str
+    clone: bool  # works on a weight-sharing clone (it changes weights or installs compiled blocks)
+    estimate_s: float  # seconds on an H100 with the real model, compile included (budget only)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything that differs between the GPU run and the dry run: sizes, dtypes, repeats, budgets."""
+
+    name: str
+    device: str
+    dtype: torch.dtype
+    transformer_config: dict[str, Any] | None  # None: the real FLUX.1 Fill [dev]
+    width: int
+    height: int
+    text_tokens: int
+    kernel_heads: int
+    kernel_head_dim: int
+    kernel_text_tokens: int
+    kernel_grid: tuple[int, int]  # image tokens as (rows, cols) of 2x2 latent patches
+    triton_dtypes: tuple[str, ...]
+    native_dtypes: tuple[str, ...]
+    linear_shapes: tuple[tuple[int, int, int], ...]  # (rows, in_features, out_features)
+    matmul_size: int
+    copy_bytes: int
+    warmup: int
+    repeats: int
+    e2e_steps: int
+    e2e_warmup_steps: int
+    step_cache_steps: int
+    batch_sizes: tuple[int, ...]  # the latency part's batched engine steps (batch 1: ``reference``)
+    shares: dict[str, float]
+    budget_s: float
+    # Compiled variants that compile for real; the others run their compiled modules under
+    # torch.compiler.set_stance("force_eager"). None: all compile.
+    real_compile: frozenset[str] | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dry_run(self) -> bool:
+        return self.name == "dry-run"
+
+    def transformer(self) -> dict[str, Any]:
+        """The transformer's config: the real FLUX.1 Fill [dev], or the dry run's."""
+        from ...architecture import TRANSFORMER_CONFIG
+
+        return dict(self.transformer_config or TRANSFORMER_CONFIG)
+
+    def compiles(self, name: str) -> bool:
+        """Whether the compiled variant (or item) ``name`` compiles for real in this profile."""
+        return self.real_compile is None or name in self.real_compile
+
+
+def gpu_profile(budget_s: float = DEFAULT_BUDGET_S) -> Profile:
+    """The real model at 1024x1024 on the GPU."""
+    return Profile(
+        name="gpu",
+        device="cuda",
+        dtype=torch.bfloat16,
+        transformer_config=None,
+        width=1024,
+        height=1024,
+        text_tokens=512,
+        kernel_heads=24,
+        kernel_head_dim=128,
+        kernel_text_tokens=512,
+        kernel_grid=(64, 64),
+        triton_dtypes=("bfloat16", "float16"),
+        native_dtypes=("bfloat16", "float16"),
+        linear_shapes=((4608, 3072, 12288), (1, 3072, 18432)),  # MLP input; a modulation (1 row)
+        matmul_size=8192,
+        copy_bytes=2**30,
+        warmup=2,
+        repeats=8,
+        e2e_steps=28,
+        e2e_warmup_steps=2,
+        step_cache_steps=8,
+        batch_sizes=(2, 4),
+        shares=dict(GPU_SHARES),
+        budget_s=budget_s,
+    )
+
+
+def dry_run_profile(budget_s: float = 900.0) -> Profile:
+    """The same code path on the CPU at a tiny size (the real classes at toy widths); the budget is
+    generous so that nothing is skipped for time (the sizes keep it short: under a minute and a half on
+    2 cores)."""
+    from ...testing.random_models import reduced_configs
+
+    return Profile(
+        name="dry-run",
+        device="cpu",
+        dtype=torch.bfloat16,
+        transformer_config=reduced_configs().transformer,
+        width=64,
+        height=64,
+        text_tokens=16,
+        kernel_heads=2,
+        kernel_head_dim=32,
+        kernel_text_tokens=16,
+        kernel_grid=(4, 6),
+        # The Triton interpreter's bf16 tl.dot is wrong (DESIGN.md): bf16 is checked on the GPU only.
+        triton_dtypes=("float16",),
+        native_dtypes=("bfloat16", "float16"),
+        linear_shapes=((48, 64, 256), (1, 64, 384)),
+        matmul_size=256,
+        copy_bytes=2**24,
+        warmup=1,
+        repeats=5,
+        e2e_steps=2,
+        e2e_warmup_steps=1,
+        step_cache_steps=5,
+        batch_sizes=(2, 4),
+        shares={part: share * budget_s / sum(GPU_SHARES.values()) for part, share in GPU_SHARES.items()},
+        budget_s=budget_s,
+        # Three compiled variants compile for real: diffusers' regional compile, and the engine's
+        # balanced and fast (quantized linears, fused kernels and compile together). torchao's cannot
+        # run on a CPU, and the end-to-end `fast` call runs its compiled blocks eagerly: compiling it
+        # again would only add time (about a minute of the dry run's budget on 2 cores is compile).
+        real_compile=frozenset({"diffusers-compile", "balanced", "fast"}),
+        notes=(
+            "dry run: tiny model on the CPU; timings say nothing about a GPU",
+            "Triton kernels run in the interpreter (TRITON_INTERPRET=1), bf16 only on a GPU",
+        ),
+    )
+
+
+# In run order: the eager ones (seconds each), then the compiled ones (a cold compile each). When time
+# runs short the last are skipped, so the engine's compiled presets come before torchao's baseline.
+# `balanced` works on the base transformer (it changes no weight); everything that does, or installs
+# compiled diffusers blocks, gets a weight-sharing clone.
+STEP_VARIANTS: tuple[StepVariant, ...] = (
+    StepVariant("reference", clone=False, estimate_s=6),  # first: the drift reference
+    StepVariant("diffusers", clone=False, estimate_s=5),
+    StepVariant("engine:attention=triton", clone=False, estimate_s=6),
+    StepVariant("engine:attention=xformers", clone=False, estimate_s=5),
+    StepVariant("engine:fused_kernels=1", clone=False, estimate_s=5),
+    StepVariant("engine:attention=auto", clone=False, estimate_s=6),
+    StepVariant("engine:quant=fp8,quant_backend=native", clone=True, estimate_s=10),
+    StepVariant("diffusers-compile", clone=True, estimate_s=40),
+    StepVariant("balanced", clone=False, estimate_s=45),
+    StepVariant("fast", clone=True, estimate_s=45),
+    StepVariant("diffusers-fp8-compile", clone=True, estimate_s=60),
+)
+# The batched steps of the latency part: the engine's eager reference path (the server batches requests
+# of one size; eager, so a batch size costs no compile). Its estimate is per image of the batch.
+BATCHED = StepVariant("reference", clone=False, estimate_s=2.5)
+# What a CPU cannot run but should still build as far as it gets, in the dry run.
+TRY_ON_CPU = frozenset({"diffusers-fp8-compile"})
