@@ -562,13 +562,6 @@ def test_a_backlog_is_shared_among_idle_replicas(tmp_path, shared_engine):
     assert sizes == [2, 2, 2, 2]
 
 
-def test_batch_share_splits_a_backlog_evenly() -> None:
-    from fluxfill_engine.serve.batching import batch_share
-
-    assert [batch_share(8, 2), batch_share(3, 2), batch_share(1, 4), batch_share(5, 1)] == [4, 2, 1, 5]
-    assert batch_share(3, 0) == 3  # the worker asking is idle itself
-
-
 def test_warm_up_runs_before_ready(tmp_path, shared_engine):
     config = ServerConfig(service=ServiceSettings(data_dir=tmp_path, warmup_sizes=[(256, 256), (320, 256)]))
     with server_in_thread(create_app(config, lambda: shared_engine)) as base:
