@@ -15,14 +15,13 @@ import PIL.Image
 import pytest
 import websockets
 
-from fluxfill_engine import EngineConfig
 from fluxfill_engine.serve.app import ServerConfig, create_app
 from fluxfill_engine.serve.inputs import ServerOptions
 from fluxfill_engine.serve.service import ServiceSettings
 from fluxfill_engine.serve.urlguard import UrlPolicy
-from fluxfill_engine.testing.demo import tiny_engine
 from tests.support.serve import (
     FAST,
+    LIFECYCLE,
     SlowSteps,
     body,
     data_url,
@@ -35,24 +34,6 @@ from tests.support.serve import (
     sse_events,
     wait_status,
 )
-
-LIFECYCLE = [
-    "task_queue",
-    "task_accept",
-    "task_preprocess_start",
-    "task_preprocess_end",
-    "task_start",
-    "task_output",
-    "task_output",
-    "task_end",
-    "task_postprocess_start",
-    "task_postprocess_end",
-]
-
-
-@pytest.fixture(scope="module")
-def shared_engine():
-    return tiny_engine(EngineConfig.preset("reference", dtype="float32"))
 
 
 @pytest.fixture

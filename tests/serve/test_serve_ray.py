@@ -9,8 +9,6 @@ import httpx
 import numpy as np
 import pytest
 
-from fluxfill_engine import EngineConfig
-from fluxfill_engine.testing.demo import tiny_engine
 from tests.support.serve import (
     body,
     fetched_image,
@@ -38,8 +36,8 @@ def ray_engine():
         shutdown()
 
 
-def test_two_replicas_share_the_tasks(tmp_path, ray_engine):
-    local = tiny_engine(EngineConfig.preset("reference", dtype="float32"))
+def test_two_replicas_share_the_tasks(tmp_path, ray_engine, shared_engine):
+    local = shared_engine
     with server_in_thread(make_app(tmp_path, ray_engine)) as base:
         health = httpx.get(f"{base}/healthz").json()
         assert health["replicas"] == 2 and "ray" in health["device"]
@@ -61,13 +59,13 @@ def test_two_replicas_share_the_tasks(tmp_path, ray_engine):
         assert len(replicas) == 2, replicas  # both replicas worked
 
 
-def test_a_batch_runs_as_one_pass_on_one_replica(ray_engine):
+def test_a_batch_runs_as_one_pass_on_one_replica(ray_engine, shared_engine):
     """RayEngine.run_batch: the requests go to one replica as one pass (its engine's run_batch), each
     with its solo image; the batch key is the local engine's."""
     from fluxfill_engine import FillRequest
     from tests.support.serve import FAST, inputs
 
-    local = tiny_engine(EngineConfig.preset("reference", dtype="float32"))
+    local = shared_engine
     image, mask = inputs()
     requests = [
         FillRequest(prompt=f"cup {seed}", image=image, mask=mask, seed=seed, **FAST) for seed in (3, 4, 5)

@@ -19,20 +19,7 @@ from fluxfill_engine import Event, FillResult
 from fluxfill_engine.serve.inputs import ServerOptions, TaskSpec, parse_task
 from fluxfill_engine.serve.service import AlreadyFinished, NotFound, QueueFull, ServiceSettings, TaskService
 from fluxfill_engine.serve.store import INTERRUPTED, TaskStore
-from tests.support.serve import body
-
-LIFECYCLE = [
-    "task_queue",
-    "task_accept",
-    "task_preprocess_start",
-    "task_preprocess_end",
-    "task_start",
-    "task_output",
-    "task_output",
-    "task_end",
-    "task_postprocess_start",
-    "task_postprocess_end",
-]
+from tests.support.serve import LIFECYCLE, body
 
 
 class InstantEngine:

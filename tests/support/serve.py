@@ -27,6 +27,19 @@ from fluxfill_engine.bench import serve_load
 
 # Small inputs at the smallest working resolution: a task takes a fraction of a second on a CPU.
 FAST = {"num_inference_steps": 2, "max_megapixels": 0.065}
+# The events of a task of FAST's two steps, in order, from submission to its outputs.
+LIFECYCLE = [
+    "task_queue",
+    "task_accept",
+    "task_preprocess_start",
+    "task_preprocess_end",
+    "task_start",
+    "task_output",
+    "task_output",
+    "task_end",
+    "task_postprocess_start",
+    "task_postprocess_end",
+]
 
 
 def free_port() -> int:
