@@ -8,6 +8,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from .catalog import MODEL_PRESET_NAMES
 
@@ -109,6 +110,25 @@ def add_report_arguments(parser: argparse.ArgumentParser, out_default: str) -> N
     )
     parser.add_argument("--note", help="free text stored in the record and shown in the markdown")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
+
+
+def model_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings fields a model benchmark takes from the shared arguments (``--size`` split into
+    ``width`` and ``height``)."""
+    width, height = args.size if args.size else (None, None)
+    return {
+        "preset": args.preset,
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
+        "progress": not args.no_progress,
+        "note": args.note,
+    }
 
 
 def write_markdown(report: str, out: Path, markdown: str | None) -> Path | None:

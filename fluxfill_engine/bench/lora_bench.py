@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import LORA_STRATEGIES, EngineConfig, parse_dtype
 from . import arguments
-from .catalog import DEFAULT_PROMPT, BenchError
+from .catalog import BenchError
 
 if TYPE_CHECKING:
     import torch
@@ -268,7 +268,6 @@ def _diffusers_rows(
 
 def run_lora_benchmark(settings: LoraBenchSettings) -> dict[str, Any]:
     """Measure and return the record (``schema``, ``environment``, ``settings``, ``rows``)."""
-    from ..testing.pictures import picture_and_mask
     from .measure import environment
     from .models import MODEL_PRESETS, preset_device
     from .runners import BenchInputs
@@ -279,18 +278,7 @@ def run_lora_benchmark(settings: LoraBenchSettings) -> dict[str, Any]:
     dtype = parse_dtype(settings.dtype) or preset.dtype
     width, height = settings.width or preset.width, settings.height or preset.height
     components = preset.build(settings.seed, device, dtype)
-    image, mask = picture_and_mask(width, height, settings.seed)
-    inputs = BenchInputs(
-        prompt=DEFAULT_PROMPT,
-        image=image,
-        mask=mask,
-        width=width,
-        height=height,
-        steps=settings.steps,
-        guidance_scale=30.0,
-        seed=settings.seed,
-        max_sequence_length=preset.max_sequence_length,
-    )
+    inputs = BenchInputs.picture(width, height, settings.steps, settings.seed, preset.max_sequence_length)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fluxfill-lora-bench-") as folder:
         files = write_lora_files(
@@ -374,24 +362,13 @@ def main(args: argparse.Namespace) -> int:
     """Measure, print the markdown table, write the JSON record (and ``--markdown``)."""
     from .report import write_json
 
-    width, height = args.size if args.size else (None, None)
     settings = LoraBenchSettings(
-        preset=args.preset,
-        width=width,
-        height=height,
-        steps=args.steps,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
+        **arguments.model_settings(args),
         ranks=tuple(args.ranks),
         counts=tuple(args.counts),
         strategies=tuple(args.strategies),
         compile=args.compile,
         diffusers=not args.no_diffusers,
-        progress=not args.no_progress,
-        note=args.note,
     )
     settings.check()
     record = run_lora_benchmark(settings)

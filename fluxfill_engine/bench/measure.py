@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import functools
 import gc
+import math
 import os
 import platform
 import statistics
@@ -149,6 +150,28 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
         "mean": float(array.mean()),
         "n": int(array.size),
     }
+
+
+def jsonable(value: Any, tensor_elements: int = 64) -> Any:
+    """A record's value as strict JSON: NaN and infinities become ``None``; tensors and numpy numbers
+    plain numbers or lists (a tensor of more than ``tensor_elements`` values: its shape, as text); any
+    other object its text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, tensor_elements) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, tensor_elements) for v in value]
+    if isinstance(value, torch.Tensor):
+        if value.numel() > tensor_elements:
+            return f"tensor{tuple(value.shape)}"
+        return jsonable(value.item() if value.numel() == 1 else value.tolist(), tensor_elements)
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        with contextlib.suppress(Exception):
+            value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
 
 
 # ---- memory ----------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import torch
 
 from ..config import parse_dtype
 from ..testing import random_models
-from ..testing.pictures import picture_and_mask
 from .catalog import DEFAULT_PROMPT, SCHEMA, BenchError
 from .flops import device_peak, image_tokens_for, transformer_flops
 from .measure import environment, free_memory, load_average
@@ -179,17 +178,8 @@ def run_benchmark(
             )
     width, height = settings.width or preset.width, settings.height or preset.height
     max_seq = settings.max_sequence_length or preset.max_sequence_length
-    image, mask = picture_and_mask(width, height, settings.seed)
-    inputs = BenchInputs(
-        prompt=settings.prompt,
-        image=image,
-        mask=mask,
-        width=width,
-        height=height,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        seed=settings.seed,
-        max_sequence_length=max_seq,
+    inputs = BenchInputs.picture(
+        width, height, settings.steps, settings.seed, max_seq, settings.prompt, settings.guidance_scale
     )
     record: dict[str, Any] = {
         "schema": SCHEMA,

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from ..call import STAGES, PipelineCall, PipelineResult
+from ..testing.pictures import picture_and_mask
 from ..timing import Clock
-from .measure import ForwardIntervals, MemoryMeter
+from .catalog import DEFAULT_PROMPT
+from .measure import ForwardIntervals, MemoryMeter, jsonable
 from .variants import VariantSpec
 
 
@@ -40,6 +42,21 @@ class BenchInputs:
     guidance_scale: float
     seed: int
     max_sequence_length: int
+
+    @classmethod
+    def picture(
+        cls,
+        width: int,
+        height: int,
+        steps: int,
+        seed: int,
+        max_sequence_length: int,
+        prompt: str = DEFAULT_PROMPT,
+        guidance_scale: float = 30.0,
+    ) -> BenchInputs:
+        """The benchmarks' request: a textured picture with a centred mask (seeded), ``prompt``."""
+        image, mask = picture_and_mask(width, height, seed)
+        return cls(prompt, image, mask, width, height, steps, guidance_scale, seed, max_sequence_length)
 
     def call(self) -> PipelineCall:
         """The request as diffusers' call arguments (a fresh generator each time)."""
@@ -105,23 +122,6 @@ def _unpacked_latents(captured: list[torch.Tensor], vae: Any) -> torch.Tensor:
         raise RuntimeError("the pipeline did not call vae.decode: no final latents were captured")
     z = captured[0].to(torch.float64)
     return ((z - vae.config.shift_factor) * vae.config.scaling_factor).cpu()
-
-
-def _jsonable(value: Any) -> Any:
-    """Stats as plain JSON values (tensors to lists/numbers, unknown objects to strings)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist()) if value.numel() <= 64 else f"tensor{tuple(value.shape)}"
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 class VariantRunner:
@@ -292,7 +292,7 @@ class EngineRunner(VariantRunner):
         return stages, result.timings["denoise"] / result.stats["num_steps"]
 
     def _stats(self) -> dict[str, Any] | None:
-        return _jsonable(self.last_result.stats)
+        return jsonable(self.last_result.stats)
 
 
 # ---- building ---------------------------------------------------------------------------------------

@@ -344,27 +344,16 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
     if "" in peaks:
         dtype = args.dtype or MODEL_PRESET_DTYPES[args.preset]
         peaks[precision_class(parse_dtype(dtype))] = peaks.pop("")
-    width, height = args.size if args.size else (None, None)
     return BenchSettings(
-        preset=args.preset,
+        **arguments.model_settings(args),
         variants=variants,
-        width=width,
-        height=height,
-        steps=args.steps,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        seed=args.seed,
         prompt=args.prompt,
         guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length,
-        device=args.device,
-        dtype=args.dtype,
         include_baselines=not args.no_baselines,
         keep_prompt_cache=args.keep_prompt_cache,
         fresh_compile_cache=not args.reuse_compile_cache,
         peak_tflops=peaks,
-        progress=not args.no_progress,
-        note=args.note,
     )
 
 

@@ -17,8 +17,9 @@ from fluxfill_engine.bench.gpu_run.background import KERNEL_TEST_FILES, parse_py
 from fluxfill_engine.bench.gpu_run.budget import PARTS, Deadline, part_allowance
 from fluxfill_engine.bench.gpu_run.main import parse_parts
 from fluxfill_engine.bench.gpu_run.profiles import BATCHED, STEP_VARIANTS, dry_run_profile
-from fluxfill_engine.bench.gpu_run.record import SCHEMA, finite
+from fluxfill_engine.bench.gpu_run.record import SCHEMA
 from fluxfill_engine.bench.gpu_run.table import render_table
+from fluxfill_engine.bench.measure import jsonable
 from fluxfill_engine.compilation import compile_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,9 +185,17 @@ def test_table_renders_partial_records_and_shows_only_measured_numbers() -> None
     assert lines["e2e"].split()[1] == "-"  # a part with no record shows no numbers
 
 
-def test_finite_makes_records_json_safe() -> None:
-    clean = finite({"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(2.5), 3: (True, None)})
-    assert clean == {"a": None, "b": [1.0, None], "c": 2.5, "3": [True, None]}
+def test_jsonable_makes_records_json_safe() -> None:
+    clean = jsonable(
+        {
+            "a": float("nan"),
+            "b": [1.0, float("inf")],
+            "c": torch.tensor(2.5),
+            3: (True, None),
+            "d": torch.ones(65),
+        }
+    )
+    assert clean == {"a": None, "b": [1.0, None], "c": 2.5, "3": [True, None], "d": "tensor(65,)"}
     json.dumps(clean, allow_nan=False)
 
 

@@ -444,8 +444,8 @@ def test_lora_benchmark_on_the_tiny_model(tmp_path):
 
 def test_bench_command_lora(tmp_path, capsys):
     out = tmp_path / "lora.json"
-    args = ["bench", "--lora", "--preset", "cpu-tiny", "--steps", "1", "--repeats", "1", "--warmup", "0"]
-    args += ["--lora-ranks", "2", "--lora-counts", "1", "--lora-strategies", "side", "--no-diffusers"]
+    args = ["bench", "lora", "--preset", "cpu-tiny", "--steps", "1", "--repeats", "1", "--warmup", "0"]
+    args += ["--ranks", "2", "--counts", "1", "--strategies", "side", "--no-diffusers"]
     assert main([*args, "--out", str(out), "--no-progress"]) == 0
     record = json.loads(out.read_text())
     assert record["schema"] == "fluxfill-lora-bench/1"

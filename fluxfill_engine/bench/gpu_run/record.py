@@ -3,10 +3,8 @@ guards around a part and each step inside it (a failure is recorded, then the ne
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-import math
 import os
 import time
 import traceback
@@ -16,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..measure import AllocatorCounters, Timer, free_memory
+from ..measure import AllocatorCounters, Timer, free_memory, jsonable
 from .budget import PARTS, Deadline, HardStop, skipped
 from .profiles import Profile
 
@@ -29,24 +27,6 @@ def error_record(error: BaseException, limit: int = 4000) -> dict[str, Any]:
     """The exception as text (the object itself would keep the failed step's tensors alive)."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return {"type": type(error).__name__, "message": str(error)[:1000], "traceback_tail": text[-limit:]}
-
-
-def finite(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become ``None``, tensors and numpy numbers plain numbers."""
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return finite(value.item() if value.numel() == 1 else value.tolist())
-    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
-        with contextlib.suppress(Exception):
-            value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 class Run:
@@ -94,7 +74,7 @@ class Run:
         self.record["elapsed_s"] = time.time() - self.record["started_epoch_s"]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(f".json.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(finite(self.record), indent=1, allow_nan=False))
+        temporary.write_text(json.dumps(jsonable(self.record), indent=1, allow_nan=False))
         temporary.replace(self.path)
 
     def part(self, name: str) -> dict[str, Any]:
