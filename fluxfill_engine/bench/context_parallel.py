@@ -7,11 +7,12 @@
 For each N it starts ``torchrun --standalone --nproc-per-node N -m fluxfill_engine.bench.context_parallel
 --worker``. Every rank builds the real FLUX.1 Fill transformer (``fluxfill_engine.architecture``: 19 + 38
 blocks, 24 heads) on the meta device and materialises it on its GPU from the same seed
-(:func:`~fluxfill_engine.testing.random_models.random_transformer`, no CPU initialisation), configures ``EngineConfig(context_parallel=N, ...)``, prepares one request
-(1024x1024: 4096 image + 512 text tokens by default) and times single steps with CUDA events after a
-warm-up. Rank 0 reports. The table gives ms/step, the speedup over N=1 and the efficiency
-``ms(1) / (N * ms(N))``, TFLOP/s per GPU, the all-to-all bytes each rank sends per step, peak memory,
-and the drift of the N-rank step's output against N=1's (SQNR, max abs difference).
+(:func:`~fluxfill_engine.testing.random_models.random_transformer`, no CPU initialisation), configures
+``EngineConfig(context_parallel=N, ...)``, prepares one request (1024x1024: 4096 image + 512 text tokens
+by default) and times single steps with CUDA events after a warm-up. Rank 0 reports. The table gives
+ms/step, the speedup over N=1 and the efficiency ``ms(1) / (N * ms(N))``, TFLOP/s per GPU, the
+all-to-all bytes each rank sends per step, peak memory, and the drift of the N-rank step's output
+against N=1's (SQNR, max abs difference).
 
 Sizes that need more GPUs than the machine has, or that do not divide the head count, are reported as
 skipped. The dry run runs N = 1, 2 on the tiny model under gloo (tested in

@@ -3,7 +3,8 @@ measured at by default; the parameter counts that size a run's memory.
 
 - ``cpu-tiny``: the test model; ``cpu-mid``: structurally faithful, 2-core-CPU sized (both from
   :mod:`fluxfill_engine.testing.tiny`); ``gpu-full``: the real FLUX.1 Fill [dev] architecture with
-  random weights created directly on the GPU (:func:`~fluxfill_engine.testing.random_models.random_components`).
+  random weights created directly on the GPU
+  (:func:`~fluxfill_engine.testing.random_models.random_components`).
 """
 
 from __future__ import annotations

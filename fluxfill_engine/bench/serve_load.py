@@ -1,6 +1,6 @@
-"""``fluxfill bench serve-load``: an open-loop load test of ``fluxfill serve``: requests sent at a fixed rate whatever the server does
-(so a slow server builds a queue and answers 429, as real traffic would make it), each accepted task
-followed over its event stream to its closing event.
+"""``fluxfill bench serve-load``: an open-loop load test of ``fluxfill serve``. Requests are sent at a
+fixed rate whatever the server does (so a slow server builds a queue and answers 429, as real traffic
+would make it), each accepted task followed over its event stream to its closing event.
 
 Reports p50 / p99 latency (submission to closing event), throughput (completed tasks per second of
 the run), the 429 rate, and checks that every accepted task ended exactly once (one closing event,

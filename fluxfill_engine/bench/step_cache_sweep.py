@@ -1,7 +1,8 @@
-"""``fluxfill bench step-cache``: a sweep on the mid CPU model, skip rate, speed and drift across thresholds, for the engine's
-cache (plain and mask-aware criteria) side by side with diffusers' FirstBlockCacheConfig.
+"""``fluxfill bench step-cache``: skip rate, speed and drift across thresholds on the mid CPU model,
+for the engine's cache (plain and mask-aware criteria) side by side with diffusers'
+FirstBlockCacheConfig.
 
-    python -m fluxfill_engine.bench.step_cache_sweep --out benchmarks/results/step-cache-cpu-mid.json \\
+    fluxfill bench step-cache --out benchmarks/results/step-cache-cpu-mid.json \\
         --markdown benchmarks/results/step-cache-cpu-mid.md
 
 Drift is measured against the same implementation with the cache off, on the same request: SQNR of the

@@ -6,7 +6,7 @@ text) at toy widths. Its tokenizers are built in memory, so nothing is downloade
 noise: the point is that every stage of the real path runs.
 
 :func:`mid_components` builds a larger one (4 + 8 blocks, width 512, 256 image + 128 text tokens at
-256x256) for CPU benchmarks (``fluxfill bench --preset cpu-mid``).
+256x256) for CPU benchmarks (``fluxfill bench variants --preset cpu-mid``).
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ step_cache   the base transformer (22.2), eager                                 
 An 80 GB H100 has room for all of it; activations at 4608 tokens add 1-3 GiB to each.
 
 Time budget: ``--budget-s`` (420 s by default, counted from the start) is shared by the parts in
-proportion to :data:`.profiles.GPU_SHARES`. A part may use its own share plus whatever earlier parts left
-unused, never the shares of the parts after it (:func:`.budget.part_allowance`); within a part, a step whose
-estimated cost no longer fits is skipped with the reason recorded. A worker stops itself
+proportion to :data:`.budget.GPU_SHARES`. A part may use its own share plus whatever earlier parts
+left unused, never the shares of the parts after it (:func:`.budget.part_allowance`); within a part, a
+step whose estimated cost no longer fits is skipped with the reason recorded. A worker stops itself
 (``SIGALRM``) 20 s after its allowance, recording what it measured; the orchestrator kills one that is
 still there 40 s after it (a hung kernel or compiler) and goes on with the next part. So the device
 command (``timeout_s=540``) always returns the JSON and the table. The JSON (``gpu_run.json`` under
