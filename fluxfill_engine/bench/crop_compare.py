@@ -38,7 +38,9 @@ def compare(
     components = MODEL_PRESETS[preset].build(0, target)
     engine = FluxFillEngine(FluxFillPipeline(**components), config=EngineConfig(), device=target)
     image, mask = picture_and_mask(size, size, mask_size=mask_size)
-    common = dict(prompt="a white paper cup", image=image, mask=mask, num_inference_steps=steps, seed=0)
+    common: dict[str, Any] = dict(
+        prompt="a white paper cup", image=image, mask=mask, num_inference_steps=steps, seed=0
+    )
     requests = {
         "full-frame": FillRequest(**common, width=size, height=size),
         "crop-to-mask": FillRequest(**common, crop_to_mask=True, max_megapixels=max_megapixels),

@@ -111,6 +111,7 @@ def write_lora_files(
         and name.endswith(TARGET_SUFFIXES)
     ]
     generator = torch.Generator().manual_seed(seed)
+    dtype = next(transformer.parameters()).dtype
     files: dict[int, list[Path]] = {}
     for rank in ranks:
         for index in range(count):
@@ -121,8 +122,8 @@ def write_lora_files(
                     module.in_features
                 )
                 up = torch.randn(module.out_features, rank, generator=generator) * (0.1 / math.sqrt(rank))
-                tensors[f"transformer.{name}.lora_A.weight"] = down.to(transformer.dtype).contiguous()
-                tensors[f"transformer.{name}.lora_B.weight"] = up.to(transformer.dtype).contiguous()
+                tensors[f"transformer.{name}.lora_A.weight"] = down.to(dtype).contiguous()
+                tensors[f"transformer.{name}.lora_B.weight"] = up.to(dtype).contiguous()
             path = folder / f"rank{rank}-{index}.safetensors"
             save_file(tensors, str(path))
             files.setdefault(rank, []).append(path)

@@ -281,18 +281,19 @@ class EngineRunner(VariantRunner):
             self.pipe.prompt_cache.clear()  # every run encodes its prompt, as diffusers does
 
     def _call(self, inputs: BenchInputs) -> Any:
-        self.last_result = self.pipe.generate(inputs.call())
-        return self.last_result.images
+        result = self.last_result = self.pipe.generate(inputs.call())
+        return result.images
 
     def _stage_times(
         self, forwards: ForwardIntervals, call_start: Any, call_end: Any
     ) -> tuple[dict[str, float], float]:
-        result: PipelineResult = self.last_result
+        result = self.last_result
+        assert result is not None  # the call has run
         stages = {stage: result.timings[stage] for stage in STAGES}
         return stages, result.timings["denoise"] / result.stats["num_steps"]
 
     def _stats(self) -> dict[str, Any] | None:
-        return jsonable(self.last_result.stats)
+        return None if self.last_result is None else jsonable(self.last_result.stats)
 
 
 # ---- building ---------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def first_block_cache(transformer: Any, threshold: float) -> CacheDecisions | No
         from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
         registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
-        leader = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
+        leader: Any = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
     except (ImportError, AttributeError):  # skip counts are a nicety; the cache works without them
         leader = None
     decisions = None if leader is None else CacheDecisions()
@@ -373,6 +374,7 @@ def build_runners(
         if spec.is_reference and not owner_taken:
             owner_taken = True
             start = time.perf_counter()
+            assert spec.config is not None  # an engine variant
             pipe = FluxFillPipeline(**_components_for(components, base))
             pipe.configure(spec.config)
             pipe.engine_transformer()

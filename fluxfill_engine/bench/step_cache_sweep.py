@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
                         )
                         ours.configure(config)
                         result = run(ours, request, args.steps)
-                        full, base = ours.last_stats["steps_full"], base_ours
+                        full, base = (ours.last_stats or {})["steps_full"], base_ours
                     rows.setdefault((name, threshold), []).append(
                         {
                             "steps_full": full,

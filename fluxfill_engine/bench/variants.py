@@ -342,8 +342,9 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         variants = [item for text in args.variants for item in split_variant_list(text)]
     peaks = dict(args.peak_tflops or {})
     if "" in peaks:
-        dtype = args.dtype or MODEL_PRESET_DTYPES[args.preset]
-        peaks[precision_class(parse_dtype(dtype))] = peaks.pop("")
+        dtype = parse_dtype(args.dtype or MODEL_PRESET_DTYPES[args.preset])
+        assert dtype is not None  # a preset always names its dtype
+        peaks[precision_class(dtype)] = peaks.pop("")
     return BenchSettings(
         **arguments.model_settings(args),
         variants=variants,
@@ -412,7 +413,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"fluxfill bench variants {settings.preset} on {device}: {names}", file=sys.stderr)
     for name, reason in skipped.items():
         print(f"  cannot run here: {name} ({reason})", file=sys.stderr)
-    record = run_benchmark(settings, on_update=lambda partial: write_json(partial, out))
+
+    def save(partial: dict[str, Any]) -> None:
+        write_json(partial, out)
+
+    record = run_benchmark(settings, on_update=save)
     write_json(record, out)
     print(f"wrote {out}", file=sys.stderr)
     _write_outputs(record, out, args)

@@ -143,7 +143,7 @@ def kernel_tests_result(run: Run, tests: Background, deadline: Deadline) -> dict
     code = tests.wait(deadline.left())
     output = tests.output()
     result: dict[str, Any] = {
-        "command": " ".join(tests.process.args[1:]),
+        "command": " ".join(str(word) for word in list(tests.process.args)[1:]),
         "exit_code": code,
         "run_s": tests.elapsed(),
     }
