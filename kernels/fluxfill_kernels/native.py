@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 STAMP_FORMAT = 1  # the "format" field CMakeLists.txt writes; another value is a stamp this loader cannot read
 
-# The README's build commands, quoted in the warning of a refused library.
+# The build commands of docs/optimizations.md, quoted in the warning of a refused library.
 REBUILD_COMMANDS = (
     "    cmake -S . -B build-native "
     "-DCMAKE_PREFIX_PATH=\"$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')\"\n"

@@ -1,4 +1,5 @@
-"""``fluxfill inpaint`` on the built-in tiny model and on a saved folder."""
+"""``fluxfill inpaint`` on the built-in tiny model and on a saved folder: PNGs of the requested size,
+several images; every bad option is refused before a model loads, as one line naming it, exit code 2."""
 
 import subprocess
 import sys

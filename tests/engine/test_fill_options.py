@@ -1,7 +1,10 @@
 """Fill options of the engine: paste-back, any input size, crop-to-mask, outpainting, soft masks.
 
 Exact where exactness is the promise (pixels outside the mask, sizes); each option also runs with
-several images per request and with the step cache on.
+several images per request and with the step cache on. Pixels outside the grown and feathered mask equal
+the input's; the output has the input's size for odd and large inputs; a crop keeps the input outside it
+at a far smaller working size; outpainting grows the canvas and keeps the original; soft masks change
+what the model gets and leave a binary mask's result unchanged; the CLI flags.
 """
 
 from __future__ import annotations

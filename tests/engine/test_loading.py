@@ -1,4 +1,8 @@
-"""Loading saved folders, and the engine transformer's weight sharing (no second copy)."""
+"""Loading saved folders, and the engine transformer's weight sharing (no second copy).
+
+Tiny components saved with ``save_pretrained`` load through the engine and the drop-in; a diffusers-format
+single-file transformer loads with its base folder (diffusers' BFL key conversion hard-codes the 3072
+width, so it cannot run on tiny models and is not tested here)."""
 
 import diffusers
 import numpy as np

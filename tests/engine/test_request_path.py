@@ -1,5 +1,8 @@
 """One typed request path: PipelineCall -> FluxFillPipeline.generate -> PipelineResult, read by the
-drop-in, the engine and the benchmark alike."""
+drop-in, the engine and the benchmark alike.
+
+The drop-in's call signature is diffusers' and each of its arguments a ``PipelineCall`` field; the stages
+run in order; threads sharing a pipeline each get their own stats; a refused call runs no stage."""
 
 import copy
 import dataclasses

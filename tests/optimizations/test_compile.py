@@ -1,5 +1,6 @@
 """Regional torch.compile: fullgraph with no graph breaks, one graph per block type, no recompiles per
-resolution, quantized layers and custom ops inside, and a warm start from a cache in a second process.
+resolution, quantized layers and custom ops inside, and a warm start from a cache in a second process
+that gives identical images.
 
 Compiling takes ~40 s on 2 CPU cores, so there are only two tests.
 """

@@ -1,6 +1,12 @@
 """diffusers' model-level features on the drop-in: each gives diffusers' images, or the engine's own
 path with the same numerics; nothing is ignored silently (fp32, tiny models). The list of features and
-the path each takes is in the docstring of ``fluxfill_engine/diffusers_path.py``."""
+the path each takes is in the docstring of ``fluxfill_engine/diffusers_path.py``.
+
+Images equal diffusers' with the same feature: the cache configurations, fp8/bf16 layerwise casting,
+group offload (block, leaf, pipeline), the ``native`` / ``_native_math`` attention backends, a custom
+processor, compiled transformers, TorchAo/Quanto ``quantization_config`` and a direct ``quantize_``,
+sequential CPU offload executing on the CPU. Hardware attention backends (xformers, NPU, XLA) are routed
+to diffusers' forward, which this machine cannot run."""
 
 from __future__ import annotations
 

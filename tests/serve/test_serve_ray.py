@@ -1,5 +1,10 @@
 """Scale-out with Ray Serve: a local Ray cluster on CPU, 2 replicas of the tiny model behind one
-``fluxfill serve`` ingress (a real server on loopback)."""
+``fluxfill serve`` ingress (a real server on loopback).
+
+The replicas share the tasks with images equal to one engine's; a batch runs as one pass on one replica;
+cancel reaches the replica; requests with a LoRA set go to the replica holding it; ``--autoscale 1,2``
+starts a second replica under a sustained backlog; the ``fluxfill serve --ray`` command and the
+``serve run`` application behind Ray's proxy."""
 
 from __future__ import annotations
 
