@@ -1,14 +1,14 @@
 """``fluxfill bench VERB``: every benchmark of fluxfill-engine, apart from the engine's core.
 
 Verbs (:mod:`.cli` registers them; each module exports ``add_arguments`` and ``main``): ``variants``
-(:mod:`.variants`; run by :mod:`.runner`, each variant timed by :mod:`.runners`, summarised by
-:mod:`.summary`, written by :mod:`.report`), ``lora`` (:mod:`.lora_bench`), ``batch``
+(:mod:`.variants`; the variants named in :mod:`.catalog`, run by :mod:`.runner`, each timed by
+:mod:`.runners`, summarised by :mod:`.summary`, written by :mod:`.report`), ``lora`` (:mod:`.lora_bench`), ``batch``
 (:mod:`.batch_bench`), ``crop`` (:mod:`.crop_compare`), ``step-cache`` (:mod:`.step_cache_sweep`),
 ``serve-load`` (:mod:`.serve_load`), ``gpu-run`` (the subpackage :mod:`.gpu_run`) and
 ``context-parallel`` (:mod:`.context_parallel`). Shared: :mod:`.measure` (device time, stage time
 through forward hooks, memory, the matmul ceiling, statistics, the environment), :mod:`.flops` (work
-per step, device peaks), :mod:`.models` (the ``--preset`` models), :mod:`.arguments`, :mod:`.catalog`
-(names, no torch). The models and step inputs are built by :mod:`fluxfill_engine.testing`; drift is
+per step, device peaks), :mod:`.models` (the ``--preset`` models), :mod:`.arguments` (the shared
+options). The models and step inputs are built by :mod:`fluxfill_engine.testing`; drift is
 :mod:`fluxfill_engine.metrics`.
 
 What they drive. The end-to-end verbs go through the public API: ``FluxFillPipeline`` (``configure``,

@@ -30,13 +30,12 @@ import torch
 
 from ..config import parse_dtype
 from ..testing import random_models
-from .catalog import DEFAULT_PROMPT, SCHEMA, BenchError
+from .catalog import DEFAULT_PROMPT, SCHEMA, BenchError, VariantSpec, resolve_variants
 from .flops import device_peak, image_tokens_for, transformer_flops
 from .measure import environment, free_memory, load_average
 from .models import MODEL_PRESETS, parameter_counts, preset_device
 from .runners import BenchInputs, RunResult, build_runners, dtype_name
 from .summary import memory_estimate, summarize_runs
-from .variants import VariantSpec, resolve_variants
 
 
 def check_run_settings(settings: Any) -> None:

@@ -24,9 +24,8 @@ import torch
 from ..call import STAGES, PipelineCall, PipelineResult
 from ..testing.pictures import picture_and_mask
 from ..timing import Clock
-from .catalog import DEFAULT_PROMPT
+from .catalog import DEFAULT_PROMPT, VariantSpec
 from .measure import ForwardIntervals, MemoryMeter, jsonable
-from .variants import VariantSpec
 
 
 @dataclass

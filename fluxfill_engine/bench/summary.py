@@ -12,10 +12,10 @@ import torch
 
 from ..call import STAGES
 from ..metrics import psnr_db, sqnr_db
+from .catalog import VariantSpec
 from .flops import DevicePeak, precision_class
 from .measure import MemoryMeter, summarize
 from .runners import EngineRunner, RunResult, VariantRunner, dtype_name
-from .variants import VariantSpec
 
 BASELINE, REFERENCE = "diffusers", "reference"
 

@@ -14,18 +14,18 @@ import torch
 
 from fluxfill_engine import FluxFillPipeline
 from fluxfill_engine.architecture import TRANSFORMER_CONFIG
-from fluxfill_engine.bench.catalog import BenchError
-from fluxfill_engine.bench.flops import device_peak, image_tokens_for, transformer_flops
-from fluxfill_engine.bench.models import parameter_counts
-from fluxfill_engine.bench.report import plot_speed_vs_drift, render_markdown
-from fluxfill_engine.bench.runner import BenchSettings, run_benchmark
-from fluxfill_engine.bench.summary import memory_estimate
-from fluxfill_engine.bench.variants import (
+from fluxfill_engine.bench.catalog import (
+    BenchError,
     parse_engine_overrides,
     parse_variant,
     resolve_variants,
     split_variant_list,
 )
+from fluxfill_engine.bench.flops import device_peak, image_tokens_for, transformer_flops
+from fluxfill_engine.bench.models import parameter_counts
+from fluxfill_engine.bench.report import plot_speed_vs_drift, render_markdown
+from fluxfill_engine.bench.runner import BenchSettings, run_benchmark
+from fluxfill_engine.bench.summary import memory_estimate
 from fluxfill_engine.cli import main
 from fluxfill_engine.config import PRESETS
 from fluxfill_engine.metrics import psnr_db, sqnr_db

@@ -44,7 +44,7 @@ class BuiltStep:
 def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) -> BuiltStep:
     """Set ``variant`` up on ``base`` (or a weight-sharing clone of it) and return its step."""
     from ...testing.random_models import shared_clone
-    from ..variants import parse_variant
+    from ..catalog import parse_variant
 
     spec = parse_variant(variant.name)
     transformer = shared_clone(base) if variant.clone else base
@@ -202,8 +202,8 @@ def batched_variant(
 
 def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
     from ...testing.random_models import random_transformer
+    from ..catalog import parse_variant, unavailable_reason
     from ..flops import transformer_flops
-    from ..variants import parse_variant, unavailable_reason
 
     profile = run.profile
     config = profile.transformer()
