@@ -5,6 +5,7 @@ Parity is the point: each request's images from a batch are the images it gets a
 the decoded images agree to ~1e-6 before their rounding to 8 bits; the per-sample GEMMs (modulation,
 time and text embedders: M = batch) round differently for another M, so a PIL value can differ by one
 level (measured: about 1 value in 1e5). Everything token-level is bit-equal across batch sizes.
+With the step cache (plain and mask-aware) each request of a batch skips exactly the steps it skips alone.
 """
 
 import types

@@ -1,6 +1,11 @@
 """Context parallel (:mod:`fluxfill_engine.parallel`): the Ulysses layout in one process (ranks as
 threads), the configuration checks, and real runs under ``torchrun`` with gloo on the CPU whose images
-must equal one process's (fp32, max abs difference <= 1e-4), step-cache decisions included."""
+must equal one process's (fp32, max abs difference <= 1e-4), step-cache decisions included.
+
+Two ranks: the reference, a batch, the step cache plain and mask-aware (the same skipped steps), two calls
+as one pass each deciding its own steps, int8, fused kernels, triton attention, diffusers'
+``enable_parallelism``; ranks given different inputs refuse the request; a seedless engine request uses
+rank 0's seed. Also three ranks, compiled blocks, the CLI under torchrun and the benchmark's dry run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Quantization: per-layer and per-forward SQNR bounds for every backend, memory, errors, end to end."""
+"""Quantization: per-layer and per-forward SQNR bounds for every backend, memory, errors, end to end.
+
+The contracts of the CUDA kernels the native layers call (``torch._int_mm``: more than 16 rows;
+``torch._scaled_mm``: a bias only with a bf16/fp16 output) are emulated on the CPU at several row counts;
+torchao's backend leaves the global Inductor settings alone."""
 
 import importlib.util
 import logging

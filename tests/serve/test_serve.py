@@ -1,4 +1,10 @@
-"""``fluxfill serve`` against a real server on loopback (uvicorn in a thread, the tiny engine)."""
+"""``fluxfill serve`` against a real server on loopback (uvicorn in a thread, the tiny engine).
+
+Both APIs end to end with images equal to the engine's; events in order and replayed; the WebSocket;
+multipart uploads and idempotency keys; cancel of queued and running tasks; 429 with ``Retry-After``; API
+keys; 413; refusals naming the field and leaving no task; URL inputs aimed at private addresses refused;
+a failing task that does not stop the worker; warm-up; output and task retention; add-ons; a signed
+webhook; queued tasks that fit run as one batch; a backlog shared among replicas; the flags."""
 
 from __future__ import annotations
 
