@@ -26,12 +26,12 @@ from .settings import ServerConfig
 from .store import TaskStore
 
 if TYPE_CHECKING:
-    from ..engine import FluxFillEngine
+    from .engines import ServingEngine
 
 __all__ = ["ServerConfig", "create_app"]
 
 
-def create_app(config: ServerConfig, engine_factory: Callable[[], FluxFillEngine], **addons: Any) -> FastAPI:
+def create_app(config: ServerConfig, engine_factory: Callable[[], ServingEngine], **addons: Any) -> FastAPI:
     """The application: ``engine_factory`` runs on the worker thread at startup; ``addons`` are the
     optional ``enhancer`` and ``safety_checker`` objects (see :mod:`.enhance`, :mod:`.safety`).
 

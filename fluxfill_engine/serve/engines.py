@@ -1,10 +1,38 @@
-"""What engine a server runs, as plain data (it travels to Ray replicas on other machines), and
-building it."""
+"""What engine a server runs: what the task service needs of one (:class:`ServingEngine`), and how to
+build it from plain data (:class:`EngineSpec`: it travels to Ray replicas on other machines)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..engine import EventHandler, FillRequest, FillResult, FluxFillEngine
+
+
+class ServingEngine(Protocol):
+    """What the task service needs of an engine: a :class:`~fluxfill_engine.engine.FluxFillEngine`, or a
+    :class:`~.ray_backend.RayEngine` whose replicas run elsewhere.
+
+    Read when present: ``batch_key(request)`` (which requests fit in one pass, :mod:`.batching`; without
+    it every task runs alone) and ``replicas`` (passes at once, one worker each; 1 without it).
+    """
+
+    @property
+    def device(self) -> Any:
+        """A ``torch.device`` or alike: its ``type`` (``cuda`` for GPU memory metrics) and ``str``."""
+        ...
+
+    def run(self, request: FillRequest, on_event: EventHandler | None = None) -> FillResult: ...
+
+    def run_batch(
+        self, requests: Sequence[FillRequest], on_event: EventHandler | None = None
+    ) -> list[FillResult]: ...
+
+    def warmup(self, sizes: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """Run the given sizes once before serving; ``{"seconds": {"WxH": s, ...}, ...}``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -19,7 +47,8 @@ class EngineSpec:
     warmup_sizes: tuple[tuple[int, int], ...] = ()
 
 
-def build_engine(spec: EngineSpec) -> Any:
+def build_engine(spec: EngineSpec) -> FluxFillEngine:
+    """The engine ``spec`` describes, warmed up at its ``warmup_sizes``."""
     from ..config import EngineConfig
     from ..testing.demo import tiny_engine
 

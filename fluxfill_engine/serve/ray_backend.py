@@ -21,7 +21,7 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,17 +61,17 @@ class FillReplica:
         loras = [dict(item) for item in json.loads(key)]
         return await asyncio.to_thread(self.engine.pipeline.load_engine_loras, loras)
 
-    async def run(self, request: FillRequest) -> Any:
+    async def run(self, request: FillRequest) -> AsyncIterator[dict[str, Any]]:
         """Stream ``{"event": ...}`` dicts while the request runs, then ``{"results": [result]}``."""
         async for item in self._stream(lambda on_event: [self.engine.run(request, on_event=on_event)]):
             yield item
 
-    async def run_batch(self, requests: list[FillRequest]) -> Any:
+    async def run_batch(self, requests: list[FillRequest]) -> AsyncIterator[dict[str, Any]]:
         """:meth:`run` for requests with equal batch keys, as one pass (``engine.run_batch``)."""
         async for item in self._stream(lambda on_event: self.engine.run_batch(requests, on_event=on_event)):
             yield item
 
-    async def _stream(self, work: Any) -> Any:
+    async def _stream(self, work: Any) -> AsyncIterator[dict[str, Any]]:
         """Run ``work(on_event)`` on a thread, streaming its events, then its results."""
         key = serve.get_multiplexed_model_id()
         if key:
@@ -129,7 +129,7 @@ class RayEngine:
         request = self._validated(request)
         return self._call("run", request, lora_key(request), on_event)[0]
 
-    def run_batch(self, requests: list[FillRequest], on_event: Any = None) -> list[FillResult]:
+    def run_batch(self, requests: Sequence[FillRequest], on_event: Any = None) -> list[FillResult]:
         """Run requests with equal :meth:`batch_key` as one pass on one replica
         (``FluxFillEngine.run_batch`` there); ``on_event`` as :meth:`run`'s."""
         checked = []
@@ -137,6 +137,10 @@ class RayEngine:
             with naming_errors(f"requests[{index}]"):
                 checked.append(self._validated(request))
         return self._call("run_batch", checked, lora_key(checked[0]), on_event)
+
+    def warmup(self, sizes: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """Nothing to do here: each replica warms up as it starts (``EngineSpec.warmup_sizes``)."""
+        return {"seconds": {}, "compile_cache": None}
 
     def batch_key(self, request: FillRequest) -> Hashable:
         """As ``FluxFillEngine.batch_key`` for the replicas' engine, for a validated request."""
@@ -261,11 +265,7 @@ def build(args: dict[str, str]) -> Any:
     dtype = args.get("dtype", "bfloat16" if device.startswith("cuda") else "float32")
     preset = args.get("preset", "reference")
     engine_config = EngineConfig.preset(preset, dtype=dtype)
-    warmup = tuple(
-        tuple(int(side) for side in size.lower().split("x"))
-        for size in args.get("warmup", "").split(",")
-        if size
-    )
+    warmup = tuple(_size(size) for size in args.get("warmup", "").split(",") if size)
     spec = EngineSpec(args.get("model"), args.get("base"), preset, device, dtype, warmup)
     autoscale = tuple(int(n) for n in args["autoscale"].split(",")) if "autoscale" in args else None
     replicas = autoscale[1] if autoscale else int(args.get("replicas", 1))
@@ -334,3 +334,9 @@ _BUILD_ARGS = (
     "lora_dir",
     "warmup",
 )
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``"WxH"`` as ``(W, H)``."""
+    width, height = (int(side) for side in text.lower().split("x"))
+    return width, height

@@ -45,7 +45,8 @@ from .task_files import TaskFiles, delete_expired
 from .views import files_url, task_summary
 
 if TYPE_CHECKING:
-    from ..engine import Event, FillResult, FluxFillEngine
+    from ..engine import Event, FillResult
+    from .engines import ServingEngine
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class TaskService:
         self,
         store: TaskStore,
         settings: ServiceSettings,
-        engine_factory: Callable[[], FluxFillEngine],
+        engine_factory: Callable[[], ServingEngine],
         hub: ev.EventHub | None = None,
         enhancer: Any = None,
         safety_checker: Any = None,
@@ -126,7 +127,7 @@ class TaskService:
         self.enhancer = enhancer
         self.safety_checker = safety_checker
         self.webhooks = webhooks
-        self.engine: FluxFillEngine | None = None
+        self.engine: ServingEngine | None = None
         self.state = "warming"  # then "ready", or "failed" when the engine could not load
         self.load_error: str | None = None
         self.warmup: dict[str, float] = {}  # seconds per warm-up size
@@ -276,9 +277,9 @@ class TaskService:
         """Load the engine, warm it up, then work; a scaled-out engine (``engine.replicas`` > 1,
         e.g. Ray Serve replicas) gets one worker thread per replica."""
         try:
-            self.engine = self._engine_factory()
+            self.engine = engine = self._engine_factory()
             if self.settings.warmup_sizes:
-                self.warmup = self.engine.warmup(self.settings.warmup_sizes)["seconds"]
+                self.warmup = engine.warmup(self.settings.warmup_sizes)["seconds"]
         except Exception as err:
             logger.exception("the engine failed to load")
             self.load_error = f"{type(err).__name__}: {err}"
@@ -348,7 +349,7 @@ class TaskService:
         results = self._run_engine(batch, specs)
         if results is None and len(batch) > 1 and not self._stopping:
             for task_id, spec in zip(batch, specs, strict=True):  # one bad request fails only itself
-                if not self.store.get(task_id).finished:
+                if not self.get(task_id).finished:
                     self._finish_results([task_id], [spec], self._run_engine([task_id], [spec], retry=True))
             return
         self._finish_results(batch, specs, results)
@@ -380,11 +381,12 @@ class TaskService:
                 total = specs[0].request.num_inference_steps
                 self._emit(batch, ev.TASK_START, {"total": total}, progress_total=total)
                 started["denoise"] = time.perf_counter()
-            elif event.type == "step":
+            elif event.type == "step" and event.step and event.total:
+                step, total = event.step, event.total
                 elapsed = time.perf_counter() - started.get("denoise", time.perf_counter())
-                eta = elapsed / event.step * (event.total - event.step)
-                data = {"step": event.step, "total": event.total, "eta_seconds": round(eta, 3)}
-                self._emit(batch, ev.TASK_OUTPUT, data, progress_step=event.step, progress_total=event.total)
+                eta = elapsed / step * (total - step)
+                data = {"step": step, "total": total, "eta_seconds": round(eta, 3)}
+                self._emit(batch, ev.TASK_OUTPUT, data, progress_step=step, progress_total=total)
 
         try:
             requests = [self._enhanced(task_id, spec) for task_id, spec in zip(batch, specs, strict=True)]
@@ -427,7 +429,7 @@ class TaskService:
         if not results:
             return
         for task_id, spec, result in zip(batch, specs, results, strict=True):
-            if self.cancel_requested(task_id) or self.store.get(task_id).finished:
+            if self.cancel_requested(task_id) or self.get(task_id).finished:
                 self._cancel_now([task_id], raise_when_all=False)
                 continue
             timings = {name: round(seconds, 4) for name, seconds in result.timings.items()}

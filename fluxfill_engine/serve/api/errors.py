@@ -13,6 +13,7 @@ carries its own status) from the checks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,7 @@ class ApiError(Exception):
     """A refusal only a route can tell: ``status``, the message, the ``field`` it is about."""
 
     def __init__(
-        self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+        self, status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -43,7 +44,7 @@ class Refusal(NamedTuple):
     status: int
     message: str
     field: str | None = None
-    headers: dict[str, str] | None = None
+    headers: Mapping[str, str] | None = None
 
 
 def refusal(exc: Exception) -> Refusal:
@@ -66,14 +67,14 @@ def refusal(exc: Exception) -> Refusal:
 
 
 def error_response(
-    status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """A native API error."""
     return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
 
 
 def wavespeed_error_response(
-    status: int, message: str, headers: dict[str, str] | None = None
+    status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(
         {"code": status, "message": message, "data": None}, status_code=status, headers=headers
