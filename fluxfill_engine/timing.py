@@ -1,5 +1,5 @@
 """Marks on a device's timeline: CUDA events on a GPU (nothing waits in between), ``perf_counter`` on a
-CPU. The pipeline times its stages with it, and the benchmark its variants' calls."""
+CPU. The pipeline times its stages with it, and the benchmarks their calls."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ class Clock:
     """Take marks with :meth:`mark`; read the seconds between two with :meth:`seconds` after :meth:`sync`."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def mark(self) -> Any:
@@ -30,7 +31,7 @@ class Clock:
 
     def sync(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
 
 class StageTimes:

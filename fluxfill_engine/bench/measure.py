@@ -39,17 +39,9 @@ class Timer(Clock):
     """Per-call device time on the engine's :class:`~fluxfill_engine.timing.Clock` (CUDA events on a
     GPU, each call between its own pair, read after one synchronisation; the host clock on a CPU)."""
 
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self.device = device
-
     @property
     def method(self) -> str:
         return "cuda events" if self.cuda else "host perf_counter (no device)"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
 
     def call_ms(self, fn: Callable[[int], Any], count: int, first: int = 0) -> list[float]:
         """Milliseconds of each of ``count`` calls ``fn(first)``, ``fn(first + 1)``, ..."""
