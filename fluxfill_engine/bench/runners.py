@@ -307,14 +307,15 @@ def first_block_cache(transformer: Any, threshold: float) -> CacheDecisions | No
     from diffusers import FirstBlockCacheConfig
 
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    leader: Any = None
     try:
         from diffusers.hooks import HookRegistry
         from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
         registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
-        leader: Any = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
+        leader = registry.get_hook(_FBC_LEADER_BLOCK_HOOK)
     except (ImportError, AttributeError):  # skip counts are a nicety; the cache works without them
-        leader = None
+        pass
     decisions = None if leader is None else CacheDecisions()
     original = transformer.forward
 
