@@ -75,7 +75,7 @@ class Background:
 def native_build_command(folder: Path, env: dict[str, str]) -> list[str] | str:
     """The CMake configure-and-build of the native library into ``folder`` (``env`` gets what torch's
     CMake config needs), or why it cannot run here. The CUDA arguments are those of
-    tests/test_native.py: the toolkit's root (``nvcc`` on PATH may be a wrapper outside it), nvrtc
+    tests/kernels/test_native.py: the toolkit's root (``nvcc`` on PATH may be a wrapper outside it), nvrtc
     from torch's ``nvidia`` wheels when the toolkit lacks it, and this GPU's architecture alone."""
     beside_python = Path(sys.executable).parent / "cmake"  # pip's cmake in a venv not activated
     cmake = shutil.which("cmake") or (str(beside_python) if beside_python.exists() else None)
