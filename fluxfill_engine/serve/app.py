@@ -20,7 +20,6 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from . import api
-from .events import EventHub
 from .service import TaskService
 from .settings import ServerConfig
 from .store import TaskStore
@@ -55,7 +54,6 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], ServingEngine]
         store,
         config.service,
         engine_factory,
-        EventHub(),
         enhancer=enhancer,
         safety_checker=safety_checker,
         webhooks=webhooks,

@@ -1,5 +1,5 @@
-"""The task service: a bounded queue in front of one engine, one worker thread, batching, cancel,
-restart recovery, output files, retention, webhooks.
+"""The task service: a bounded queue in front of one engine, its worker thread (one per replica),
+cancel, restart recovery, outputs and retention, webhooks.
 
 The HTTP layer (:mod:`.api`) only parses, calls this and renders; everything that must hold
 whatever the transport lives here (which tasks run together is :mod:`.batching`, their files on disk

@@ -7,57 +7,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import PIL.Image
 import pytest
 
-from fluxfill_engine import Event, FillResult
 from fluxfill_engine.serve.inputs import ServerOptions, TaskSpec, parse_task
 from fluxfill_engine.serve.service import AlreadyFinished, NotFound, QueueFull, ServiceSettings, TaskService
 from fluxfill_engine.serve.store import INTERRUPTED, TaskStore
-from tests.support.serve import LIFECYCLE, body
-
-
-class InstantEngine:
-    """Every step reported at once, a grey image per requested image; requests with equal steps fit in one
-    pass; a pass holding the prompt ``"boom"`` fails. ``passes`` lists the prompts of every pass."""
-
-    device = SimpleNamespace(type="cpu")
-
-    def __init__(self) -> None:
-        self.passes: list[list[str]] = []
-
-    def batch_key(self, request: Any) -> Any:
-        return request.num_inference_steps
-
-    def run(self, request: Any, on_event: Callable[[Event], None] | None = None) -> FillResult:
-        return self.run_batch([request], on_event)[0]
-
-    def run_batch(
-        self, requests: list[Any], on_event: Callable[[Event], None] | None = None
-    ) -> list[FillResult]:
-        self.passes.append([request.prompt for request in requests])
-        if any(request.prompt == "boom" for request in requests):
-            raise RuntimeError("the GPU caught fire")
-        emit = on_event or (lambda event: None)
-        steps = requests[0].num_inference_steps
-        emit(Event("preprocess_end"))
-        for step in range(1, steps + 1):
-            emit(Event("step", step=step, total=steps))
-        emit(Event("done"))
-        return [
-            FillResult(
-                images=[PIL.Image.new("RGB", (32, 32), (128, 128, 128))] * request.num_images,
-                seed=request.seed,
-                timings={"denoise": 0.01, "total": 0.02},
-                stats={},
-            )
-            for request in requests
-        ]
+from tests.support.serve import LIFECYCLE, InstantEngine, body
 
 
 def spec(prompt: str = "a white paper cup", **fields: Any) -> TaskSpec:

@@ -15,15 +15,19 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import PIL.Image
 
 from fluxfill_engine.bench import serve_load
+
+if TYPE_CHECKING:
+    from fluxfill_engine import Event, FillResult
 
 # Small inputs at the smallest working resolution: a task takes a fraction of a second on a CPU.
 FAST = {"num_inference_steps": 2, "max_megapixels": 0.065}
@@ -109,6 +113,46 @@ def fetched_image(base: str, url: str) -> PIL.Image.Image:
     answer = httpx.get(url if url.startswith("http") else base + url)
     assert answer.status_code == 200
     return PIL.Image.open(io.BytesIO(answer.content))
+
+
+class InstantEngine:
+    """Every step reported at once, a grey image per requested image; requests with equal steps fit in one
+    pass; a pass holding the prompt ``"boom"`` fails. ``passes`` lists the prompts of every pass."""
+
+    device = SimpleNamespace(type="cpu")
+
+    def __init__(self) -> None:
+        self.passes: list[list[str]] = []
+
+    def batch_key(self, request: Any) -> Any:
+        return request.num_inference_steps
+
+    def run(self, request: Any, on_event: Callable[[Event], None] | None = None) -> FillResult:
+        return self.run_batch([request], on_event)[0]
+
+    def run_batch(
+        self, requests: list[Any], on_event: Callable[[Event], None] | None = None
+    ) -> list[FillResult]:
+        from fluxfill_engine import Event, FillResult
+
+        self.passes.append([request.prompt for request in requests])
+        if any(request.prompt == "boom" for request in requests):
+            raise RuntimeError("the GPU caught fire")
+        emit = on_event or (lambda event: None)
+        steps = requests[0].num_inference_steps
+        emit(Event("preprocess_end"))
+        for step in range(1, steps + 1):
+            emit(Event("step", step=step, total=steps))
+        emit(Event("done"))
+        return [
+            FillResult(
+                images=[PIL.Image.new("RGB", (32, 32), (128, 128, 128))] * request.num_images,
+                seed=request.seed,
+                timings={"denoise": 0.01, "total": 0.02},
+                stats={},
+            )
+            for request in requests
+        ]
 
 
 class SlowSteps:

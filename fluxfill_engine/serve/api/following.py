@@ -1,5 +1,5 @@
 """Waiting on a task from the event loop: its events as they come (the SSE stream, the WebSocket), or its
-end (WaveSpeed's sync mode). The store holds the events; the service's :class:`~..events.EventHub` only
+end (WaveSpeed's sync mode). The store holds the events; the service's ``EventHub`` only
 says when there is news, so a late follower gets the same sequence replayed."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Submitting a task over HTTP, for the native and the WaveSpeed routes: the ``Idempotency-Key``, the
-body (JSON or a multipart form), its checks (:func:`..inputs.parse_task`, in a thread pool: images are
+body (JSON or a multipart form), its checks (``inputs.parse_task``, in a thread pool: images are
 decoded, URLs fetched), then the service's queue."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Submitted(NamedTuple):
 
 async def submit(request: Request, service: TaskService, options: ServerOptions, api: str) -> Submitted:
     """Check the request and queue its task (``api``: ``"native"`` or ``"wavespeed"``). Raises
-    :class:`~..inputs.RequestError`, :class:`~..service.QueueFull`."""
+    ``RequestError``, ``QueueFull``."""
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise RequestError("the Idempotency-Key header must be 1-255 characters", 400, "Idempotency-Key")
@@ -41,7 +41,7 @@ async def submit(request: Request, service: TaskService, options: ServerOptions,
 
 async def read_body(request: Request) -> dict[str, Any]:
     """The request's fields: a JSON object, or a multipart form (files as bytes, JSON-valued fields
-    parsed, numbers and booleans as such). Raises :class:`~..inputs.RequestError` (400)."""
+    parsed, numbers and booleans as such). Raises ``RequestError`` (400)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         form = await request.form()
