@@ -240,7 +240,9 @@ def parse_task(
         unknown = sorted(set(body) - NATIVE_FIELDS)
         if unknown:
             raise RequestError(
-                f"`{unknown[0]}` is not a request field; allowed: {', '.join(sorted(NATIVE_FIELDS))}", 422
+                f"`{unknown[0]}` is not a request field; allowed: {', '.join(sorted(NATIVE_FIELDS))}",
+                422,
+                unknown[0],
             )
     if "prompt" not in body:
         raise RequestError("`prompt` is required", 422, "prompt")
@@ -260,7 +262,9 @@ def parse_task(
     output_format = body.get("output_format", "png")
     if output_format not in OUTPUT_FORMATS:
         raise RequestError(
-            f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}", 422
+            f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}",
+            422,
+            "output_format",
         )
     webhook = body.get("webhook")
     if webhook is not None:
@@ -272,10 +276,14 @@ def parse_task(
             raise RequestError(str(err), 422, "webhook") from None
     enhance, safety = _flag(body, "enhance_prompt"), _flag(body, "enable_safety_checker")
     if enhance and not options.has_enhancer:
-        raise RequestError("`enhance_prompt`: no prompt enhancer (start with --prompt-enhancer DIR)", 422)
+        raise RequestError(
+            "`enhance_prompt`: no prompt enhancer (start with --prompt-enhancer DIR)", 422, "enhance_prompt"
+        )
     if safety and not options.has_safety_checker:
         raise RequestError(
-            "`enable_safety_checker`: no safety checker (start with --safety-checker DIR)", 422
+            "`enable_safety_checker`: no safety checker (start with --safety-checker DIR)",
+            422,
+            "enable_safety_checker",
         )
     fill = {name: body[name] for name in _FILL_FIELDS if name in body}
     image = decode_image(body["image"], "image", options.url_policy, options.max_input_megapixels, fetcher)
