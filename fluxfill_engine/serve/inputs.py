@@ -65,12 +65,13 @@ class RequestError(InputError):
     """A refused request: ``status`` 400 (malformed) or 422 (a value not allowed), naming ``field``."""
 
     def __init__(self, message: str, status: int = 422, field: str | None = None) -> None:
-        super().__init__(message, field if field is not None else field_of(message))
+        super().__init__(message, field)
         self.status = status
 
 
-def field_of(message: str) -> str | None:
-    """The first request field a message names in backticks (the engine's errors do)."""
+def _field_named_in(message: str) -> str | None:
+    """The first request field a message names in backticks: the field of a check that raises a plain
+    ``ValueError`` rather than an :class:`~fluxfill_engine.errors.InputError`."""
     found = _BACKTICKED.search(message)
     return None if found is None else found.group(1)
 
@@ -295,8 +296,9 @@ def parse_task(
     try:
         request = request.validated(options.max_input_megapixels, options.max_loras)
     except (ValueError, TypeError, FileNotFoundError) as err:
+        field = err.field if isinstance(err, InputError) else _field_named_in(str(err))
         message = str(err).replace("`mask`", f"`{mask_name}`")
-        raise RequestError(message, 422) from None
+        raise RequestError(message, 422, mask_name if field == "mask" else field) from None
     public = {
         **fill,
         "prompt": request.prompt,
