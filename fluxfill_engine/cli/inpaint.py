@@ -8,10 +8,12 @@ Everything a user can get wrong is checked before the model loads, in one line n
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
 from ..limits import MAX_IMAGES, MAX_LORA_SCALE, MAX_LORAS, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from .model_args import add_model_arguments, resolve_model_arguments
 from .output import check_output
@@ -143,8 +145,8 @@ class _StepProgress:
             self.bar = None
 
 
-# FillRequest fields -> the options that set them, so a refused request names the option.
-_OPTIONS = {
+# The option that sets each FillRequest field, so a refused value names what the user typed.
+_FIELD_OPTIONS = {
     "prompt": "--prompt",
     "image": "--image",
     "mask": "--mask",
@@ -163,12 +165,24 @@ _OPTIONS = {
 }
 
 
-def _with_option(message: str) -> str:
-    """``message`` prefixed with the option of the first field it names in backticks."""
-    for field, option in _OPTIONS.items():
-        if f"`{field}`" in message or f"`{field}[" in message:
-            return f"{option}: {message}"
-    return message
+def _refused_field(err: Exception) -> str | None:
+    """The request field ``err`` refuses, as ``FillRequest`` spells it (``loras[1].scale`` -> ``loras``):
+    an :class:`~fluxfill_engine.errors.InputError`'s ``field``; for a check that raises a plain
+    ``ValueError``, the first field its message names in backticks."""
+    if isinstance(err, InputError):
+        return None if err.field is None else re.split(r"[.\[]", err.field, maxsplit=1)[0]
+    message = str(err)
+    return next((name for name in _FIELD_OPTIONS if f"`{name}`" in message or f"`{name}[" in message), None)
+
+
+def _naming_the_option(err: Exception) -> Exception:
+    """``err`` with its message prefixed by the option that sets the refused field (when one does)."""
+    option = _FIELD_OPTIONS.get(_refused_field(err) or "")
+    if option is None:
+        return err
+    if isinstance(err, InputError):
+        return type(err)(f"{option}: {err.message}", field=err.field)
+    return type(err)(f"{option}: {err}")
 
 
 def _context_parallel(requested: int | None, device: str) -> tuple[int, str, bool]:
@@ -244,7 +258,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
         for index, spec in enumerate(request.loras or ()):  # the files exist: before the model loads
             resolve_lora_file(spec, lora_label(index, spec))
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise type(err)(_with_option(str(err))) from None
+        raise _naming_the_option(err) from None
     if degree > 1:  # every rank must draw the same noise: rank 0's seed
         from ..parallel import broadcast_seed
 
@@ -259,7 +273,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     try:
         result = engine.run(request, on_event=_StepProgress() if main_process else None)
     except (ValueError, TypeError, FileNotFoundError) as err:  # a LoRA that does not fit the model
-        raise type(err)(_with_option(str(err))) from None
+        raise _naming_the_option(err) from None
     if not main_process:
         return 0
     for path, picture in zip(paths, result.images, strict=True):

@@ -8,7 +8,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from fluxfill_engine import FillRequest
 from fluxfill_engine.cli import main
+from fluxfill_engine.errors import InputError, InputTypeError
 from fluxfill_engine.testing.demo import demo_inputs
 from fluxfill_engine.testing.tiny import save_tiny_model
 
@@ -61,3 +63,20 @@ def test_help_runs_as_a_module():
     )
     assert result.returncode == 0
     assert "--preset" in result.stdout and "--model" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("error", "printed"),
+    [
+        (InputError("must be at most 100", field="guidance_scale"), "error: --guidance: must be at most 100"),
+        (InputTypeError("must be a number", field="loras[1].scale"), "error: --lora: must be a number"),
+        (InputError("no option sets this", field=None), "error: no option sets this"),
+    ],
+)
+def test_a_refused_value_names_the_option_of_its_field(monkeypatch, tmp_path, capsys, error, printed):
+    def refuse(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(FillRequest, "validated", refuse)
+    assert main(["inpaint", "--device", "cpu", "--out", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err.strip() == printed
