@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .errors import InputError
 from .sampling import Schedule, noise_latents
 
 if TYPE_CHECKING:
@@ -72,9 +73,10 @@ def repeat_to_batch(tensor: torch.Tensor, batch_size: int, name: str) -> torch.T
     if tensor.shape[0] == batch_size:
         return tensor
     if tensor.shape[0] > batch_size or batch_size % tensor.shape[0] != 0:
-        raise ValueError(
+        raise InputError(
             f"{tensor.shape[0]} {name} were passed for a total batch size of {batch_size} "
-            "(prompts x num_images_per_prompt); the number of them must divide the batch size"
+            "(prompts x num_images_per_prompt); the number of them must divide the batch size",
+            name,
         )
     return tensor.repeat(batch_size // tensor.shape[0], *([1] * (tensor.dim() - 1)))
 

@@ -27,6 +27,7 @@ import torch
 from .call import PipelineCall
 from .config import EngineConfig, parse_dtype
 from .diffusers_path import diffusers_cache_enabled
+from .errors import InputError, InputFileNotFound, InputTypeError
 from .framing import Frame, frame_working_size, make_frame
 from .limits import MAX_CALL_BATCH, MAX_INPUT_MEGAPIXELS, MAX_LORAS, MAX_SEQUENCE_LENGTH
 from .lora import LoraSpec
@@ -151,7 +152,9 @@ class FillResult:
 
 def _diffusers_folder(path: Path, name: str) -> Path:
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"`{name}`: {str(path)!r} is not a diffusers folder (no model_index.json)")
+        raise InputFileNotFound(
+            f"`{name}`: {str(path)!r} is not a diffusers folder (no model_index.json)", name
+        )
     return path
 
 
@@ -164,11 +167,12 @@ def load_pipeline(
     if path.is_dir():
         return FluxFillPipeline.from_pretrained(_diffusers_folder(path, "model"), **dtype_kwargs)
     if not path.is_file():
-        raise FileNotFoundError(f"`model`: no such folder or checkpoint file: {str(path)!r}")
+        raise InputFileNotFound(f"`model`: no such folder or checkpoint file: {str(path)!r}", "model")
     if base is None:
-        raise ValueError(
+        raise InputError(
             "`base` is required with a single-file `model`: a diffusers FLUX.1 Fill folder that provides "
-            "the text encoders, VAE, scheduler and the transformer's config"
+            "the text encoders, VAE, scheduler and the transformer's config",
+            "base",
         )
     from diffusers import FluxTransformer2DModel
 
@@ -199,8 +203,9 @@ class FluxFillEngine:
         progress: bool = False,
     ) -> None:
         if not isinstance(pipeline, FluxFillPipeline):
-            raise TypeError(
-                f"`pipeline` must be a fluxfill_engine.FluxFillPipeline, got {type(pipeline).__name__}"
+            raise InputTypeError(
+                f"`pipeline` must be a fluxfill_engine.FluxFillPipeline, got {type(pipeline).__name__}",
+                "pipeline",
             )
         self.config = config or EngineConfig.preset("reference")
         self.pipeline = pipeline
@@ -364,7 +369,9 @@ class FluxFillEngine:
     ) -> list[FillResult]:
         """:meth:`run` (one request, its own messages) and :meth:`run_batch` (``requests[i]: ...``)."""
         if on_event is not None and not callable(on_event):
-            raise TypeError(f"`on_event` must be callable (it receives Event objects), got {on_event!r}")
+            raise InputTypeError(
+                f"`on_event` must be callable (it receives Event objects), got {on_event!r}", "on_event"
+            )
         emit = on_event or (lambda event: None)
         try:
             requests, loras = self._accepted(requests, batch)  # checked and files read: no work yet
@@ -384,14 +391,16 @@ class FluxFillEngine:
     ) -> tuple[list[FillRequest], AdapterSet | None]:
         """The validated requests and their LoRA set; in a batch, errors name ``requests[i]``."""
         if batch and (isinstance(requests, FillRequest) or not isinstance(requests, Sequence)):
-            raise TypeError(f"`requests` must be a non-empty list of FillRequest objects, got {requests!r}")
+            raise InputTypeError(
+                f"`requests` must be a non-empty list of FillRequest objects, got {requests!r}", "requests"
+            )
         if batch and not requests:
-            raise ValueError("`requests` is empty: a batch needs at least one FillRequest")
+            raise InputError("`requests` is empty: a batch needs at least one FillRequest", "requests")
         checked = []
         for index, request in enumerate(requests):
             with naming_errors(f"requests[{index}]" if batch else None):
                 if batch and not isinstance(request, FillRequest):
-                    raise TypeError(f"a FillRequest was expected, got {type(request).__name__}")
+                    raise InputTypeError(f"a FillRequest was expected, got {type(request).__name__}")
                 checked.append(request.validated(self.config.max_input_megapixels, self.config.max_loras))
         if self.config.context_parallel > 1:
             from .parallel import broadcast_seed
@@ -401,7 +410,10 @@ class FluxFillEngine:
                     request.seed = broadcast_seed(request.seed)
         total = sum(request.num_images for request in checked)
         if total > MAX_CALL_BATCH:
-            raise ValueError(f"the requests ask for {total} images in one batch; at most {MAX_CALL_BATCH}")
+            raise InputError(
+                f"the requests ask for {total} images in one batch; at most {MAX_CALL_BATCH}",
+                "requests" if batch else "num_images",
+            )
         if batch and len(checked) > 1:
             if self._runs_alone():
                 raise ValueError(
@@ -412,9 +424,10 @@ class FluxFillEngine:
             for index, request in enumerate(checked[1:], start=1):
                 for name, value in batch_fields(request).items():
                     if value != first[name]:
-                        raise ValueError(
+                        raise InputError(
                             f"requests[{index}]: `{name}` is {value!r} but requests[0] has {first[name]!r}; "
-                            "requests in one batch must have equal batch keys (FluxFillEngine.batch_key)"
+                            "requests in one batch must have equal batch keys (FluxFillEngine.batch_key)",
+                            f"requests[{index}].{name}",
                         )
         with naming_errors("requests[0]" if batch else None):  # one LoRA set: the batch keys are equal
             loras = self.pipeline.load_engine_loras(checked[0].loras)
@@ -471,7 +484,7 @@ def batch_fields(request: FillRequest) -> dict[str, Any]:
         request.mask is None or isinstance(request.mask, PIL.Image.Image)
     )
     if not validated or not all(isinstance(spec, LoraSpec) for spec in request.loras or ()):
-        raise TypeError("batch_key needs a validated request (FillRequest.validated(...))")
+        raise InputTypeError("batch_key needs a validated request (FillRequest.validated(...))", "request")
     return {
         "working_size": frame_working_size(request.image.size, request.mask, *_frame_options(request)),
         "num_inference_steps": request.num_inference_steps,
@@ -516,11 +529,21 @@ def _pipeline_call(request: FillRequest, frame: Frame) -> PipelineCall:
 
 @contextlib.contextmanager
 def naming_errors(prefix: str | None) -> Iterator[None]:
-    """Input errors raised inside get ``prefix: `` in front of their message (``None``: unchanged)."""
+    """Input errors raised inside are placed under ``prefix`` (``requests[2]``): their message starts
+    with ``prefix: ``, their field is ``prefix.<field>`` (:meth:`~.errors.InputError.within`); a plain
+    ``ValueError``/``TypeError``/``FileNotFoundError`` becomes the :class:`~.errors.InputError` of its
+    kind with the field ``prefix``. ``None``: unchanged."""
     try:
         yield
     except (ValueError, TypeError, FileNotFoundError) as err:
         if prefix is None:
             raise
-        kind = next(kind for kind in (FileNotFoundError, TypeError, ValueError) if isinstance(err, kind))
-        raise kind(f"{prefix}: {err}") from err
+        if isinstance(err, InputError):
+            raise err.within(prefix) from err
+        kinds = (
+            (FileNotFoundError, InputFileNotFound),
+            (TypeError, InputTypeError),
+            (ValueError, InputError),
+        )
+        kind = next(ours for theirs, ours in kinds if isinstance(err, theirs))
+        raise kind(f"{prefix}: {err}", prefix) from err

@@ -23,6 +23,7 @@ import PIL.ImageOps
 import torch
 
 from .call import ImageInput
+from .errors import InputError, InputFileNotFound, InputTypeError
 from .limits import MAX_INPUT_MEGAPIXELS
 
 logger = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ def load_image_input(
     """Open paths and bring PIL images into the form a viewer shows (see the module docstring); check
     the type and size of everything else. ``mask`` selects the mask rule (the result is mode ``L``).
 
-    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for an unreadable or too large
-    image and ``TypeError`` for anything that is not an image, naming the parameter ``name``.
+    Raises :class:`~.errors.InputFileNotFound` for a missing path, :class:`~.errors.InputError` for an
+    unreadable or too large image and :class:`~.errors.InputTypeError` for anything that is not an
+    image, their ``field`` the parameter ``name``.
     """
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
-            raise ValueError(f"`{name}` is an empty list; pass at least one image")
+            raise InputError(f"`{name}` is an empty list; pass at least one image", name)
         return [load_image_input(item, name, mask, max_megapixels) for item in value]
     if isinstance(value, (str, Path)):
         value = _open_file(Path(value), name, max_megapixels)
@@ -54,23 +56,25 @@ def load_image_input(
         height, width = _array_size(value)
         _check_pixels(width, height, name, max_megapixels)
         return value
-    raise TypeError(
+    raise InputTypeError(
         f"`{name}` must be a PIL.Image.Image, numpy.ndarray, torch.Tensor, a file path, or a list of those; "
-        f"got {type(value).__name__}"
+        f"got {type(value).__name__}",
+        name,
     )
 
 
 def _check_pixels(width: int, height: int, name: str, max_megapixels: float) -> None:
     if width * height > max_megapixels * 1e6:
-        raise ValueError(
+        raise InputError(
             f"`{name}` is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-            f"{max_megapixels:g} (EngineConfig.max_input_megapixels); downscale it first"
+            f"{max_megapixels:g} (EngineConfig.max_input_megapixels); downscale it first",
+            name,
         )
 
 
 def _open_file(path: Path, name: str, max_megapixels: float) -> PIL.Image.Image:
     if not path.is_file():
-        raise FileNotFoundError(f"`{name}`: no such image file: {str(path)!r}")
+        raise InputFileNotFound(f"`{name}`: no such image file: {str(path)!r}", name)
     return _decode(path, repr(str(path)), name, max_megapixels)
 
 
@@ -93,12 +97,13 @@ def _decode(source: Path | io.BytesIO, label: str, name: str, max_megapixels: fl
         # PIL refuses at open what is far above its own limit, before our header check can run.
         found = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too large"
-        raise ValueError(
+        raise InputError(
             f"`{name}` ({label}) is {size} by its header, above the limit of {max_megapixels:g} "
-            "(EngineConfig.max_input_megapixels); downscale it first"
+            "(EngineConfig.max_input_megapixels); downscale it first",
+            name,
         ) from None
     except (OSError, PIL.UnidentifiedImageError, SyntaxError) as err:
-        raise ValueError(f"`{name}`: cannot read {label} as an image: {err}") from err
+        raise InputError(f"`{name}`: cannot read {label} as an image: {err}", name) from err
 
 
 def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -179,10 +184,11 @@ def check_mask_fits_image(image: ImageInput, mask: ImageInput, mask_name: str = 
         return
     (image_w, image_h), (mask_w, mask_h) = image_wh, mask_wh
     if abs(image_w * mask_h - mask_w * image_h) > _ASPECT_TOLERANCE * image_w * mask_h:
-        raise ValueError(
+        raise InputError(
             f"`{mask_name}` is {mask_w}x{mask_h} but the image is {image_w}x{image_h}: another aspect "
             "ratio, so the mask would be stretched onto the image. Give a mask of the image's size (as "
-            "the image is shown, EXIF rotation applied), or of the same aspect ratio"
+            "the image is shown, EXIF rotation applied), or of the same aspect ratio",
+            mask_name,
         )
     logger.warning(
         "%s is %dx%d and the image %dx%d (same aspect ratio): the mask is scaled to the image",
@@ -211,7 +217,7 @@ def to_pil(value: Any, name: str, mode: str) -> PIL.Image.Image:
     brightest channel, as mask images do."""
     if isinstance(value, list):
         if len(value) != 1:
-            raise ValueError(f"`{name}` must be a single image, got a list of {len(value)}")
+            raise InputError(f"`{name}` must be a single image, got a list of {len(value)}", name)
         value = value[0]
     if isinstance(value, PIL.Image.Image):
         return value.convert(mode)
@@ -233,9 +239,10 @@ def to_pil(value: Any, name: str, mode: str) -> PIL.Image.Image:
     if array.ndim == 3 and array.shape[-1] == 3 and mode == "L":
         array = array.max(axis=-1)  # the mask rule: the brightest channel
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-        raise ValueError(
+        raise InputError(
             f"`{name}` must be one image: [H, W], [H, W, 1|3|4] (numpy) or [1|3, H, W] (tensor); "
-            f"got shape {tuple(np.shape(value))}"
+            f"got shape {tuple(np.shape(value))}",
+            name,
         )
     pil = PIL.Image.fromarray(np.round(array * 255).astype(np.uint8))
     return pil.convert(mode)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LORA_STRATEGIES
+from .errors import InputError, InputFileNotFound, InputTypeError
 from .limits import MAX_LORA_SCALE
 from .quantization import QuantizedLinear, quantize_rows
 
@@ -89,9 +90,25 @@ class LoraSpec:
     scale: float = 1.0
 
 
-def lora_label(index: int, spec: LoraSpec) -> str:
+@dataclass(frozen=True)
+class LoraLabel:
+    """How errors name one LoRA of a request: ``text`` in messages (its place and path), ``field`` as
+    :class:`~.errors.InputError` carries it (``loras[1]``)."""
+
+    text: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def error(self, message: str, kind: type[InputError] = InputError) -> InputError:
+        """``kind`` of error about this LoRA: ``"<text>: <message>"``, with its field."""
+        return kind(f"{self.text}: {message}", self.field)
+
+
+def lora_label(index: int, spec: LoraSpec) -> LoraLabel:
     """How errors name a LoRA: its place in the request and its path."""
-    return f"`loras[{index}]` ({str(spec.path)!r})"
+    return LoraLabel(f"`loras[{index}]` ({str(spec.path)!r})", f"loras[{index}]")
 
 
 def check_lora_specs(loras: Any, max_loras: int) -> tuple[LoraSpec, ...]:
@@ -100,16 +117,19 @@ def check_lora_specs(loras: Any, max_loras: int) -> tuple[LoraSpec, ...]:
     if loras is None:
         return ()
     if isinstance(loras, (str, Path, Mapping, LoraSpec)) or not isinstance(loras, Sequence):
-        raise TypeError(
-            f'`loras` must be a list of {{"path": ..., "scale": ...}} dicts or LoraSpec objects, got {loras!r}'
+        raise InputTypeError(
+            f'`loras` must be a list of {{"path": ..., "scale": ...}} dicts or LoraSpec objects, got {loras!r}',
+            "loras",
         )
     if len(loras) > max_loras:
-        raise ValueError(
-            f"`loras`: {len(loras)} LoRAs given, at most {max_loras} are accepted (EngineConfig.max_loras)"
+        raise InputError(
+            f"`loras`: {len(loras)} LoRAs given, at most {max_loras} are accepted (EngineConfig.max_loras)",
+            "loras",
         )
     specs = []
     for index, item in enumerate(loras):
-        where = f"`loras[{index}]`"
+        field = f"loras[{index}]"
+        where = f"`{field}`"
         if isinstance(item, LoraSpec):
             spec = item
         elif isinstance(item, (str, Path)):
@@ -117,20 +137,27 @@ def check_lora_specs(loras: Any, max_loras: int) -> tuple[LoraSpec, ...]:
         elif isinstance(item, Mapping):
             unknown = sorted(set(item) - {"path", "scale"})
             if unknown:
-                raise ValueError(f"{where}: unknown keys {unknown}; a LoRA is {{'path': ..., 'scale': ...}}")
+                raise InputError(
+                    f"{where}: unknown keys {unknown}; a LoRA is {{'path': ..., 'scale': ...}}", field
+                )
             if "path" not in item:
-                raise ValueError(f"{where}: a LoRA needs a 'path' (a .safetensors file or a folder)")
+                raise InputError(f"{where}: a LoRA needs a 'path' (a .safetensors file or a folder)", field)
             spec = LoraSpec(item["path"], item.get("scale", 1.0))
         else:
-            raise TypeError(f"{where} must be a dict, a LoraSpec or a path, got {type(item).__name__}")
+            raise InputTypeError(
+                f"{where} must be a dict, a LoraSpec or a path, got {type(item).__name__}", field
+            )
         if not isinstance(spec.path, (str, Path)) or not str(spec.path):
-            raise TypeError(f"{where}.path must be a non-empty str or Path, got {spec.path!r}")
+            raise InputTypeError(
+                f"{where}.path must be a non-empty str or Path, got {spec.path!r}", f"{field}.path"
+            )
         scale = spec.scale
         finite = isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)
         if not finite or abs(scale) > MAX_LORA_SCALE:
-            raise ValueError(
+            raise InputError(
                 f"{where}.scale must be a finite number in [{-MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], "
-                f"got {scale!r} (LoRA {str(spec.path)!r})"
+                f"got {scale!r} (LoRA {str(spec.path)!r})",
+                f"{field}.scale",
             )
         specs.append(LoraSpec(spec.path, float(scale)))
     return tuple(specs)
@@ -203,7 +230,7 @@ class LoraFile:
     ignored: list[str] = field(default_factory=list)  # parts the engine does not apply, for stats
 
 
-def resolve_lora_file(spec: LoraSpec, label: str) -> Path:
+def resolve_lora_file(spec: LoraSpec, label: LoraLabel) -> Path:
     """The ``.safetensors`` file a spec names (a folder: diffusers' file name, else its only one)."""
     path = Path(spec.path).expanduser()
     if path.is_dir():
@@ -213,15 +240,15 @@ def resolve_lora_file(spec: LoraSpec, label: str) -> Path:
         if len(candidates) == 1:
             return candidates[0]
         found = [p.name for p in candidates] or "none"
-        raise ValueError(
-            f"{label}: the folder holds no {LORA_FILE_NAME} and not exactly one .safetensors file "
+        raise label.error(
+            f"the folder holds no {LORA_FILE_NAME} and not exactly one .safetensors file "
             f"(found: {found}); name the file"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"{label}: no such LoRA file or folder: {str(path)!r}")
+        raise label.error(f"no such LoRA file or folder: {str(path)!r}", InputFileNotFound)
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(
-            f"{label}: only .safetensors LoRA files are read (pickled checkpoints can run code), got "
+        raise label.error(
+            f"only .safetensors LoRA files are read (pickled checkpoints can run code), got "
             f"{path.suffix or 'no extension'!r}"
         )
     return path
@@ -233,7 +260,7 @@ def file_key(path: Path) -> tuple[str, int, int]:
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def _read_safetensors(path: Path, label: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def _read_safetensors(path: Path, label: LoraLabel) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -241,12 +268,12 @@ def _read_safetensors(path: Path, label: str) -> tuple[dict[str, torch.Tensor], 
             header = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{label}: not a readable .safetensors file: {err}") from None
+        raise label.error(f"not a readable .safetensors file: {err}") from None
     raw = header.get("lora_adapter_metadata")
     try:
         metadata = json.loads(raw) if raw else None
     except json.JSONDecodeError:
-        raise ValueError(f"{label}: its lora_adapter_metadata is not valid JSON") from None
+        raise label.error("its lora_adapter_metadata is not valid JSON") from None
     return tensors, metadata
 
 
@@ -265,7 +292,7 @@ def _module_scales(
     modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     alphas: Mapping[str, Any] | None,
     metadata: Mapping[str, Any] | None,
-    label: str,
+    label: LoraLabel,
 ) -> dict[str, float]:
     """``lora_alpha / r`` per module, as diffusers configures peft for this file.
 
@@ -279,17 +306,16 @@ def _module_scales(
             k[len(TRANSFORMER_PREFIX) :]: v for k, v in metadata.items() if k.startswith(TRANSFORMER_PREFIX)
         }
         if config.get("use_dora"):
-            raise ValueError(f"{label}: DoRA adapters are not supported (plain LoRA only)")
+            raise label.error("DoRA adapters are not supported (plain LoRA only)")
         if config.get("lora_bias"):
-            raise ValueError(f"{label}: LoRAs with a bias on B are not supported")
+            raise label.error("LoRAs with a bias on B are not supported")
         scales = {}
         for name, (down, _) in modules.items():
             rank = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", down.shape[0]))
             alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank))
             if rank != down.shape[0]:
-                raise ValueError(
-                    f"{label}: its metadata says rank {rank} for {name}, but the weights have rank "
-                    f"{down.shape[0]}"
+                raise label.error(
+                    f"its metadata says rank {rank} for {name}, but the weights have rank {down.shape[0]}"
                 )
             root = math.sqrt(rank) if config.get("use_rslora") else rank
             scales[name] = float(alpha) / root
@@ -307,7 +333,7 @@ def _module_scales(
     }
 
 
-def read_lora_file(path: Path, label: str) -> tuple[dict[str, LoraTerm], list[str]]:
+def read_lora_file(path: Path, label: LoraLabel) -> tuple[dict[str, LoraTerm], list[str]]:
     """The transformer's LoRA terms of a file, read through diffusers' converters (every format
     ``FluxFillPipeline.load_lora_weights`` reads), on the CPU; and the parts that are not applied."""
     from diffusers import FluxFillPipeline
@@ -315,15 +341,15 @@ def read_lora_file(path: Path, label: str) -> tuple[dict[str, LoraTerm], list[st
 
     raw, metadata = _read_safetensors(path, label)
     if not raw:
-        raise ValueError(f"{label}: the file holds no tensors")
+        raise label.error("the file holds no tensors")
     try:
         state_dict, alphas = FluxFillPipeline.lora_state_dict(dict(raw), return_alphas=True)
     except Exception as err:  # the converters raise what they raise; the message names the file
-        raise ValueError(f"{label}: diffusers cannot read it as a FLUX LoRA: {err}") from None
+        raise label.error(f"diffusers cannot read it as a FLUX LoRA: {err}") from None
     norms = [k for k in state_dict if any(n in k for n in FluxFillPipeline._control_lora_supported_norm_keys)]
     if norms:
-        raise ValueError(
-            f"{label}: a FLUX Control LoRA (it replaces norm weights such as {norms[0]!r}); it is for "
+        raise label.error(
+            f"a FLUX Control LoRA (it replaces norm weights such as {norms[0]!r}); it is for "
             "FLUX.1 Canny/Depth [dev], not for Fill"
         )
     ignored = sorted({k.split(".")[0] for k in state_dict if k.startswith(TEXT_ENCODER_PREFIXES)})
@@ -334,43 +360,41 @@ def read_lora_file(path: Path, label: str) -> tuple[dict[str, LoraTerm], list[st
     }
     if not transformer:
         sample = sorted(raw)[:3]
-        raise ValueError(
-            f"{label}: holds no LoRA for the FLUX transformer (no 'transformer.*lora*' weights after "
+        raise label.error(
+            f"holds no LoRA for the FLUX transformer (no 'transformer.*lora*' weights after "
             f"diffusers' conversion; first keys: {sample})"
         )
     if any(".lokr_" in k for k in transformer):
-        raise ValueError(f"{label}: a LoKr adapter; only LoRA is supported")
+        raise label.error("a LoKr adapter; only LoRA is supported")
     if not any("lora_A" in k for k in transformer):
         transformer = convert_unet_state_dict_to_peft(transformer)
     if any("lora_magnitude_vector" in k or "dora_scale" in k for k in transformer):
-        raise ValueError(f"{label}: DoRA adapters are not supported (plain LoRA only)")
+        raise label.error("DoRA adapters are not supported (plain LoRA only)")
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in transformer:
         if key.endswith(".lora_A.weight"):
             name = key[: -len(".lora_A.weight")]
             up = transformer.get(f"{name}.lora_B.weight")
             if up is None:
-                raise ValueError(f"{label}: {name} has lora_A but no lora_B weights")
+                raise label.error(f"{name} has lora_A but no lora_B weights")
             if f"{name}.lora_B.bias" in transformer:
-                raise ValueError(f"{label}: {name} has a bias on lora_B; LoRAs with biases are not supported")
+                raise label.error(f"{name} has a bias on lora_B; LoRAs with biases are not supported")
             modules[name] = (transformer[key], up)
     if not modules:
-        raise ValueError(f"{label}: holds no lora_A/lora_B weight pairs for the FLUX transformer")
+        raise label.error("holds no lora_A/lora_B weight pairs for the FLUX transformer")
     scales = _module_scales(modules, alphas, metadata, label)
     terms = {}
     for name, (down, up) in modules.items():
         if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise ValueError(
-                f"{label}: {name} is not a linear LoRA (A {tuple(down.shape)}, B {tuple(up.shape)})"
-            )
+            raise label.error(f"{name} is not a linear LoRA (A {tuple(down.shape)}, B {tuple(up.shape)})")
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-            raise ValueError(f"{label}: {name} has NaN or infinite weights")
+            raise label.error(f"{name} has NaN or infinite weights")
         terms[name] = LoraTerm(down, up, scales[name])
     return terms, ignored
 
 
 def fit_to_model(
-    terms: dict[str, LoraTerm], shapes: Mapping[str, tuple[int, int]], max_rank: int, label: str
+    terms: dict[str, LoraTerm], shapes: Mapping[str, tuple[int, int]], max_rank: int, label: LoraLabel
 ) -> dict[str, LoraTerm]:
     """Check every term against this model's layer shapes ``{path: (in, out)}``; a FLUX.1 [dev] input
     projection LoRA is zero-padded to Fill's width, as diffusers does. ``ValueError`` naming the layer
@@ -378,28 +402,28 @@ def fit_to_model(
     fitted = {}
     for name, term in terms.items():
         if name not in shapes:
-            raise ValueError(
-                f"{label}: a LoRA for another model: it targets {name!r}, which this FLUX Fill "
+            raise label.error(
+                f"a LoRA for another model: it targets {name!r}, which this FLUX Fill "
                 "transformer does not have (or whose LoRA the engine does not apply)"
             )
         in_features, out_features = shapes[name]
         rank, lora_in, lora_out = term.rank, term.down.shape[1], term.up.shape[0]
         if lora_out != out_features or lora_in > in_features:
-            raise ValueError(
-                f"{label}: a LoRA for another model: {name} maps {lora_in} -> {lora_out} features, this "
+            raise label.error(
+                f"a LoRA for another model: {name} maps {lora_in} -> {lora_out} features, this "
                 f"model's layer maps {in_features} -> {out_features}"
             )
         down = term.down
         if lora_in < in_features:
             if name != INPUT_PROJECTION:
-                raise ValueError(
-                    f"{label}: a LoRA for another model: {name} reads {lora_in} features, this model's "
+                raise label.error(
+                    f"a LoRA for another model: {name} reads {lora_in} features, this model's "
                     f"layer reads {in_features}"
                 )
             down = F.pad(down, (0, in_features - lora_in))  # a FLUX.1 [dev] LoRA: noise latents only
         if rank > max_rank:
-            raise ValueError(
-                f"{label}: rank {rank} at {name} is above EngineConfig.max_lora_rank={max_rank}; raise it "
+            raise label.error(
+                f"rank {rank} at {name} is above EngineConfig.max_lora_rank={max_rank}; raise it "
                 "(the compiled side path pads every LoRA to it)"
             )
         fitted[name] = LoraTerm(down, term.up, term.scale)
@@ -421,7 +445,7 @@ class LoraCache:
     def load(
         self,
         spec: LoraSpec,
-        label: str,
+        label: LoraLabel,
         shapes: Mapping[str, tuple[int, int]],
         max_rank: int,
         device: torch.device,

@@ -32,6 +32,7 @@ from .conditioning import (
 )
 from .config import EngineConfig
 from .denoiser import choose_denoiser, describe_path, load_engine_loras, lora_set_for
+from .errors import InputError, InputTypeError
 from .limits import MAX_CALL_BATCH
 from .lora import AdapterSet, LoraSpec
 from .model import FillTransformer
@@ -283,14 +284,14 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         """
         calls = [] if isinstance(calls, PipelineCall) else list(calls)
         if not calls:
-            raise ValueError("`calls` must be a non-empty sequence of PipelineCall objects")
+            raise InputError("`calls` must be a non-empty sequence of PipelineCall objects", "calls")
         checked = [self._validated(call) for call in calls]
         _check_batch(checked)
         scale = self.vae_scale_factor
         grids = [LatentGrid(c.total, c.height, c.width, scale) for c in checked]
         grid = LatentGrid(sum(g.batch for g in grids), grids[0].height, grids[0].width, scale)
         if grid.batch > MAX_CALL_BATCH:
-            raise ValueError(f"{grid.batch} images in one batch of calls; at most {MAX_CALL_BATCH}")
+            raise InputError(f"{grid.batch} images in one batch of calls; at most {MAX_CALL_BATCH}", "calls")
         seq_len = image_seq_len(grid.height, grid.width, scale)
         lead = calls[0]
         schedule = make_schedule(
@@ -481,13 +482,17 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                     kwargs = {name: local_tensors[name] for name in call.callback_on_step_end_tensor_inputs}
                     outputs = callback(self, i, timesteps[i], kwargs)
                     if not isinstance(outputs, dict):
-                        raise TypeError(
+                        raise InputTypeError(
                             f"`callback_on_step_end` must return a dict (of the tensors it changed), got "
-                            f"{type(outputs).__name__} at step {i}"
+                            f"{type(outputs).__name__} at step {i}",
+                            "callback_on_step_end",
                         )
                     latents = outputs.pop("latents", latents)
                     if not torch.isfinite(latents).all():
-                        raise ValueError(f"`callback_on_step_end` left non-finite latents at step {i}")
+                        raise InputError(
+                            f"`callback_on_step_end` left non-finite latents at step {i}",
+                            "callback_on_step_end",
+                        )
                     new_prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     if new_prompt_embeds is not prompt_embeds:
                         prompt_embeds = new_prompt_embeds
@@ -539,14 +544,18 @@ def _check_batch(checked: Sequence[CheckedCall]) -> None:
         pairs += [(name, getattr(one.call, name), getattr(first.call, name)) for name in _SHARED_FIELDS]
         for name, value, expected in pairs:
             if not _same(value, expected):
-                raise ValueError(
+                raise InputError(
                     f"calls[{index}]: `{name}` is {value!r} but calls[0] has {expected!r}; calls run as one "
-                    "batch must agree on it"
+                    "batch must agree on it",
+                    f"calls[{index}].{name}",
                 )
     if len(checked) > 1:
         for index, one in enumerate(checked):
             if one.call.callback_on_step_end is not None:
-                raise ValueError(f"calls[{index}]: `callback_on_step_end` runs only with a single call")
+                raise InputError(
+                    f"calls[{index}]: `callback_on_step_end` runs only with a single call",
+                    f"calls[{index}].callback_on_step_end",
+                )
 
 
 def _same(value: Any, expected: Any) -> bool:
@@ -566,5 +575,7 @@ def _cat(tensors: Sequence[torch.Tensor], name: str) -> torch.Tensor:
         return tensors[0]
     shapes = {tuple(t.shape[1:]) for t in tensors}
     if len(shapes) > 1:
-        raise ValueError(f"`{name}` of the calls in one batch have different shapes {sorted(shapes)}")
+        raise InputError(
+            f"`{name}` of the calls in one batch have different shapes {sorted(shapes)}", "calls"
+        )
     return torch.cat(list(tensors))

@@ -1,7 +1,9 @@
 """Every input check, shared by the drop-in pipeline, the engine and the command line.
 
-Checks run before any work and raise ``ValueError`` / ``TypeError`` (``FileNotFoundError`` for a missing
-path) naming the parameter and what is allowed, so a refused request changes nothing.
+Checks run before any work and raise :class:`~.errors.InputError` (a ``ValueError``;
+:class:`~.errors.InputTypeError` is also a ``TypeError``, :class:`~.errors.InputFileNotFound` a
+``FileNotFoundError``) with ``field`` set to the parameter and a message saying what is allowed, so a
+refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from .call import OUTPUT_TYPES, ImageInput, PipelineCall
 from .conditioning import image_seq_len
+from .errors import InputError, InputTypeError
 from .framing import OUTPAINT_SIDES
 from .images import bools_to_float, check_mask_fits_image, load_image_input, to_pil
 from .limits import (
@@ -57,27 +60,31 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_int_range(name: str, value: Any, low: int, high: int) -> None:
+def check_int_range(name: str, value: Any, low: int, high: int, field: str | None = None) -> None:
+    """``value`` is an int in ``[low, high]``; the error's field is ``field`` (default ``name``)."""
     if not is_int(value) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}")
+        raise InputError(f"`{name}` must be an int in [{low}, {high}], got {value!r}", field or name)
 
 
 def check_text(name: str, text: str) -> None:
     """A prompt must be encodable text of at most :data:`MAX_PROMPT_CHARS` characters."""
     if len(text) > MAX_PROMPT_CHARS:
-        raise ValueError(f"`{name}` has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+        raise InputError(
+            f"`{name}` has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted", name
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(
+        raise InputError(
             f"`{name}` is not valid text: character {err.start} is {text[err.start]!r}, a lone surrogate "
-            "(undecodable bytes?); pass UTF-8 text"
+            "(undecodable bytes?); pass UTF-8 text",
+            name,
         ) from None
 
 
 def check_finite_tensor(name: str, value: Any) -> None:
     if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-        raise ValueError(f"`{name}` contains NaN or infinite values")
+        raise InputError(f"`{name}` contains NaN or infinite values", name)
 
 
 def _arrays(value: ImageInput) -> list[np.ndarray | torch.Tensor]:
@@ -92,13 +99,14 @@ def check_image_values(value: ImageInput, name: str, unit_range: bool = False) -
         if tensor.dtype == torch.bool or not tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
         if tensor.numel() == 0:
-            raise ValueError(f"`{name}` is empty (shape {tuple(tensor.shape)})")
+            raise InputError(f"`{name}` is empty (shape {tuple(tensor.shape)})", name)
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"`{name}` contains NaN or infinite values")
+            raise InputError(f"`{name}` contains NaN or infinite values", name)
         if unit_range and (tensor.min() < 0 or tensor.max() > 1):
-            raise ValueError(
+            raise InputError(
                 f"`{name}` values must lie in [0, 1] (white = repaint, black = keep); "
-                f"got min {tensor.min().item():.4g}, max {tensor.max().item():.4g}"
+                f"got min {tensor.min().item():.4g}, max {tensor.max().item():.4g}",
+                name,
             )
 
 
@@ -141,7 +149,7 @@ class CheckedCall:
 
 def check_strength(strength: Any) -> None:
     if not is_finite_number(strength):
-        raise ValueError(f"`strength` must be a number in [0, 1], got {strength!r}")
+        raise InputError(f"`strength` must be a number in [0, 1], got {strength!r}", "strength")
 
 
 def check_call(
@@ -156,41 +164,54 @@ def check_call(
     scale = model.vae_scale_factor
     for name, value in (("height", height), ("width", width)):
         if not is_int(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            raise InputError(f"`{name}` must be a positive int, got {value!r}", name)
         if not scale * 2 <= value <= MAX_CALL_SIDE:
-            raise ValueError(f"`{name}` must be in [{scale * 2}, {MAX_CALL_SIDE}] pixels, got {value}")
+            raise InputError(f"`{name}` must be in [{scale * 2}, {MAX_CALL_SIDE}] pixels, got {value}", name)
     steps = call.num_inference_steps
     if not is_int(steps) or not 1 <= steps <= MAX_CALL_STEPS:
-        raise ValueError(f"`num_inference_steps` must be an int in [1, {MAX_CALL_STEPS}], got {steps!r}")
+        raise InputError(
+            f"`num_inference_steps` must be an int in [1, {MAX_CALL_STEPS}], got {steps!r}",
+            "num_inference_steps",
+        )
     if call.sigmas is not None:
         values = np.asarray(call.sigmas, dtype=np.float64) if len(call.sigmas) else np.zeros(0)
         if values.ndim != 1 or values.size == 0 or not np.all((values > 0) & (values <= 1)):
-            raise ValueError(
-                f"`sigmas` must be a non-empty 1-D sequence of values in (0, 1], got {call.sigmas!r}"
+            raise InputError(
+                f"`sigmas` must be a non-empty 1-D sequence of values in (0, 1], got {call.sigmas!r}",
+                "sigmas",
             )
     if not is_finite_number(call.guidance_scale):
-        raise ValueError(f"`guidance_scale` must be a finite number, got {call.guidance_scale!r}")
+        raise InputError(
+            f"`guidance_scale` must be a finite number, got {call.guidance_scale!r}", "guidance_scale"
+        )
     if not is_int(call.num_images_per_prompt) or call.num_images_per_prompt < 1:
-        raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {call.num_images_per_prompt!r}")
+        raise InputError(
+            f"`num_images_per_prompt` must be an int >= 1, got {call.num_images_per_prompt!r}",
+            "num_images_per_prompt",
+        )
     if call.output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {call.output_type!r}")
+        raise InputError(
+            f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {call.output_type!r}", "output_type"
+        )
     if not is_int(call.max_sequence_length) or not 1 <= call.max_sequence_length <= 512:
-        raise ValueError(
-            f"`max_sequence_length` must be an int in [1, 512], got {call.max_sequence_length!r}"
+        raise InputError(
+            f"`max_sequence_length` must be an int in [1, 512], got {call.max_sequence_length!r}",
+            "max_sequence_length",
         )
     if call.callback_on_step_end is not None and not callable(call.callback_on_step_end):
-        raise TypeError("`callback_on_step_end` must be callable")
+        raise InputTypeError("`callback_on_step_end` must be callable", "callback_on_step_end")
     _check_generator(call.generator)
     extra_kwargs = sorted(set(call.joint_attention_kwargs or {}) - {"scale"})
     if extra_kwargs:
-        raise ValueError(
+        raise InputError(
             f"`joint_attention_kwargs` keys {extra_kwargs} are not supported by fluxfill-engine's "
-            "transformer (only 'scale', the LoRA scale, is)"
+            "transformer (only 'scale', the LoRA scale, is)",
+            "joint_attention_kwargs",
         )
 
     image, mask_image = call.image, call.mask_image
     if image is None and call.masked_image_latents is None:
-        raise ValueError("`image` and `mask_image` are required (or pass `masked_image_latents`)")
+        raise InputError("`image` and `mask_image` are required (or pass `masked_image_latents`)", "image")
     if image is not None:
         image = load_image_input(image, "image", max_megapixels=max_megapixels)
         check_image_values(image, "image")
@@ -203,13 +224,15 @@ def check_call(
 
     total = _prompt_batch(call, model) * call.num_images_per_prompt
     if total > MAX_CALL_BATCH:
-        raise ValueError(
-            f"prompts x `num_images_per_prompt` = {total} images in one call; at most {MAX_CALL_BATCH}"
+        raise InputError(
+            f"prompts x `num_images_per_prompt` = {total} images in one call; at most {MAX_CALL_BATCH}",
+            "num_images_per_prompt",
         )
     if isinstance(call.generator, list) and len(call.generator) != total:
-        raise ValueError(
+        raise InputError(
             f"`generator` is a list of {len(call.generator)} generators, but the effective batch size "
-            f"(prompts x num_images_per_prompt) is {total}; pass one generator per image"
+            f"(prompts x num_images_per_prompt) is {total}; pass one generator per image",
+            "generator",
         )
     seq_len = image_seq_len(height, width, scale)
     for name in ("latents", "masked_image_latents"):
@@ -219,7 +242,7 @@ def check_call(
         expected = (total, seq_len, model.out_channels)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"`latents` must be a packed tensor of shape {expected}, got {shape}")
+            raise InputError(f"`latents` must be a packed tensor of shape {expected}, got {shape}", "latents")
     conditioning = call.masked_image_latents
     if conditioning is not None:
         channels = model.in_channels - model.out_channels
@@ -229,9 +252,10 @@ def check_call(
             or tuple(conditioning.shape[1:]) != (seq_len, channels)
             or total % conditioning.shape[0] != 0
         ):
-            raise ValueError(
+            raise InputError(
                 f"`masked_image_latents` must be the packed conditioning [batch, {seq_len}, {channels}] "
-                f"(masked-image latents + mask) with a batch dividing {total}"
+                f"(masked-image latents + mask) with a batch dividing {total}",
+                "masked_image_latents",
             )
     multiple = scale * 2
     return CheckedCall(
@@ -248,9 +272,10 @@ def _check_generator(generator: Any) -> None:
     items = generator if isinstance(generator, list) else [generator]
     if generator is None or all(isinstance(g, torch.Generator) for g in items):
         return
-    raise TypeError(
+    raise InputTypeError(
         "`generator` must be a torch.Generator, a list of them (one per image) or None, got "
-        f"{type(generator).__name__}; for a seed, pass torch.Generator('cpu').manual_seed(seed)"
+        f"{type(generator).__name__}; for a seed, pass torch.Generator('cpu').manual_seed(seed)",
+        "generator",
     )
 
 
@@ -260,7 +285,7 @@ def _prompts(name: str, value: Any) -> int | None:
         return None
     prompts = [value] if isinstance(value, str) else value
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"`{name}` must be a string or a non-empty list of strings")
+        raise InputError(f"`{name}` must be a string or a non-empty list of strings", name)
     for text in prompts:
         check_text(name, text)
     return len(prompts)
@@ -270,27 +295,35 @@ def _prompt_batch(call: PipelineCall, model: ModelShape) -> int:
     batch = _prompts("prompt", call.prompt)
     batch_2 = _prompts("prompt_2", call.prompt_2)
     if batch is not None and batch_2 is not None and batch_2 != batch:
-        raise ValueError(f"`prompt_2` holds {batch_2} prompts for {batch} `prompt`s: give one per prompt")
+        raise InputError(
+            f"`prompt_2` holds {batch_2} prompts for {batch} `prompt`s: give one per prompt", "prompt_2"
+        )
     embeds, pooled = call.prompt_embeds, call.pooled_prompt_embeds
     if batch is None:
         if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
-            raise ValueError("`prompt_embeds` must be a tensor [batch, sequence, dim]")
+            raise InputError(
+                "`prompt_embeds` must be a tensor [batch, sequence, dim]",
+                "prompt" if embeds is None else "prompt_embeds",
+            )
         batch = embeds.shape[0]
     if embeds is None:
         return batch
     if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != embeds.shape[0]:
-        raise ValueError(
-            "`pooled_prompt_embeds` must be a tensor [batch, dim] with the same batch as `prompt_embeds`"
+        raise InputError(
+            "`pooled_prompt_embeds` must be a tensor [batch, dim] with the same batch as `prompt_embeds`",
+            "pooled_prompt_embeds",
         )
     if embeds.shape[-1] != model.joint_attention_dim:
-        raise ValueError(
+        raise InputError(
             f"`prompt_embeds` must be T5 embeddings of width {model.joint_attention_dim}, got width "
-            f"{embeds.shape[-1]} (shape {tuple(embeds.shape)})"
+            f"{embeds.shape[-1]} (shape {tuple(embeds.shape)})",
+            "prompt_embeds",
         )
     if pooled.shape[-1] != model.pooled_projection_dim:
-        raise ValueError(
+        raise InputError(
             f"`pooled_prompt_embeds` must be CLIP pooled embeddings of width {model.pooled_projection_dim}, "
-            f"got width {pooled.shape[-1]}"
+            f"got width {pooled.shape[-1]}",
+            "pooled_prompt_embeds",
         )
     check_finite_tensor("prompt_embeds", embeds)
     check_finite_tensor("pooled_prompt_embeds", pooled)
@@ -300,14 +333,16 @@ def _prompt_batch(call: PipelineCall, model: ModelShape) -> int:
 def check_schedule(schedule: Schedule, checked: CheckedCall) -> None:
     """What the schedule leaves to run must be runnable from what was given."""
     if schedule.num_steps < 1:
-        raise ValueError(
+        raise InputError(
             f"`strength`={checked.call.strength} leaves {schedule.num_steps} of the schedule's steps to "
-            "run; raise `strength` or `num_inference_steps` so at least one step runs"
+            "run; raise `strength` or `num_inference_steps` so at least one step runs",
+            "strength",
         )
     if checked.image is None and checked.call.latents is None and schedule.first_sigma != 1.0:
-        raise ValueError(
+        raise InputError(
             "without `image`, sampling must start from pure noise: use strength=1 and sigmas starting "
-            "at 1.0, or pass `latents`"
+            "at 1.0, or pass `latents`",
+            "strength",
         )
 
 
@@ -322,19 +357,21 @@ def _single_image(value: Any, name: str, mode: str, max_megapixels: float) -> An
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {value!r}")
+        raise InputTypeError(f"`{name}` must be a bool, got {value!r}", name)
 
 
 def _check_outpaint(value: Any) -> dict[str, int] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise TypeError(f"`outpaint` must be a dict of {list(OUTPAINT_SIDES)} -> pixels, got {value!r}")
+        raise InputTypeError(
+            f"`outpaint` must be a dict of {list(OUTPAINT_SIDES)} -> pixels, got {value!r}", "outpaint"
+        )
     unknown = sorted(set(value) - set(OUTPAINT_SIDES))
     if unknown:
-        raise ValueError(f"`outpaint` keys must be among {list(OUTPAINT_SIDES)}, got {unknown}")
+        raise InputError(f"`outpaint` keys must be among {list(OUTPAINT_SIDES)}, got {unknown}", "outpaint")
     for side, pixels in value.items():
-        check_int_range(f"outpaint['{side}']", pixels, 0, MAX_OUTPAINT)
+        check_int_range(f"outpaint['{side}']", pixels, 0, MAX_OUTPAINT, field=f"outpaint.{side}")
     return {side: int(value.get(side, 0)) for side in OUTPAINT_SIDES}
 
 
@@ -346,25 +383,32 @@ def check_fill_request(
     (count and scales checked; the files are read by the engine, which knows the model)."""
     loras = check_lora_specs(request.loras, max_loras)
     if not isinstance(request.prompt, str):
-        raise TypeError(f"`prompt` must be a string, got {type(request.prompt).__name__}")
+        raise InputTypeError(f"`prompt` must be a string, got {type(request.prompt).__name__}", "prompt")
     check_text("prompt", request.prompt)
     outpaint = _check_outpaint(request.outpaint)
     if request.image is None or (request.mask is None and outpaint is None):
-        raise ValueError("`image` and `mask` are both required (the mask is optional with `outpaint`)")
+        raise InputError(
+            "`image` and `mask` are both required (the mask is optional with `outpaint`)",
+            "image" if request.image is None else "mask",
+        )
     image = _single_image(request.image, "image", "RGB", max_megapixels)
     mask = None if request.mask is None else _single_image(request.mask, "mask", "L", max_megapixels)
     if mask is not None:
         check_mask_fits_image(image, mask, "mask")
     if (request.width is None) != (request.height is None):
-        raise ValueError("`width` and `height`: give both (the output size) or neither (the input's size)")
+        raise InputError(
+            "`width` and `height`: give both (the output size) or neither (the input's size)",
+            "height" if request.width is None else "width",  # the one given alone
+        )
     if request.width is not None:
         check_int_range("width", request.width, MIN_SIZE, MAX_SIZE)
         check_int_range("height", request.height, MIN_SIZE, MAX_SIZE)
     check_int_range("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
     guidance = request.guidance_scale
     if not is_finite_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise ValueError(
-            f"`guidance_scale` must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}"
+        raise InputError(
+            f"`guidance_scale` must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}",
+            "guidance_scale",
         )
     check_int_range("num_images", request.num_images, 1, MAX_IMAGES)
     for name in ("paste_back", "soft_mask", "crop_to_mask"):
@@ -374,17 +418,19 @@ def check_fill_request(
     check_int_range("crop_padding", request.crop_padding, 0, MAX_CROP_PADDING)
     working = request.max_megapixels
     if not is_finite_number(working) or not MIN_WORKING_MEGAPIXELS <= working <= MAX_WORKING_MEGAPIXELS:
-        raise ValueError(
+        raise InputError(
             f"`max_megapixels` must be a number in [{MIN_WORKING_MEGAPIXELS}, {MAX_WORKING_MEGAPIXELS}] "
-            f"(the working resolution), got {working!r}"
+            f"(the working resolution), got {working!r}",
+            "max_megapixels",
         )
     if outpaint is not None:
         width = image.width + outpaint["left"] + outpaint["right"]
         height = image.height + outpaint["top"] + outpaint["bottom"]
         if width * height > max_megapixels * 1e6:
-            raise ValueError(
+            raise InputError(
                 f"`outpaint` grows the canvas to {width}x{height}, above the limit of {max_megapixels:g} "
-                "megapixels (EngineConfig.max_input_megapixels)"
+                "megapixels (EngineConfig.max_input_megapixels)",
+                "outpaint",
             )
     seed = request.seed
     if seed is None:

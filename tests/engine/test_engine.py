@@ -147,8 +147,9 @@ def test_cached_prompt_gives_the_same_images():
 )
 def test_invalid_requests_are_rejected_with_an_error_event(engine, overrides, error, match):
     events = []
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as refused:
         engine.run(request(**overrides), on_event=events.append)
+    assert refused.value.field == match
     assert [e.type for e in events] == ["error"]
     assert match in events[0].message
 

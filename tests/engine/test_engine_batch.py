@@ -273,25 +273,38 @@ def test_frame_working_size_equals_the_frames_on_random_options():
 
 
 @pytest.mark.parametrize(
-    ("index", "overrides", "error", "match"),
+    ("index", "overrides", "error", "match", "field"),
     [
-        (1, {"num_inference_steps": 0}, ValueError, r"requests\[1\]: `num_inference_steps`"),
-        (2, {"image": None}, ValueError, r"requests\[2\]: `image`"),
-        (1, {"prompt": 3}, TypeError, r"requests\[1\]: `prompt`"),
-        (2, {"mask": "/nonexistent/mask.png"}, FileNotFoundError, r"requests\[2\]"),
-        (1, {"num_inference_steps": 3}, ValueError, r"requests\[1\]: `num_inference_steps` is 3 but"),
-        (2, {"width": 512, "height": 512}, ValueError, r"requests\[2\]: `working_size`"),
-        (1, {"soft_mask": True}, ValueError, r"requests\[1\]: `soft_mask`"),
-        (1, {"loras": [{"path": "x.safetensors"}]}, ValueError, r"requests\[1\]: `loras`"),
+        (
+            1,
+            {"num_inference_steps": 0},
+            ValueError,
+            r"requests\[1\]: `num_inference_steps`",
+            "num_inference_steps",
+        ),
+        (2, {"image": None}, ValueError, r"requests\[2\]: `image`", "image"),
+        (1, {"prompt": 3}, TypeError, r"requests\[1\]: `prompt`", "prompt"),
+        (2, {"mask": "/nonexistent/mask.png"}, FileNotFoundError, r"requests\[2\]", "mask"),
+        (
+            1,
+            {"num_inference_steps": 3},
+            ValueError,
+            r"requests\[1\]: `num_inference_steps` is 3 but",
+            "num_inference_steps",
+        ),
+        (2, {"width": 512, "height": 512}, ValueError, r"requests\[2\]: `working_size`", "working_size"),
+        (1, {"soft_mask": True}, ValueError, r"requests\[1\]: `soft_mask`", "soft_mask"),
+        (1, {"loras": [{"path": "x.safetensors"}]}, ValueError, r"requests\[1\]: `loras`", "loras"),
     ],
 )
-def test_a_bad_or_mismatched_request_is_refused_before_any_work(index, overrides, error, match):
+def test_a_bad_or_mismatched_request_is_refused_before_any_work(index, overrides, error, match, field):
     engine = helpers.tiny_engine()
     requests = [request(seed=0), request(seed=1), request(seed=2)]
     requests[index] = request(seed=index, **overrides)
     events = []
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as refused:
         engine.run_batch(requests, on_event=events.append)
+    assert refused.value.field == f"requests[{index}].{field}"
     assert [e.type for e in events] == ["error"] and f"requests[{index}]" in events[0].message
     assert engine.pipeline.prompt_cache.misses == 0 and len(engine.pipeline.prompt_cache) == 0
 

@@ -198,25 +198,26 @@ def test_a_binary_mask_is_the_same_soft_or_not(engine):
 
 
 @pytest.mark.parametrize(
-    ("fields", "error", "match"),
+    ("fields", "error", "match", "field"),
     [
-        (dict(mask_grow=-1), ValueError, "mask_grow"),
-        (dict(mask_blur=1000), ValueError, "mask_blur"),
-        (dict(paste_back="yes"), TypeError, "paste_back"),
-        (dict(soft_mask=1), TypeError, "soft_mask"),
-        (dict(max_megapixels=10.0), ValueError, "max_megapixels"),
-        (dict(crop_padding=-5), ValueError, "crop_padding"),
-        (dict(outpaint={"up": 10}), ValueError, "outpaint"),
-        (dict(outpaint={"left": -1}), ValueError, "outpaint"),
-        (dict(outpaint=[1, 2, 3, 4]), TypeError, "outpaint"),
-        (dict(width=512), ValueError, "`width` and `height`"),
-        (dict(mask=None), ValueError, "optional with `outpaint`"),
+        (dict(mask_grow=-1), ValueError, "mask_grow", "mask_grow"),
+        (dict(mask_blur=1000), ValueError, "mask_blur", "mask_blur"),
+        (dict(paste_back="yes"), TypeError, "paste_back", "paste_back"),
+        (dict(soft_mask=1), TypeError, "soft_mask", "soft_mask"),
+        (dict(max_megapixels=10.0), ValueError, "max_megapixels", "max_megapixels"),
+        (dict(crop_padding=-5), ValueError, "crop_padding", "crop_padding"),
+        (dict(outpaint={"up": 10}), ValueError, "outpaint", "outpaint"),
+        (dict(outpaint={"left": -1}), ValueError, "outpaint", "outpaint.left"),
+        (dict(outpaint=[1, 2, 3, 4]), TypeError, "outpaint", "outpaint"),
+        (dict(width=512), ValueError, "`width` and `height`", "width"),
+        (dict(mask=None), ValueError, "optional with `outpaint`", "mask"),
     ],
 )
-def test_fill_options_are_checked_up_front(fields, error, match):
+def test_fill_options_are_checked_up_front(fields, error, match, field):
     request = {"prompt": "a cup", "image": photo(256, 256), "mask": box(256, 256, (1, 1, 9, 9)), **fields}
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as refused:
         FillRequest(**request).validated()
+    assert refused.value.field == field
 
 
 def test_the_cli_flags(tmp_path):

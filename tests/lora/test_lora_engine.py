@@ -222,33 +222,47 @@ def bad_files(files, tmp_path_factory):
 
 
 BAD_REQUESTS = [
-    ("too_many", ValueError, r"`loras`: 4 LoRAs given, at most 3"),
-    ("missing", FileNotFoundError, r"`loras\[0\]` \('/nonexistent/style.safetensors'\): no such LoRA file"),
-    ("nan_scale", ValueError, r"`loras\[1\]`.scale must be a finite number in \[-4, 4\], got nan"),
-    ("big_scale", ValueError, r"`loras\[0\]`.scale .* got 5"),
-    ("unknown_key", ValueError, r"`loras\[0\]`: unknown keys \['weight'\]"),
-    ("not_a_list", TypeError, r"`loras` must be a list"),
+    ("too_many", "loras", ValueError, r"`loras`: 4 LoRAs given, at most 3"),
+    (
+        "missing",
+        "loras[0]",
+        FileNotFoundError,
+        r"`loras\[0\]` \('/nonexistent/style.safetensors'\): no such LoRA file",
+    ),
+    (
+        "nan_scale",
+        "loras[1].scale",
+        ValueError,
+        r"`loras\[1\]`.scale must be a finite number in \[-4, 4\], got nan",
+    ),
+    ("big_scale", "loras[0].scale", ValueError, r"`loras\[0\]`.scale .* got 5"),
+    ("unknown_key", "loras[0]", ValueError, r"`loras\[0\]`: unknown keys \['weight'\]"),
+    ("not_a_list", "loras", TypeError, r"`loras` must be a list"),
     (
         "wide",
+        "loras[0]",
         ValueError,
         r"`loras\[0\]` \(.*wide.*\): a LoRA for another model: .* features, this model's layer maps",
     ),
     (
         "missing_layer",
+        "loras[0]",
         ValueError,
         r"`loras\[0\]` .*another model: it targets 'transformer_blocks.7.attn.to_q'",
     ),
-    ("control", ValueError, r"`loras\[0\]` .*Control LoRA"),
-    ("nan", ValueError, r"`loras\[0\]` .*NaN or infinite weights"),
-    ("no_lora", ValueError, r"`loras\[0\]` .*holds no LoRA for the FLUX transformer"),
-    ("pickled", ValueError, r"`loras\[0\]` .*only .safetensors"),
-    ("garbage", ValueError, r"`loras\[0\]` .*not a readable .safetensors file"),
-    ("empty_folder", ValueError, r"`loras\[0\]` .*holds no pytorch_lora_weights.safetensors"),
+    ("control", "loras[0]", ValueError, r"`loras\[0\]` .*Control LoRA"),
+    ("nan", "loras[0]", ValueError, r"`loras\[0\]` .*NaN or infinite weights"),
+    ("no_lora", "loras[0]", ValueError, r"`loras\[0\]` .*holds no LoRA for the FLUX transformer"),
+    ("pickled", "loras[0]", ValueError, r"`loras\[0\]` .*only .safetensors"),
+    ("garbage", "loras[0]", ValueError, r"`loras\[0\]` .*not a readable .safetensors file"),
+    ("empty_folder", "loras[0]", ValueError, r"`loras\[0\]` .*holds no pytorch_lora_weights.safetensors"),
 ]
 
 
-@pytest.mark.parametrize(("case", "error", "match"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_loras_are_refused_before_any_work_and_change_nothing(files, bad_files, case, error, match):
+@pytest.mark.parametrize(("case", "field", "error", "match"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_loras_are_refused_before_any_work_and_change_nothing(
+    files, bad_files, case, field, error, match
+):
     good = {"path": files["a"], "scale": 1.0}
     loras = {
         "too_many": [good] * 4,
@@ -261,8 +275,9 @@ def test_bad_loras_are_refused_before_any_work_and_change_nothing(files, bad_fil
     engine = helpers.tiny_engine()
     with_lora = engine.run(request(loras=[good]))
     events = []
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as refused:
         engine.run(request(loras=loras), on_event=events.append)
+    assert refused.value.field == field
     assert [e.type for e in events] == ["error"]
     again = engine.run(request(loras=[good]))  # the set before is still the one applied
     assert again.stats["loras"]["switched"] is False
