@@ -18,7 +18,7 @@ _EXPORTS = {
     "FillResult": ".engine",
     "FluxFillEngine": ".engine",
     "FluxFillPipeline": ".pipeline",
-    "LoraSpec": ".lora",
+    "LoraSpec": ".lora.spec",
     "PipelineCall": ".call",
     "PipelineResult": ".call",
 }
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .call import PipelineCall, PipelineResult
     from .config import EngineConfig
     from .engine import Event, FillRequest, FillResult, FluxFillEngine
-    from .lora import LoraSpec
+    from .lora.spec import LoraSpec
     from .pipeline import FluxFillPipeline
 
 

@@ -10,15 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from .call import PipelineCall
 from .diffusers_path import DiffusersForward, diffusers_cache_enabled, diffusers_features
-from .lora import (
-    AdapterSet,
-    LoraSpec,
-    check_lora_specs,
-    file_set,
-    lora_label,
-    peft_adapter_set,
-    resolve_strategy,
-)
+from .lora.adapters import AdapterSet, file_set, peft_adapter_set
+from .lora.apply import resolve_strategy
+from .lora.spec import LoraSpec, check_lora_specs, lora_label
 from .runtime import execution_device
 
 if TYPE_CHECKING:

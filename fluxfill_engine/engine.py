@@ -30,13 +30,13 @@ from .diffusers_path import diffusers_cache_enabled
 from .errors import InputError, InputFileNotFound, InputTypeError
 from .framing import Frame, frame_working_size, make_frame
 from .limits import MAX_CALL_BATCH, MAX_INPUT_MEGAPIXELS, MAX_LORAS, MAX_SEQUENCE_LENGTH
-from .lora import LoraSpec
+from .lora.spec import LoraSpec
 from .pipeline import FluxFillPipeline
 from .validation import check_fill_request
 
 if TYPE_CHECKING:
     from .call import ImageInput
-    from .lora import AdapterSet
+    from .lora.adapters import AdapterSet
 
 
 @dataclass(frozen=True)

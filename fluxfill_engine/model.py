@@ -41,7 +41,7 @@ from .layers import (
     shares_storage,
     timestep_embedding,
 )
-from .lora import LoraController, LoraLinear, LoraSlot, base_layer
+from .lora.apply import LoraController, LoraLinear, LoraSlot, base_layer
 from .parallel import ContextParallel, SequenceShard, UlyssesAttention, fingerprint
 from .quantization import QuantPlan, quantize_linear
 

@@ -34,7 +34,8 @@ from .config import EngineConfig
 from .denoiser import choose_denoiser, describe_path, load_engine_loras, lora_set_for
 from .errors import InputError, InputTypeError
 from .limits import MAX_CALL_BATCH
-from .lora import AdapterSet, LoraSpec
+from .lora.adapters import AdapterSet
+from .lora.spec import LoraSpec
 from .model import FillTransformer
 from .quantization import quantize_text_encoder as quantize_text_encoder_linears
 from .quantization import resolve, weight_bytes

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import EngineConfig
-from .lora import LoraCache, resolve_strategy
+from .lora.apply import resolve_strategy
+from .lora.files import LoraCache
 from .model import FillTransformer
 from .parallel import resolve_context_parallel
 from .quantization import QuantPlan, resolve, weight_bytes

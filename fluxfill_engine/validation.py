@@ -43,7 +43,7 @@ from .limits import (
     MIN_SIZE,
     MIN_WORKING_MEGAPIXELS,
 )
-from .lora import check_lora_specs
+from .lora.spec import check_lora_specs
 
 if TYPE_CHECKING:
     from .engine import FillRequest
