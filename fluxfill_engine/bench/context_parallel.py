@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,10 @@ def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch
         from diffusers import FluxTransformer2DModel
 
         torch.manual_seed(0)
-        return FluxTransformer2DModel(**config).eval().to(device=device, dtype=dtype)
+        model = FluxTransformer2DModel(**config).eval()
+        # Seen as a Module: diffusers decorates ModelMixin.to with functools.wraps(nn.Module.to), which
+        # types it with Module.to's unbound signature (`self` first); the call still runs ModelMixin.to.
+        return cast("torch.nn.Module", model).to(device=device, dtype=dtype)
     from ..testing.random_models import random_transformer
 
     return random_transformer(config, device=device, dtype=dtype, seed=0)

@@ -124,6 +124,10 @@ def parameter_counts(configs: ComponentConfigs) -> dict[str, int]:
     """
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     def count(modules: Any) -> int:
@@ -135,11 +139,20 @@ def parameter_counts(configs: ComponentConfigs) -> dict[str, int]:
         clip = CLIPTextModel(CLIPTextConfig(**configs.clip))
         t5 = T5EncoderModel(T5Config(**configs.t5))
     tie_t5_embeddings(t5)
-    fused = []
+    fused: list[nn.Module] = []
+    # The block lists are ModuleLists (items typed as Module): the checks give the layers their types.
     for block in transformer.transformer_blocks:
+        if not isinstance(block, FluxTransformerBlock):
+            raise BenchError(
+                f"not a FLUX block: {type(block).__name__} in FluxTransformer2DModel.transformer_blocks"
+            )
         attn = block.attn
         fused += [attn.to_q, attn.to_k, attn.to_v, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
     for block in transformer.single_transformer_blocks:
+        if not isinstance(block, FluxSingleTransformerBlock):
+            raise BenchError(
+                f"not a FLUX block: {type(block).__name__} in FluxTransformer2DModel.single_transformer_blocks"
+            )
         fused += [block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp]
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     return {

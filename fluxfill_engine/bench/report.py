@@ -183,11 +183,13 @@ def plot_speed_vs_drift(record: dict[str, Any], path: str | Path) -> bool:
     SQNR above 100 dB (float rounding) is drawn at 100; bit-identical results at 110 ("exact").
     Returns ``False`` (and writes nothing) when matplotlib is not installed.
     """
+    # matplotlib is the optional `bench` extra, absent where the package is type-checked; without it
+    # there is no plot (the ImportError below).
     try:
-        import matplotlib
+        import matplotlib  # pyright: ignore[reportMissingImports]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # pyright: ignore[reportMissingImports]
     except ImportError:
         return False
     rounding, exact = 100.0, 110.0

@@ -323,7 +323,7 @@ def first_block_cache(transformer: Any, threshold: float) -> CacheDecisions | No
     def forward(*args: Any, **kwargs: Any) -> Any:
         with transformer.cache_context("cond"):
             output = original(*args, **kwargs)
-            if decisions is not None:
+            if decisions is not None and leader is not None:  # counts exist only with a leader
                 if leader.state_manager.get_state().should_compute:
                     decisions.computed += 1
                 else:

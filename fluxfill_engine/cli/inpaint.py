@@ -224,7 +224,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     degree, device, main_process = _context_parallel(args.context_parallel, model.device)
     say = print if main_process else (lambda *_: None)  # under torchrun: rank 0 speaks and writes
     from ..engine import FillRequest, FluxFillEngine
-    from ..lora import lora_label, resolve_lora_file
+    from ..lora import LoraSpec, lora_label, resolve_lora_file
     from ..testing.demo import demo_inputs, tiny_engine
 
     config = model.engine_config(context_parallel=degree)
@@ -256,12 +256,16 @@ def run_inpaint(args: argparse.Namespace) -> int:
     try:
         request = request.validated(config.max_input_megapixels, config.max_loras)
         for index, spec in enumerate(request.loras or ()):  # the files exist: before the model loads
+            if not isinstance(spec, LoraSpec):  # validated() turns every LoRA into a LoraSpec
+                raise RuntimeError(f"a checked request holds an unchecked LoRA: {spec!r}")
             resolve_lora_file(spec, lora_label(index, spec))
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise _naming_the_option(err) from None
     if degree > 1:  # every rank must draw the same noise: rank 0's seed
         from ..parallel import broadcast_seed
 
+        if request.seed is None:  # validated() chooses one
+            raise RuntimeError("a checked request has no seed")
         request.seed = broadcast_seed(request.seed)
     if model.model is None:
         say("No --model given: running the built-in tiny random-weight model. Its output is noise;")

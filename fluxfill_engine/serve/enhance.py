@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 FLAG = "--prompt-enhancer"
 
@@ -180,18 +180,23 @@ class PromptEnhancer:
         folder = _check_folder(path)
         _check_lengths(max_new_tokens, max_chars)
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
         device = torch.device(device)
         dtype = _default_dtype(device) if dtype is None else dtype
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model, info = AutoModelForCausalLM.from_pretrained(
-                folder,
-                local_files_only=True,
-                trust_remote_code=False,
-                output_loading_info=True,
-                **{_dtype_kwarg(): dtype},
+            # With output_loading_info, from_pretrained returns (model, info); transformers types it as
+            # returning the model alone.
+            model, info = cast(
+                "tuple[PreTrainedModel, dict[str, list[str]]]",
+                AutoModelForCausalLM.from_pretrained(
+                    folder,
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    output_loading_info=True,
+                    **{_dtype_kwarg(): dtype},
+                ),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{FLAG}: cannot load a text-generation model from {folder}: {error}") from error

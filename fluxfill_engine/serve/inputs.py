@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
     from ..engine import FillRequest
+    from ..lora import LoraSpec
 
 _FILL_FIELDS = (
     "prompt",
@@ -102,6 +103,18 @@ class TaskSpec:
     webhook: str | None = None
     enhance_prompt: bool = False
     safety_checker: bool = False
+
+
+def checked_loras(request: FillRequest) -> list[LoraSpec]:
+    """The LoRAs of a checked request: ``FillRequest.validated`` turns each into a ``LoraSpec`` (the
+    request's type also allows the dicts it was given)."""
+    from ..lora import LoraSpec
+
+    loras = list(request.loras or ())
+    specs = [spec for spec in loras if isinstance(spec, LoraSpec)]
+    if len(specs) != len(loras):
+        raise RuntimeError(f"a checked request holds unchecked LoRAs: {loras!r}")
+    return specs
 
 
 def decode_image(
@@ -313,7 +326,7 @@ def parse_task(
         "webhook": webhook,
         "image_size": list(image.size),
         "has_mask": mask is not None,
-        "lora_files": [{"path": str(spec.path), "scale": spec.scale} for spec in request.loras or ()],
+        "lora_files": [{"path": str(spec.path), "scale": spec.scale} for spec in checked_loras(request)],
     }
     return TaskSpec(
         request=request,

@@ -21,24 +21,34 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ray import serve
 
 from ..config import EngineConfig
 from ..engine import Event, FillRequest, FillResult, batch_fields, naming_errors
 from .engines import EngineSpec, build_engine
+from .inputs import checked_loras
 
 DEPLOYMENT = "FluxFillReplica"
 
+_Loader = TypeVar("_Loader", bound=Callable[..., Any])
+
+
+def _multiplexed(max_models: int) -> Callable[[_Loader], _Loader]:
+    """``serve.multiplexed(max_num_models_per_replica=max_models)``, typed as the decorator it is here:
+    Ray leaves its return unannotated, inferred as the union of its two forms (the decorator, or the
+    decorated loader when given one), which cannot be called as the loader."""
+    return cast("Callable[[_Loader], _Loader]", serve.multiplexed(max_num_models_per_replica=max_models))
+
 
 def lora_key(request: FillRequest) -> str:
-    """The multiplexed model id of a request: its LoRA set (``""``: none)."""
+    """The multiplexed model id of a checked request: its LoRA set (``""``: none)."""
     if not request.loras:
         return ""
-    specs = [{"path": str(spec.path), "scale": float(spec.scale)} for spec in request.loras]
+    specs = [{"path": str(spec.path), "scale": float(spec.scale)} for spec in checked_loras(request)]
     return json.dumps(specs, sort_keys=True)
 
 
@@ -55,7 +65,7 @@ class FillReplica:
         self.engine = build_engine(spec)
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
 
-    @serve.multiplexed(max_num_models_per_replica=4)
+    @_multiplexed(max_models=4)
     async def lora_set(self, key: str) -> Any:
         """Load (and keep) a LoRA set: Ray Serve then routes requests with this key here."""
         loras = [dict(item) for item in json.loads(key)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -110,8 +110,13 @@ class SafetyChecker:
             model_type = json.loads((model_dir / MODEL_CONFIG).read_text()).get("model_type", "clip")
             if model_type != "clip":
                 raise ValueError(f"its {MODEL_CONFIG} is a {model_type!r} model, not a CLIP safety checker")
-            model, info = StableDiffusionSafetyChecker.from_pretrained(
-                model_dir, local_files_only=True, output_loading_info=True
+            # With output_loading_info, from_pretrained returns (model, info); transformers types it as
+            # returning the model alone.
+            model, info = cast(
+                "tuple[StableDiffusionSafetyChecker, dict[str, list[str]]]",
+                StableDiffusionSafetyChecker.from_pretrained(
+                    model_dir, local_files_only=True, output_loading_info=True
+                ),
             )
             processor = CLIPImageProcessor.from_pretrained(processor_dir, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -123,7 +128,9 @@ class SafetyChecker:
                 f"{FLAG}: {model_dir} lacks {len(missing)} of the safety checker's weights ({shown}): "
                 "not a StableDiffusionSafetyChecker checkpoint"
             )
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # Seen as a Module: transformers decorates PreTrainedModel.to with functools.wraps(nn.Module.to),
+        # which types it with Module.to's unbound signature (`self` first); the call still runs its own `to`.
+        cast("torch.nn.Module", model).to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(model, processor, path=Path(path).expanduser())
 
     @property

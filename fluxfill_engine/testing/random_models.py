@@ -18,7 +18,7 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ from ..architecture import (
     VAE_CONFIG,
 )
 from .tiny import TINY_VOCAB_WORDS, tokenizer_from_vocab
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,7 @@ def random_transformer(
     return materialize_(transformer, device, dtype, torch.Generator(device=device).manual_seed(seed))
 
 
-def shared_clone(module: nn.Module) -> nn.Module:
+def shared_clone(module: ModuleT) -> ModuleT:
     """A copy of ``module`` whose parameters are new ``Parameter`` objects sharing the same storage.
 
     No weight memory is added. Replacing a layer, a parameter or a parameter's ``.data`` in the clone

@@ -25,14 +25,13 @@ def engine_pipeline(transformer: Any) -> Any:
 
     from ..pipeline import FluxFillPipeline
 
+    # A diffusers pipeline registers a component given as None as absent; its __init__ annotations
+    # (which from_pretrained reads, so they stay as they are) do not say so.
+    absent: dict[str, Any] = dict.fromkeys(
+        ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    )
     return FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), transformer=transformer, **absent
     )
 
 

@@ -12,7 +12,7 @@ noise: the point is that every stage of the real path runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -129,8 +129,10 @@ def _build_components(
         in_channels=3,
         out_channels=3,
         latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # four blocks: the real scale factor 8
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        # Four blocks: the real scale factor 8. diffusers annotates these as `Tuple[str]` (one block)
+        # while it takes one name per block.
+        down_block_types=cast("tuple[str]", ("DownEncoderBlock2D",) * 4),
+        up_block_types=cast("tuple[str]", ("UpDecoderBlock2D",) * 4),
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
@@ -164,7 +166,10 @@ def _build_components(
             **t5,
         )
     )
-    for module in (transformer_model, vae_model, text_encoder, text_encoder_2):
+    # Seen as Modules: diffusers decorates ModelMixin.to with functools.wraps(nn.Module.to), which types
+    # it with Module.to's unbound signature (`self` first); the call still runs each model's own `to`.
+    models = cast("tuple[torch.nn.Module, ...]", (transformer_model, vae_model, text_encoder, text_encoder_2))
+    for module in models:
         module.eval()
         if dtype != torch.float32:
             module.to(dtype)

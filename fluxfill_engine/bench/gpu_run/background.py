@@ -38,6 +38,7 @@ class Background:
         self.name = name
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self.command: list[str] = []  # what was started (Popen.args is typed as any command form)
         self.started = 0.0
         self.reason: str | None = None  # why it was not started
 
@@ -45,8 +46,9 @@ class Background:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.started = time.monotonic()
+            self.command = list(command)
             self.process = subprocess.Popen(
-                list(command), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def elapsed(self) -> float:
@@ -143,7 +145,7 @@ def kernel_tests_result(run: Run, tests: Background, deadline: Deadline) -> dict
     code = tests.wait(deadline.left())
     output = tests.output()
     result: dict[str, Any] = {
-        "command": " ".join(str(word) for word in list(tests.process.args)[1:]),
+        "command": " ".join(str(word) for word in tests.command[1:]),
         "exit_code": code,
         "run_s": tests.elapsed(),
     }

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -77,13 +77,15 @@ def poison_allocator(shape: Sequence[int], dtype: torch.dtype, device: torch.dev
         del poisoned
 
 
-def check_fused_attention(run: Run, dtype: torch.dtype, k_prologue: str) -> dict[str, Any]:
+def check_fused_attention(
+    run: Run, dtype: torch.dtype, k_prologue: Literal["prepass", "fused"]
+) -> dict[str, Any]:
     from fluxfill_kernels.fused_attention import fused_attention_ref, fused_attention_triton
     from fluxfill_kernels.tolerances import TOLERANCE
 
     x = attention_inputs(run, dtype, seed=1)
     args = (x["q"], x["k"], x["v"], x["q_w"], x["k_w"], x["cos"], x["sin"])
-    reference = fused_attention_ref(*(t.float() for t in args), x["txt"], EPS)
+    reference = fused_attention_ref(*(t.float() for t in args), txt_len=x["txt"], eps=EPS)
     poison_allocator(reference.shape, dtype, run.device)
     output = fused_attention_triton(*args, x["txt"], EPS, k_prologue=k_prologue)
     return {"shape": list(x["q"].shape), **against_reference(output, reference, TOLERANCE[dtype])}
@@ -95,7 +97,7 @@ def check_qk_norm_rope(run: Run, dtype: torch.dtype, native: bool = False) -> di
 
     x = attention_inputs(run, dtype, seed=2)
     args = (x["q"], x["k"], x["q_w"], x["k_w"], x["cos"], x["sin"])
-    q_ref, k_ref = qk_norm_rope_ref(*(t.float() for t in args), x["txt"], EPS)
+    q_ref, k_ref = qk_norm_rope_ref(*(t.float() for t in args), txt_len=x["txt"], eps=EPS)
     poison_allocator(q_ref.shape, dtype, run.device)
     kernel = torch.ops.fluxfill_native.qk_norm_rope if native else qk_norm_rope_triton
     q_out, k_out = kernel(*args, x["txt"], EPS)

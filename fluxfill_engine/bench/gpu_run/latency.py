@@ -96,7 +96,7 @@ def measure_step(
     inputs: StepInputs,
     reference: torch.Tensor | None,
     flops: float,
-) -> tuple[dict[str, Any], torch.Tensor | None]:
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Build, cold call, warm-up, timed calls, drift and memory of one variant; frees it after."""
     profile = run.profile
     run.memory.reset_peak()
