@@ -166,13 +166,10 @@ _FIELD_OPTIONS = {
 
 
 def _refused_field(err: Exception) -> str | None:
-    """The request field ``err`` refuses, as ``FillRequest`` spells it (``loras[1].scale`` -> ``loras``):
-    an :class:`~fluxfill_engine.errors.InputError`'s ``field``; for a check that raises a plain
-    ``ValueError``, the first field its message names in backticks."""
-    if isinstance(err, InputError):
-        return None if err.field is None else re.split(r"[.\[]", err.field, maxsplit=1)[0]
-    message = str(err)
-    return next((name for name in _FIELD_OPTIONS if f"`{name}`" in message or f"`{name}[" in message), None)
+    """The request field ``err`` refuses, as ``FillRequest`` spells it (``loras[1].scale`` -> ``loras``)."""
+    if not isinstance(err, InputError) or err.field is None:
+        return None
+    return re.split(r"[.\[]", err.field, maxsplit=1)[0]
 
 
 def _naming_the_option(err: Exception) -> Exception:

@@ -57,7 +57,6 @@ _SERVER_FIELDS = (
     "enable_safety_checker",
 )
 NATIVE_FIELDS = frozenset(_FILL_FIELDS + _SERVER_FIELDS)
-_BACKTICKED = re.compile(r"`([A-Za-z_]+)")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.ASCII)
 
@@ -68,13 +67,6 @@ class RequestError(InputError):
     def __init__(self, message: str, status: int = 422, field: str | None = None) -> None:
         super().__init__(message, field)
         self.status = status
-
-
-def _field_named_in(message: str) -> str | None:
-    """The first request field a message names in backticks: the field of a check that raises a plain
-    ``ValueError`` rather than an :class:`~fluxfill_engine.errors.InputError`."""
-    found = _BACKTICKED.search(message)
-    return None if found is None else found.group(1)
 
 
 @dataclass
@@ -309,7 +301,7 @@ def parse_task(
     try:
         request = request.validated(options.max_input_megapixels, options.max_loras)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        field = err.field if isinstance(err, InputError) else _field_named_in(str(err))
+        field = err.field if isinstance(err, InputError) else None
         message = str(err).replace("`mask`", f"`{mask_name}`")
         raise RequestError(message, 422, mask_name if field == "mask" else field) from None
     public = {
