@@ -3,6 +3,7 @@ against a full one."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..measure import median
@@ -29,7 +30,7 @@ def part_step_cache(run: Run, deadline: Deadline, record: dict[str, Any]) -> Non
     fill = pipe.engine_transformer()
     prepared = inputs.prepare(fill, GUIDANCE)
 
-    def with_cache(threshold: float) -> tuple[list[float], dict[str, Any]]:
+    def with_cache(threshold: float) -> tuple[list[float], Mapping[str, Any]]:
         # final=0 and unlimited consecutive skips: with a huge threshold every step after the first
         # skips; with threshold 0 none does (the cache's bookkeeping without its savings).
         policy = StepCachePolicy(threshold=threshold, warmup=1, final=0, max_skips=10**6)
