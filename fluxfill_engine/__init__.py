@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "EngineConfig": ".config",
-    "Event": ".engine",
-    "FillRequest": ".engine",
-    "FillResult": ".engine",
+    "Event": ".request",
+    "FillRequest": ".request",
+    "FillResult": ".request",
     "FluxFillEngine": ".engine",
     "FluxFillPipeline": ".pipeline",
     "LoraSpec": ".lora.spec",
@@ -39,9 +39,10 @@ __all__ = [
 if TYPE_CHECKING:
     from .call import PipelineCall, PipelineResult
     from .config import EngineConfig
-    from .engine import Event, FillRequest, FillResult, FluxFillEngine
+    from .engine import FluxFillEngine
     from .lora.spec import LoraSpec
     from .pipeline import FluxFillPipeline
+    from .request import Event, FillRequest, FillResult
 
 
 def __getattr__(name: str) -> Any:

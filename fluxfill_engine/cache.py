@@ -11,7 +11,7 @@ each: every request decides its own steps, as alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from .config import StepCachePolicy
 if TYPE_CHECKING:
     from .conditioning import LatentGrid
     from .parallel import SequenceShard
+    from .stats import StepCacheStats
 
 # ``remaining(rows)``: the remaining blocks on the batch rows ``rows`` (``None``: every row).
 Remaining = Callable[[torch.Tensor | None], torch.Tensor]
@@ -143,11 +144,11 @@ class StepCache:
         self.consecutive_skips = 0
         self._cached.append(False)
 
-    def stats_per_request(self) -> list[dict[str, Any]]:
+    def stats_per_request(self) -> list[StepCacheStats]:
         """:meth:`stats` as :class:`BatchStepCache` gives them: one record (one request)."""
         return [self.stats()]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StepCacheStats:
         """``steps_full``, ``steps_cached`` and ``rel_l1`` per step (``None`` before a reference exists)."""
         return {
             "steps_full": self._cached.count(False),
@@ -225,7 +226,7 @@ class BatchStepCache:
             parts.append(out)
         return torch.cat(parts)
 
-    def stats_per_request(self) -> list[dict[str, Any]]:
+    def stats_per_request(self) -> list[StepCacheStats]:
         """Each request's :meth:`StepCache.stats`, in batch order."""
         return [cache.stats() for cache in self.caches]
 

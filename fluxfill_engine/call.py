@@ -7,9 +7,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from .stats import PipelineStats
 
 ImageInput = Any  # PIL image, numpy array, torch tensor, a file path, or a list of those
 Generator = torch.Generator | list[torch.Generator] | None
@@ -58,16 +61,17 @@ class PipelineResult:
         images: in the call's ``output_type`` (PIL images, ``np`` array, ``pt`` tensor, or the packed
             latents for ``"latent"``).
         latents: the final packed latents ``[B, L, 64]``, before unpacking and decoding.
-        stats: ``width``, ``height`` (what the transformer saw), ``image_seq_len``, ``num_steps``,
-            ``steps_full``, ``steps_cached``, ``step_cache`` (the step cache's record, or ``None``) and
-            ``prompt_cache_hit`` (``None`` when the caller passed prompt embeddings).
+        stats: :class:`~.stats.PipelineStats`: ``width``, ``height`` (what the transformer saw),
+            ``image_seq_len``, ``num_steps``, ``steps_full``, ``steps_cached``, ``step_cache`` (the step
+            cache's record, or ``None``), ``loras`` and ``prompt_cache_hit`` (``None`` when the caller
+            passed prompt embeddings).
         timings: seconds per stage (:data:`STAGES`) and ``total``; on a GPU measured with CUDA events, so
             nothing waits between stages.
     """
 
     images: Any
     latents: torch.Tensor
-    stats: dict[str, Any]
+    stats: PipelineStats
     timings: dict[str, float]
 
 

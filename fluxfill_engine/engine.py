@@ -1,12 +1,14 @@
 """The serving-facing API: load and configure once, then run many validated requests.
 
-``FluxFillEngine.run(FillRequest(...), on_event=...)`` returns a :class:`FillResult` with the images,
-the seed used, per-stage timings and stats, and reports lifecycle :class:`Event` objects on the way:
+``FluxFillEngine.run(FillRequest(...), on_event=...)`` returns a :class:`~.request.FillResult` with the
+images, the seed used, per-stage timings and stats, and reports lifecycle :class:`~.request.Event`
+objects on the way:
 ``accepted``, ``preprocess_start``, ``preprocess_end``, ``step`` (one per step), ``decode_start``,
 ``decode_end``, ``done`` -- or ``error`` with the message, after which the exception is re-raised.
 
 ``FluxFillEngine.run_batch([...])`` runs requests with equal ``batch_key`` as one pass of the model
-(the server's batching): one result per request, the batch's events once.
+(the server's batching): one result per request, the batch's events once. The request types live in
+:mod:`.request` and are exported here too.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,28 +30,26 @@ from .config import EngineConfig, parse_dtype
 from .diffusers_path import diffusers_cache_enabled
 from .errors import InputError, InputFileNotFound, InputTypeError
 from .framing import Frame, frame_working_size, make_frame
-from .limits import MAX_CALL_BATCH, MAX_INPUT_MEGAPIXELS, MAX_LORAS, MAX_SEQUENCE_LENGTH
+from .limits import MAX_CALL_BATCH, MAX_SEQUENCE_LENGTH
 from .lora.spec import LoraSpec
 from .pipeline import FluxFillPipeline
-from .validation import check_fill_request
+from .request import Event, EventHandler, FillRequest, FillResult
 
 if TYPE_CHECKING:
-    from .call import ImageInput
     from .lora.adapters import AdapterSet
+    from .stats import FillStats
 
+__all__ = [
+    "Event",
+    "EventHandler",
+    "FillRequest",
+    "FillResult",
+    "FluxFillEngine",
+    "batch_fields",
+    "load_pipeline",
+    "naming_errors",
+]
 
-@dataclass(frozen=True)
-class Event:
-    """A lifecycle event. ``step`` counts completed steps (1..total) on ``step`` events."""
-
-    type: str
-    step: int | None = None
-    total: int | None = None
-    message: str | None = None
-    time: float = field(default_factory=time.perf_counter)
-
-
-EventHandler = Callable[[Event], None]
 logger = logging.getLogger(__name__)
 
 
@@ -62,92 +61,6 @@ def _closing_error(emit: EventHandler, err: BaseException) -> None:
         emit(Event("error", message=message))
     except BaseException:
         logger.exception("on_event raised on the `error` event of a request that failed with %r", err)
-
-
-@dataclass
-class FillRequest:
-    """One inpainting request.
-
-    Attributes:
-        prompt: what to paint into the masked area.
-        image: a PIL image, numpy ``[H, W, C]`` or tensor ``[C, H, W]`` in [0, 1], or a file path; any
-            size (see ``max_megapixels``).
-        mask: white (1) = repaint, black (0) = keep; any of the image types, converted to one channel
-            (the rule is in :mod:`.images`). Optional with ``outpaint``.
-        width, height: the output size, 256-1536 each (both or neither); ``None``: the output has the
-            input's size (grown by ``outpaint``), whatever it is.
-        num_inference_steps: 1-100.
-        guidance_scale: the distilled guidance value, finite, 0-100 (FLUX Fill is tuned for 30).
-        seed: an int in [0, 2**64); ``None`` picks a random one, reported in the result.
-        num_images: 1-8 images for this prompt.
-        paste_back: outside the (grown) mask the output is the input's pixels exactly; across the border
-            a blend over ``mask_blur`` pixels. ``False``: the model's whole picture (or region).
-        mask_grow: dilate the mask by this many pixels (of the output), 0-256, before the model sees it.
-        mask_blur: feather the paste-back seam over this many pixels on each side, 0-128.
-        soft_mask: grey mask levels reach the model (the masked image is ``image * (1 - mask)`` and the
-            mask channels carry the grey values) instead of being thresholded at 0.5.
-        max_megapixels: the working resolution when the engine chooses it (no ``width``/``height``, or
-            ``crop_to_mask``): about this many megapixels, aspect kept, sides multiples of 16 in
-            256-1536. 0.065-2.36; default 1.0, FLUX's training resolution.
-        crop_to_mask: repaint only the box around the mask, padded by ``crop_padding`` pixels of context,
-            at the working resolution, and stitch it back: a small mask in a large photo costs a
-            fraction of the full-frame work and gets more detail.
-        crop_padding: context pixels around the mask's box with ``crop_to_mask``, 0-1024.
-        outpaint: ``{"left", "top", "right", "bottom"}`` pixels (0-2048 each) to grow the canvas by; the
-            new area (and ``mask_grow`` pixels of overlap) is filled, the original kept.
-        loras: at most ``EngineConfig.max_loras`` (3) LoRAs, each ``{"path": ..., "scale": ...}`` or a
-            :class:`~.lora.LoraSpec`: a local ``.safetensors`` file (any format diffusers reads) or a
-            folder holding diffusers' ``pytorch_lora_weights.safetensors``; ``scale`` finite in [-4, 4]
-            (default 1). Checked against the model before any work; see :mod:`.lora`.
-    """
-
-    prompt: str
-    image: ImageInput
-    mask: ImageInput | None = None
-    width: int | None = None
-    height: int | None = None
-    num_inference_steps: int = 28
-    guidance_scale: float = 30.0
-    seed: int | None = None
-    num_images: int = 1
-    paste_back: bool = True
-    mask_grow: int = 0
-    mask_blur: int = 0
-    soft_mask: bool = False
-    max_megapixels: float = 1.0
-    crop_to_mask: bool = False
-    crop_padding: int = 64
-    outpaint: dict[str, int] | None = None
-    loras: Sequence[LoraSpec | dict[str, Any]] | None = None
-
-    def validated(
-        self, max_input_megapixels: float = MAX_INPUT_MEGAPIXELS, max_loras: int = MAX_LORAS
-    ) -> FillRequest:
-        """A checked copy: images opened as a viewer shows them, the mask one-channel, the size floored,
-        the seed chosen.
-
-        Raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the field and what is allowed.
-        """
-        return check_fill_request(self, max_input_megapixels, max_loras)
-
-
-@dataclass
-class FillResult:
-    """What a request produced.
-
-    ``timings`` are seconds per stage: ``text_encode``, ``vae_encode``, ``denoise``, ``decode``, ``total``.
-    ``stats`` holds the resolved request (size, steps, image tokens), ``prompt_cache_hit``, the step
-    cache's ``steps_full`` / ``steps_cached`` / ``step_cache``, the configuration (``preset_fields``) and
-    ``loras``: the LoRAs applied (``adapters``: name, scale, rank, layers, cached, load_seconds), the
-    ``strategy`` (``merge``/``side``), ``load_seconds``, ``switched`` and ``switch_seconds``;
-    ``batch_size`` (the images of the model's pass: ``num_images`` alone, all the requests' in
-    :meth:`FluxFillEngine.run_batch`) and ``batch_requests`` (1 alone).
-    """
-
-    images: list[PIL.Image.Image]
-    seed: int
-    timings: dict[str, float]
-    stats: dict[str, Any]
 
 
 def _diffusers_folder(path: Path, name: str) -> Path:
@@ -455,22 +368,20 @@ class FluxFillEngine:
         with self._lock:
             self.pipeline.set_engine_loras(loras)
             results = self.pipeline.generate_batch(calls, on_stage=on_stage, soft_mask=requests[0].soft_mask)
-        batch = {
-            "batch_size": sum(request.num_images for request in requests),
-            "batch_requests": len(requests),
-        }
+        batch_size = sum(request.num_images for request in requests)
         finished = []
         for request, frame, result in zip(requests, frames, results, strict=True):
             images = frame.compose(result.images, request.paste_back, request.mask_blur)
             timings = {**result.timings, "total": time.perf_counter() - start}
-            stats = {
+            stats: FillStats = {
                 **result.stats,
                 "working_size": frame.working_size,
                 "output_size": frame.canvas.size,
                 "region": frame.region,
                 "num_inference_steps": request.num_inference_steps,
                 "num_images": request.num_images,
-                **batch,
+                "batch_size": batch_size,
+                "batch_requests": len(requests),
                 "preset_fields": self.config.describe(),
             }
             finished.append(FillResult(images=images, seed=request.seed, timings=timings, stats=stats))

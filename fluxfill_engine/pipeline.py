@@ -31,7 +31,7 @@ from .conditioning import (
     unpack_latents,
 )
 from .config import EngineConfig
-from .denoiser import choose_denoiser, describe_path, load_engine_loras, lora_set_for
+from .denoiser import DenoiserRouter, describe_path
 from .errors import InputError, InputTypeError
 from .limits import MAX_CALL_BATCH
 from .lora.adapters import AdapterSet
@@ -41,7 +41,8 @@ from .quantization import quantize_text_encoder as quantize_text_encoder_linears
 from .quantization import resolve, weight_bytes
 from .runtime import TransformerRuntime, execution_device, runtime_of
 from .sampling import Schedule, euler_step, make_schedule
-from .text import PromptCache, encode_text
+from .stats import LoopStats, PipelineStats
+from .text import EncodedPrompt, PromptCache, PromptEncoder, TextComponents
 from .timing import StageTimes
 from .validation import CheckedCall, ModelShape, check_call, check_schedule, check_strength
 
@@ -80,17 +81,22 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             transformer=transformer,
         )
         self._engine_config = EngineConfig.preset("reference")
-        self.prompt_cache = PromptCache(self._engine_config.prompt_cache_size)
+        self.prompt_encoder = PromptEncoder(self._engine_config.prompt_cache_size)
+        self.denoisers = DenoiserRouter()  # which transformer runs a call; the engine's LoRA set
         self.compile_cache: dict[str, Any] | None = None  # what load_compile_cache loaded, if anything
-        self.last_stats: dict[str, Any] | None = None  # the drop-in's convenience: the last call's stats
+        self.last_stats: PipelineStats | None = None  # the drop-in's convenience: the last call's stats
         self._text_encoder_bytes: int | None = None  # T5's weight bytes before it was quantized
-        self._engine_loras: AdapterSet | None = None  # set_engine_loras: the engine's own LoRA set
 
     # ---- configuration and the engine transformer --------------------------------------------------
 
     @property
     def engine_config(self) -> EngineConfig:
         return self._engine_config
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """The LRU cache of encoded prompts (``EngineConfig.prompt_cache_size`` entries)."""
+        return self.prompt_encoder.cache
 
     @property
     def runtime(self) -> TransformerRuntime:
@@ -110,7 +116,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if self._text_encoder_bytes is not None and not config.quantize_text_encoder:
             raise ValueError("the text encoder is already quantized; load the model again to undo it")
         self._engine_config = config
-        self.prompt_cache = PromptCache(config.prompt_cache_size)
+        self.prompt_encoder = PromptEncoder(config.prompt_cache_size)
         dtype = config.torch_dtype
         if dtype is not None and self.transformer.dtype != dtype:
             self.runtime.release()  # a merged LoRA set leaves the weights before they are cast
@@ -136,7 +142,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         ``TypeError`` / ``FileNotFoundError`` naming ``loras[i]`` and its path: a missing file, a
         non-finite scale, a file with no LoRA, a LoRA for another model (its layer shapes).
         """
-        return load_engine_loras(self, loras)
+        return self.denoisers.load_loras(self.transformer, self._engine_config, loras)
 
     def set_engine_loras(
         self, loras: Sequence[LoraSpec | dict[str, Any] | str] | AdapterSet | None
@@ -147,13 +153,13 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         and switching sets never drifts the base weights. Checked as :meth:`load_engine_loras`."""
         if not isinstance(loras, AdapterSet):
             loras = self.load_engine_loras(loras)
-        self._engine_loras = loras
+        self.denoisers.engine_loras = loras
         return loras
 
     def describe(self) -> dict[str, Any]:
         """Which transformer path runs (``engine``, or ``diffusers`` for the features listed) and the
         configuration."""
-        return describe_path(self)
+        return describe_path(self.transformer, self._engine_config)
 
     def save_compile_cache(self) -> dict[str, Any] | None:
         """Persist this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up)."""
@@ -208,10 +214,25 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                 max_sequence_length=max_sequence_length,
                 joint_attention_kwargs=scale,
             )
-            prompt_embeds, pooled_prompt_embeds, _ = encode_text(self, call, device)
+            encoded = self._encode_prompts(call, device)
+            prompt_embeds, pooled_prompt_embeds = encoded.prompt_embeds, encoded.pooled_prompt_embeds
             prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
             pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, pooled_prompt_embeds, self._text_ids(prompt_embeds, device)
+
+    def _encode_prompts(self, call: PipelineCall, device: torch.device) -> EncodedPrompt:
+        """The call's prompts through the prompt encoder, with this pipeline's text components."""
+        text = TextComponents(
+            self.tokenizer,
+            self.text_encoder,
+            self.tokenizer_2,
+            self.text_encoder_2,
+            self.maybe_convert_prompt,
+        )
+        encoded = self.prompt_encoder.encode(text, call, device)
+        if encoded.lora_scale is not None:
+            self._lora_scale = encoded.lora_scale  # what diffusers' encode_prompt leaves for its LoRA mixin
+        return encoded
 
     def _text_ids(self, prompt_embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
@@ -360,11 +381,17 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         stage("total_end")
         self.maybe_free_model_hooks()
         timings = times.durations((*STAGES, "total"))
-        stats = {"width": grid.width, "height": grid.height, "image_seq_len": seq_len}
-        return [
-            PipelineResult(images, part, {**stats, **steps, "prompt_cache_hit": text[2]}, dict(timings))
-            for images, part, text, steps in zip(images, parts, texts, step_stats, strict=True)
-        ]
+        results = []
+        for call_images, part, text, steps in zip(images, parts, texts, step_stats, strict=True):
+            stats: PipelineStats = {
+                "width": grid.width,
+                "height": grid.height,
+                "image_seq_len": seq_len,
+                **steps,
+                "prompt_cache_hit": text[2],
+            }
+            results.append(PipelineResult(call_images, part, stats, dict(timings)))
+        return results
 
     def _prompt_embeddings(
         self, call: PipelineCall, device: torch.device
@@ -372,7 +399,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         """One call's prompt embeddings, one per image, and whether the prompt cache served them."""
         prompt_embeds, pooled_prompt_embeds, cache_hit = call.prompt_embeds, call.pooled_prompt_embeds, None
         if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds, cache_hit = encode_text(self, call, device)
+            encoded = self._encode_prompts(call, device)
+            prompt_embeds, pooled_prompt_embeds = encoded.prompt_embeds, encoded.pooled_prompt_embeds
+            cache_hit = encoded.cache_hit
         # One per prompt -> one per image. Given embeddings may wait on another device (offload hooks
         # move a forward's arguments; the engine calls no such forward): no copy when already there.
         repeats = call.num_images_per_prompt
@@ -417,7 +446,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         height = default if call.height is None else call.height
         width = default if call.width is None else call.width
         check_strength(call.strength)
-        lora_set_for(self, call)  # diffusers' and the engine's LoRAs at once: refused before any work
+        # diffusers' and the engine's LoRAs at once: refused before any work
+        self.denoisers.lora_set_for(self.transformer, self._engine_config, call)
         model = ModelShape.of(self.transformer.config, self.vae_scale_factor)
         checked = check_call(call, height, width, model, self._engine_config.max_input_megapixels)
         self.check_inputs(
@@ -449,14 +479,14 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         grid: LatentGrid,
         stage: StageHook,
         sizes: Sequence[int],
-    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    ) -> tuple[torch.Tensor, list[LoopStats]]:
         """The Euler loop over the schedule; returns the final latents and each call's step statistics
         (``sizes``: each call's images, in batch order; with the step cache each call decides its own
         steps, as alone)."""
         hook = getattr(self.transformer, "_hf_hook", None)
         if hook is not None:
             hook.pre_forward(self.transformer)  # model CPU offload: bring the transformer onto the device
-        fill, lora_stats = choose_denoiser(self, call)
+        fill, lora_stats = self.denoisers.choose(self.transformer, self._engine_config, call)
         device = latents.device
         guidance = call.guidance_scale if self.transformer.config.guidance_embeds else None
         timesteps = schedule.timesteps.to(device)
@@ -501,7 +531,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
                 progress_bar.update()
                 stage("step", step=i, total=schedule.num_steps)
         cache_stats = [None] * len(sizes) if cache is None else cache.stats_per_request()
-        stats = [
+        stats: list[LoopStats] = [
             {
                 "num_steps": schedule.num_steps,
                 "steps_full": schedule.num_steps if one is None else one["steps_full"],

@@ -1,10 +1,16 @@
-"""Prompt encoding (CLIP pooled + T5 sequence) and an LRU cache of encoded prompts."""
+"""Prompt encoding (CLIP pooled + T5 sequence) and an LRU cache of encoded prompts.
+
+The pipeline owns a :class:`PromptEncoder` and hands it its text components for each call
+(:class:`TextComponents`: they may be replaced on the pipeline at any time); the encoder returns what it
+did (:class:`EncodedPrompt`) and changes nothing on the pipeline.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +19,6 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 if TYPE_CHECKING:
     from .call import PipelineCall
-    from .pipeline import FluxFillPipeline
 
 logger = logging.getLogger(__name__)
 _LOGGED_CHARS = 200
@@ -109,56 +114,90 @@ class PromptCache:
         self._entries.clear()
 
 
-def encode_text(
-    pipe: FluxFillPipeline, call: PipelineCall, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """A call's prompts encoded: one embedding per prompt (not per image), and whether the pipeline's
-    prompt cache served them. LoRA layers on the text encoders are scaled by the call's scale."""
-    lora_scale = (call.joint_attention_kwargs or {}).get("scale")
-    uses_peft = USE_PEFT_BACKEND and lora_scale is not None
-    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
-    if uses_peft:
-        pipe._lora_scale = lora_scale
-        for encoder in encoders:
-            scale_lora_layers(encoder, lora_scale)
-    try:
-        prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
-        prompts_2 = call.prompt_2 or prompts
-        prompts_2 = [prompts_2] if isinstance(prompts_2, str) else list(prompts_2)
-        return _encode_cached(pipe, prompts, prompts_2, device, call.max_sequence_length, lora_scale)
-    finally:
-        if uses_peft:
+@dataclass(frozen=True)
+class TextComponents:
+    """The pipeline's text components for one call; ``convert_prompt`` is diffusers' textual-inversion
+    hook (``maybe_convert_prompt``: tokens of loaded embeddings expanded)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    tokenizer_2: Any
+    text_encoder_2: torch.nn.Module
+    convert_prompt: Callable[[list[str], Any], str | list[str]]
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A call's prompts encoded, one embedding per prompt (not per image)."""
+
+    prompt_embeds: torch.Tensor  # T5 [B, S, 4096]
+    pooled_prompt_embeds: torch.Tensor  # CLIP [B, 768]
+    cache_hit: bool  # served by the prompt cache
+    lora_scale: float | None  # the scale the text encoders' peft LoRA layers ran with (``None``: unscaled)
+
+
+class PromptEncoder:
+    """Encodes a call's prompts through an LRU :class:`PromptCache` of ``cache_size`` entries.
+
+    LoRA layers (peft) on the text encoders run scaled by the call's ``joint_attention_kwargs["scale"]``
+    and are unscaled afterwards, as diffusers' ``encode_prompt`` does; prompts are not cached while the
+    encoders carry adapters (their weights and scales change outside the cache key).
+    """
+
+    def __init__(self, cache_size: int) -> None:
+        self.cache = PromptCache(cache_size)
+
+    def encode(self, text: TextComponents, call: PipelineCall, device: torch.device) -> EncodedPrompt:
+        """``call.prompt`` (and ``prompt_2``, which defaults to it) encoded on ``device``; the call must
+        have prompts (not only embeddings)."""
+        assert call.prompt is not None, "a call with prompt embeddings has nothing to encode"
+        lora_scale = (call.joint_attention_kwargs or {}).get("scale")
+        scaled = USE_PEFT_BACKEND and lora_scale is not None
+        encoders = [e for e in (text.text_encoder, text.text_encoder_2) if e is not None]
+        if scaled:
             for encoder in encoders:
-                unscale_lora_layers(encoder, lora_scale)
+                scale_lora_layers(encoder, lora_scale)
+        try:
+            prompts = [call.prompt] if isinstance(call.prompt, str) else list(call.prompt)
+            prompts_2 = call.prompt_2 or prompts
+            prompts_2 = [prompts_2] if isinstance(prompts_2, str) else list(prompts_2)
+            embeds, pooled, hit = self._encode_cached(
+                text, prompts, prompts_2, device, call.max_sequence_length, lora_scale
+            )
+        finally:
+            if scaled:
+                for encoder in encoders:
+                    unscale_lora_layers(encoder, lora_scale)
+        return EncodedPrompt(embeds, pooled, hit, lora_scale if scaled else None)
 
-
-def _encode_cached(
-    pipe: FluxFillPipeline,
-    prompts: list[str],
-    prompts_2: list[str],
-    device: torch.device,
-    max_sequence_length: int,
-    lora_scale: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
-    prompts_2 = pipe.maybe_convert_prompt(prompts_2, pipe.tokenizer_2)
-    adapters = any(getattr(e, "peft_config", None) for e in (pipe.text_encoder, pipe.text_encoder_2))
-    key = (
-        tuple(prompts),
-        tuple(prompts_2),
-        max_sequence_length,
-        str(device),
-        lora_scale,
-        len(pipe.tokenizer),
-        len(pipe.tokenizer_2),
-        weights_fingerprint(pipe.text_encoder),
-        weights_fingerprint(pipe.text_encoder_2),
-    )
-    cached = None if adapters else pipe.prompt_cache.get(key)
-    if cached is not None:
-        return (*cached, True)
-    pooled = clip_pooled_embeds(pipe.tokenizer, pipe.text_encoder, prompts, device)
-    embeds = t5_embeds(pipe.tokenizer_2, pipe.text_encoder_2, prompts_2, max_sequence_length, device)
-    if not adapters:
-        pipe.prompt_cache.put(key, (embeds, pooled))
-    return embeds, pooled, False
+    def _encode_cached(
+        self,
+        text: TextComponents,
+        prompts: list[str],
+        prompts_2: list[str],
+        device: torch.device,
+        max_sequence_length: int,
+        lora_scale: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        prompts = list(text.convert_prompt(prompts, text.tokenizer))  # a list in, a list out
+        prompts_2 = list(text.convert_prompt(prompts_2, text.tokenizer_2))
+        adapters = any(getattr(e, "peft_config", None) for e in (text.text_encoder, text.text_encoder_2))
+        key = (
+            tuple(prompts),
+            tuple(prompts_2),
+            max_sequence_length,
+            str(device),
+            lora_scale,
+            len(text.tokenizer),
+            len(text.tokenizer_2),
+            weights_fingerprint(text.text_encoder),
+            weights_fingerprint(text.text_encoder_2),
+        )
+        cached = None if adapters else self.cache.get(key)
+        if cached is not None:
+            return (*cached, True)
+        pooled = clip_pooled_embeds(text.tokenizer, text.text_encoder, prompts, device)
+        embeds = t5_embeds(text.tokenizer_2, text.text_encoder_2, prompts_2, max_sequence_length, device)
+        if not adapters:
+            self.cache.put(key, (embeds, pooled))
+        return embeds, pooled, False

@@ -1,4 +1,6 @@
-"""Every input check, shared by the drop-in pipeline, the engine and the command line.
+"""Input checks: the primitives every check uses (ints, numbers, text, tensors, image values) and the
+drop-in call's checks (:func:`check_call`, :func:`check_schedule`). A :class:`~.request.FillRequest` is
+checked in :mod:`.request`, with these.
 
 Checks run before any work and raise :class:`~.errors.InputError` (a ``ValueError``;
 :class:`~.errors.InputTypeError` is also a ``TypeError``, :class:`~.errors.InputFileNotFound` a
@@ -8,10 +10,8 @@ refused request changes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,32 +21,16 @@ import torch
 from .call import OUTPUT_TYPES, ImageInput, PipelineCall
 from .conditioning import image_seq_len
 from .errors import InputError, InputTypeError
-from .framing import OUTPAINT_SIDES
-from .images import bools_to_float, check_mask_fits_image, load_image_input, to_pil
+from .images import bools_to_float, check_mask_fits_image, load_image_input
 from .limits import (
     MAX_CALL_BATCH,
     MAX_CALL_SIDE,
     MAX_CALL_STEPS,
-    MAX_CROP_PADDING,
-    MAX_GUIDANCE,
-    MAX_IMAGES,
     MAX_INPUT_MEGAPIXELS,
-    MAX_LORAS,
-    MAX_MASK_BLUR,
-    MAX_MASK_GROW,
-    MAX_OUTPAINT,
     MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MAX_SIZE,
-    MAX_STEPS,
-    MAX_WORKING_MEGAPIXELS,
-    MIN_SIZE,
-    MIN_WORKING_MEGAPIXELS,
 )
-from .lora.spec import check_lora_specs
 
 if TYPE_CHECKING:
-    from .engine import FillRequest
     from .sampling import Schedule
 
 
@@ -344,105 +328,3 @@ def check_schedule(schedule: Schedule, checked: CheckedCall) -> None:
             "at 1.0, or pass `latents`",
             "strength",
         )
-
-
-# ---- the engine's request --------------------------------------------------------------------------
-
-
-def _single_image(value: Any, name: str, mode: str, max_megapixels: float) -> Any:
-    loaded = load_image_input(value, name, mask=mode == "L", max_megapixels=max_megapixels)
-    check_image_values(loaded, name, unit_range=True)
-    return to_pil(loaded, name, mode)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InputTypeError(f"`{name}` must be a bool, got {value!r}", name)
-
-
-def _check_outpaint(value: Any) -> dict[str, int] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise InputTypeError(
-            f"`outpaint` must be a dict of {list(OUTPAINT_SIDES)} -> pixels, got {value!r}", "outpaint"
-        )
-    unknown = sorted(set(value) - set(OUTPAINT_SIDES))
-    if unknown:
-        raise InputError(f"`outpaint` keys must be among {list(OUTPAINT_SIDES)}, got {unknown}", "outpaint")
-    for side, pixels in value.items():
-        check_int_range(f"outpaint['{side}']", pixels, 0, MAX_OUTPAINT, field=f"outpaint.{side}")
-    return {side: int(value.get(side, 0)) for side in OUTPAINT_SIDES}
-
-
-def check_fill_request(
-    request: FillRequest, max_megapixels: float = MAX_INPUT_MEGAPIXELS, max_loras: int = MAX_LORAS
-) -> FillRequest:
-    """A checked copy of ``request``: images opened as a viewer shows them, the mask one-channel (or
-    ``None`` with ``outpaint``), the seed chosen (``None`` draws one), ``loras`` as ``LoraSpec`` objects
-    (count and scales checked; the files are read by the engine, which knows the model)."""
-    loras = check_lora_specs(request.loras, max_loras)
-    if not isinstance(request.prompt, str):
-        raise InputTypeError(f"`prompt` must be a string, got {type(request.prompt).__name__}", "prompt")
-    check_text("prompt", request.prompt)
-    outpaint = _check_outpaint(request.outpaint)
-    if request.image is None or (request.mask is None and outpaint is None):
-        raise InputError(
-            "`image` and `mask` are both required (the mask is optional with `outpaint`)",
-            "image" if request.image is None else "mask",
-        )
-    image = _single_image(request.image, "image", "RGB", max_megapixels)
-    mask = None if request.mask is None else _single_image(request.mask, "mask", "L", max_megapixels)
-    if mask is not None:
-        check_mask_fits_image(image, mask, "mask")
-    if (request.width is None) != (request.height is None):
-        raise InputError(
-            "`width` and `height`: give both (the output size) or neither (the input's size)",
-            "height" if request.width is None else "width",  # the one given alone
-        )
-    if request.width is not None:
-        check_int_range("width", request.width, MIN_SIZE, MAX_SIZE)
-        check_int_range("height", request.height, MIN_SIZE, MAX_SIZE)
-    check_int_range("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
-    guidance = request.guidance_scale
-    if not is_finite_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise InputError(
-            f"`guidance_scale` must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}",
-            "guidance_scale",
-        )
-    check_int_range("num_images", request.num_images, 1, MAX_IMAGES)
-    for name in ("paste_back", "soft_mask", "crop_to_mask"):
-        _check_bool(name, getattr(request, name))
-    check_int_range("mask_grow", request.mask_grow, 0, MAX_MASK_GROW)
-    check_int_range("mask_blur", request.mask_blur, 0, MAX_MASK_BLUR)
-    check_int_range("crop_padding", request.crop_padding, 0, MAX_CROP_PADDING)
-    working = request.max_megapixels
-    if not is_finite_number(working) or not MIN_WORKING_MEGAPIXELS <= working <= MAX_WORKING_MEGAPIXELS:
-        raise InputError(
-            f"`max_megapixels` must be a number in [{MIN_WORKING_MEGAPIXELS}, {MAX_WORKING_MEGAPIXELS}] "
-            f"(the working resolution), got {working!r}",
-            "max_megapixels",
-        )
-    if outpaint is not None:
-        width = image.width + outpaint["left"] + outpaint["right"]
-        height = image.height + outpaint["top"] + outpaint["bottom"]
-        if width * height > max_megapixels * 1e6:
-            raise InputError(
-                f"`outpaint` grows the canvas to {width}x{height}, above the limit of {max_megapixels:g} "
-                "megapixels (EngineConfig.max_input_megapixels)",
-                "outpaint",
-            )
-    seed = request.seed
-    if seed is None:
-        seed = secrets.randbits(63)
-    else:
-        check_int_range("seed", seed, 0, MAX_SEED)
-    return dataclasses.replace(
-        request,
-        image=image,
-        mask=mask,
-        outpaint=outpaint,
-        seed=int(seed),
-        max_megapixels=float(working),
-        loras=loras,
-    )

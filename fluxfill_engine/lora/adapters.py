@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +14,8 @@ from .spec import LoraSpec
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
+
+    from ..stats import AdapterStats
 
 
 @dataclass
@@ -55,10 +57,11 @@ class AdapterSet:
         key = None if self.key is None else (self.key, factor)
         return AdapterSet(adapters, key, self.source, self.files)
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[AdapterStats]:
+        """Each adapter's stats, in order (a file's with its cache hit, load time and ignored parts)."""
         described = []
         for index, adapter in enumerate(self.adapters):
-            info: dict[str, Any] = {
+            info: AdapterStats = {
                 "name": adapter.name,
                 "scale": adapter.scale,
                 "rank": adapter.rank,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from .files import LoraTerm
 
 if TYPE_CHECKING:
     from ..quantization import QuantPlan
+    from ..stats import LoraSwitch
 
 
 @dataclass(eq=False)
@@ -262,7 +263,7 @@ class LoraController:
         device: torch.device,
         dtype: torch.dtype,
         padded: tuple[int, int] | None = None,
-    ) -> dict[str, Any]:
+    ) -> LoraSwitch:
         """Make ``adapters`` (``None`` or empty: the base model) the running set, with ``strategy``
         (``merge``/``side``), for layers computing in ``dtype`` on ``device``;
         ``padded=(max_loras, max_rank)`` when the blocks are compiled. Returns what happened:

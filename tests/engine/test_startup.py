@@ -1,4 +1,5 @@
-"""Start-up: the command line's help and ``import fluxfill_engine`` load no heavy or optional package."""
+"""Start-up: the command line's help, ``import fluxfill_engine`` and the LoRA spec checks load no heavy or
+optional package."""
 
 import subprocess
 import sys
@@ -25,8 +26,9 @@ def _loaded_after(code: str) -> set[str]:
         "from fluxfill_engine import EngineConfig; EngineConfig.preset('fast')",
         "from fluxfill_engine.cli import build_parser; build_parser().format_help()",
         "from fluxfill_engine.cli import main\ntry:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass",
+        "from fluxfill_engine.lora.spec import check_lora_specs; check_lora_specs([{'path': 'a.safetensors'}], 3)",
     ],
-    ids=["import", "config", "help", "bench-help"],
+    ids=["import", "config", "help", "bench-help", "lora-spec"],
 )
 def test_nothing_heavy_is_imported(code):
     assert _loaded_after(code) == set()
