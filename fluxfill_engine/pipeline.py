@@ -44,7 +44,7 @@ from .sampling import Schedule, euler_step, make_schedule
 from .stats import LoopStats, PipelineStats
 from .text import EncodedPrompt, PromptCache, PromptEncoder, TextComponents
 from .timing import StageTimes
-from .validation import CheckedCall, ModelShape, check_call, check_schedule, check_strength
+from .validation import CheckedCall, ModelShape, check_batch, check_call, check_schedule, check_strength
 
 
 class FluxFillPipeline(diffusers.FluxFillPipeline):
@@ -301,14 +301,14 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         call's images are those it gives alone up to the GEMMs' rounding for another batch size: on a
         CPU in fp32 the token-level layers are bit-equal and the per-sample ones (modulation, time and
         text embedders, where M = batch) differ by ~1e-6 (tested). The calls must share what the loop
-        reads (:func:`_check_batch`). Every call is validated before any stage; the stages (and their
+        reads (:func:`~.validation.check_batch`). Every call is validated before any stage; the stages (and their
         timings) are the batch's, shared.
         """
         calls = [] if isinstance(calls, PipelineCall) else list(calls)
         if not calls:
             raise InputError("`calls` must be a non-empty sequence of PipelineCall objects", "calls")
         checked = [self._validated(call) for call in calls]
-        _check_batch(checked)
+        check_batch(checked)
         scale = self.vae_scale_factor
         grids = [LatentGrid(c.total, c.height, c.width, scale) for c in checked]
         grid = LatentGrid(sum(g.batch for g in grids), grids[0].height, grids[0].width, scale)
@@ -553,51 +553,6 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
         decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(decoded, output_type=output_type)
-
-
-# What the denoising loop reads from a call: calls batched together must agree on it.
-_SHARED_FIELDS = (
-    "num_inference_steps",
-    "sigmas",
-    "strength",
-    "guidance_scale",
-    "joint_attention_kwargs",
-    "max_sequence_length",
-)
-
-
-def _check_batch(checked: Sequence[CheckedCall]) -> None:
-    """Calls run as one batch share the size and every field the loop reads; a step callback sees the
-    whole batch's latents, so it is refused with more than one call."""
-    first = checked[0]
-    for index, one in enumerate(checked[1:], start=1):
-        pairs = [("height", one.height, first.height), ("width", one.width, first.width)]
-        pairs += [(name, getattr(one.call, name), getattr(first.call, name)) for name in _SHARED_FIELDS]
-        for name, value, expected in pairs:
-            if not _same(value, expected):
-                raise InputError(
-                    f"calls[{index}]: `{name}` is {value!r} but calls[0] has {expected!r}; calls run as one "
-                    "batch must agree on it",
-                    f"calls[{index}].{name}",
-                )
-    if len(checked) > 1:
-        for index, one in enumerate(checked):
-            if one.call.callback_on_step_end is not None:
-                raise InputError(
-                    f"calls[{index}]: `callback_on_step_end` runs only with a single call",
-                    f"calls[{index}].callback_on_step_end",
-                )
-
-
-def _same(value: Any, expected: Any) -> bool:
-    """Equal values; arrays (``sigmas`` may be one) element by element."""
-    if value is None or expected is None:
-        return value is expected
-    try:
-        return bool(value == expected)
-    except (TypeError, ValueError, RuntimeError):  # an array's == is elementwise
-        as_tensor = torch.as_tensor
-        return torch.equal(as_tensor(value, dtype=torch.float64), as_tensor(expected, dtype=torch.float64))
 
 
 def _cat(tensors: Sequence[torch.Tensor], name: str) -> torch.Tensor:

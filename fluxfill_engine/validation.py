@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -328,3 +329,48 @@ def check_schedule(schedule: Schedule, checked: CheckedCall) -> None:
             "at 1.0, or pass `latents`",
             "strength",
         )
+
+
+# What the denoising loop reads from a call: calls batched together must agree on it.
+_SHARED_FIELDS = (
+    "num_inference_steps",
+    "sigmas",
+    "strength",
+    "guidance_scale",
+    "joint_attention_kwargs",
+    "max_sequence_length",
+)
+
+
+def check_batch(checked: Sequence[CheckedCall]) -> None:
+    """Calls run as one batch share the size and every field the loop reads; a step callback sees the
+    whole batch's latents, so it is refused with more than one call."""
+    first = checked[0]
+    for index, one in enumerate(checked[1:], start=1):
+        pairs = [("height", one.height, first.height), ("width", one.width, first.width)]
+        pairs += [(name, getattr(one.call, name), getattr(first.call, name)) for name in _SHARED_FIELDS]
+        for name, value, expected in pairs:
+            if not _same(value, expected):
+                raise InputError(
+                    f"calls[{index}]: `{name}` is {value!r} but calls[0] has {expected!r}; calls run as one "
+                    "batch must agree on it",
+                    f"calls[{index}].{name}",
+                )
+    if len(checked) > 1:
+        for index, one in enumerate(checked):
+            if one.call.callback_on_step_end is not None:
+                raise InputError(
+                    f"calls[{index}]: `callback_on_step_end` runs only with a single call",
+                    f"calls[{index}].callback_on_step_end",
+                )
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """Equal values; arrays (``sigmas`` may be one) element by element."""
+    if value is None or expected is None:
+        return value is expected
+    try:
+        return bool(value == expected)
+    except (TypeError, ValueError, RuntimeError):  # an array's == is elementwise
+        as_tensor = torch.as_tensor
+        return torch.equal(as_tensor(value, dtype=torch.float64), as_tensor(expected, dtype=torch.float64))

@@ -27,7 +27,18 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("kernels", ["fluxfill_kernels"]),
     (
         "foundations",
-        ["errors", "limits", "config", "stats", "call", "architecture", "timing", "metrics", "devices"],
+        [
+            "errors",
+            "limits",
+            "config",
+            "stats",
+            "call",
+            "architecture",
+            "timing",
+            "metrics",
+            "devices",
+            "lazy",
+        ],
     ),
     ("inputs", ["images", "framing", "sampling", "conditioning", "validation", "lora.spec", "request"]),
     (
