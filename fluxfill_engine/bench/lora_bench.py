@@ -179,7 +179,7 @@ def _engine_rows(
         pipe.set_engine_loras(loras)
         result = pipe.generate(call())
         lora = result.stats["loras"]
-        switch = lora["switch_seconds"]
+        switch = lora.get("switch_seconds", 0.0)
         return (result.timings["denoise"] - switch) / steps * 1000.0, switch, lora.get("load_seconds", 0.0)
 
     base = _Row(name, 0, None)

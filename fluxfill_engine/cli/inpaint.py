@@ -288,7 +288,9 @@ def run_inpaint(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in result.timings.items())
     print(f"timings: {timings}")
     loras = stats.get("loras") or {}
-    if loras.get("adapters"):
-        names = ", ".join(f"{a['name']} x{a['scale']:g}" for a in loras["adapters"])
-        print(f"loras: {names} ({loras['strategy']}, load {loras['load_seconds']:.3f}s)")
+    adapters = loras.get("adapters") or []
+    if adapters:
+        names = ", ".join(f"{a.get('name')} x{a.get('scale', 1.0):g}" for a in adapters)
+        load = loras.get("load_seconds", 0.0)
+        print(f"loras: {names} ({loras.get('strategy')}, load {load:.3f}s)")
     return 0
