@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from fluxfill_engine.bench.batch_bench import ONE_BY_ONE
 from fluxfill_engine.cli import main
 
 
+@pytest.mark.slow
 def test_batch_bench_writes_its_record(tmp_path, capsys):
     out = tmp_path / "batch.json"
     argv = [

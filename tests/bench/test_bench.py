@@ -79,6 +79,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
     return _strict_json(out.read_text()), folder, (folder / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_runner_writes_valid_json_with_environment(tiny_run):
     record, _, _ = tiny_run
     assert record["schema"] == "fluxfill-bench/1" and record["complete"] is True
@@ -93,6 +94,7 @@ def test_runner_writes_valid_json_with_environment(tiny_run):
     assert record["baseline_variant"] == "diffusers" and record["reference_variant"] == "reference"
 
 
+@pytest.mark.slow
 def test_runner_records_every_measurement_per_variant(tiny_run):
     record, _, _ = tiny_run
     flops = record["model"]["flops_per_step"]["total"]
@@ -168,6 +170,7 @@ def test_plot_is_written_when_matplotlib_is_installed(tiny_run):
         assert plot_speed_vs_drift(record, path) is True and path.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_engine_overrides_fbcache_and_baselines_added():
     """An engine single-switch variant and diffusers' first-block cache; baselines are added."""
     settings = BenchSettings(
@@ -421,6 +424,7 @@ def test_random_components_materialise_on_the_device_with_finite_outputs():
     assert torch.isfinite(out).all() and 0.1 < out.std().item() < 100
 
 
+@pytest.mark.slow
 def test_gpu_full_preset_path_runs_on_cpu_at_a_reduced_size(monkeypatch):
     """The gpu-full preset's whole path (meta build, materialise, real-vocabulary tokenizers, both
     pipelines) with the real configs swapped for reduced ones, on the CPU."""

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from fluxfill_engine.cli import main
 
 
+@pytest.mark.slow
 def test_crop_compare_writes_its_record(tmp_path, capsys):
     out = tmp_path / "crop.json"
     assert (

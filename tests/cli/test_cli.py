@@ -15,6 +15,7 @@ from fluxfill_engine.testing.demo import demo_inputs
 from fluxfill_engine.testing.tiny import save_tiny_model
 
 
+@pytest.mark.slow
 def test_inpaint_writes_png_of_requested_size(tmp_path, capsys):
     out = tmp_path / "out.png"
     assert (
@@ -29,6 +30,7 @@ def test_inpaint_writes_png_of_requested_size(tmp_path, capsys):
     assert "tiny random-weight model" in printed and "timings:" in printed and "seed 1" in printed
 
 
+@pytest.mark.slow
 def test_inpaint_with_files_model_folder_and_several_images(tmp_path):
     image, mask = demo_inputs(288, 256)
     image.save(tmp_path / "in.png")

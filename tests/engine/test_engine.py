@@ -68,6 +68,7 @@ def test_event_order_and_result(engine):
     assert result.stats["working_size"] == result.stats["output_size"] == (SIZE, SIZE)
 
 
+@pytest.mark.slow
 def test_same_seed_same_images_and_random_seed_reported(engine):
     first, second = engine.run(request(seed=11)), engine.run(request(seed=11))
     assert all(np.array_equal(a, b) for a, b in zip(pixels(first), pixels(second), strict=True))
@@ -96,6 +97,7 @@ def test_engine_matches_drop_in_pipeline(engine):
     assert np.array_equal(pixels(result)[0], np.asarray(expected, dtype=np.int16))
 
 
+@pytest.mark.slow
 def test_prompt_cache_hits():
     engine = helpers.tiny_engine(EngineConfig.preset("reference", prompt_cache_size=1))
     assert engine.run(request(prompt="red cat")).stats["prompt_cache_hit"] is False
@@ -154,6 +156,7 @@ def test_invalid_requests_are_rejected_with_an_error_event(engine, overrides, er
     assert match in events[0].message
 
 
+@pytest.mark.slow
 def test_the_output_has_the_asked_size_or_the_input_size(engine):
     result = engine.run(request(width=300, height=270))
     assert result.images[0].size == (300, 270) and result.stats["working_size"] == (288, 256)
@@ -163,6 +166,7 @@ def test_the_output_has_the_asked_size_or_the_input_size(engine):
     assert result.stats["working_size"] == (272, 256)  # about max_megapixels (0.065 x 1024^2), aspect kept
 
 
+@pytest.mark.slow
 def test_mask_inputs_are_converted_to_one_channel(engine):
     image, mask = make_inputs()
     as_rgb = np.repeat(mask[..., None], 3, axis=-1)

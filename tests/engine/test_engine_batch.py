@@ -94,6 +94,7 @@ def assert_same_images(alone, batched):
 # ---- parity ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_each_request_of_a_batch_gets_the_images_it_gets_alone(engine, monkeypatch):
     requests = mixed_requests()
     keys = {engine.batch_key(r.validated()) for r in requests}
@@ -132,6 +133,7 @@ def test_each_request_of_a_batch_gets_the_images_it_gets_alone(engine, monkeypat
     assert all(r.timings["total"] >= r.timings["denoise"] for r in batched)
 
 
+@pytest.mark.slow
 def test_the_transformer_latents_agree_and_a_batch_of_one_is_the_solo_run(engine):
     pipe = engine.pipeline
     calls = [
@@ -161,6 +163,7 @@ def test_the_transformer_latents_agree_and_a_batch_of_one_is_the_solo_run(engine
     assert all(np.array_equal(a, b) for a, b in zip(levels(solo), levels(same), strict=True))
 
 
+@pytest.mark.slow
 def test_the_prompt_cache_serves_batches_per_prompt():
     engine = helpers.tiny_engine()
     batched = engine.run_batch(
@@ -170,6 +173,7 @@ def test_the_prompt_cache_serves_batches_per_prompt():
     assert engine.run(request(prompt="b")).stats["prompt_cache_hit"] is True
 
 
+@pytest.mark.slow
 def test_a_lora_set_shared_by_the_batch(tmp_path, monkeypatch):
     engine = helpers.tiny_engine()
     path = lora_helpers.peft_lora(tmp_path / "style", 0)
@@ -214,6 +218,7 @@ def test_the_key_holds_what_one_pass_shares(engine, overrides, same):
     assert (engine.batch_key(request(**overrides).validated()) == key) is same
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -351,6 +356,7 @@ def cache_config(threshold, mask_aware):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask_aware", [False, True], ids=["plain", "mask-aware"])
 def test_with_the_step_cache_each_request_of_a_batch_decides_its_own_steps(mask_aware, monkeypatch):
     """A threshold between two requests' first measured changes: alone, one skips step 1 and the

@@ -85,6 +85,7 @@ def test_without_paste_back_the_model_picture_is_returned(engine):
 # ---- any input size --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(300, 210), (1600, 1200), (257, 263)], ids=str)
 def test_the_output_has_the_input_size_whatever_it_is(engine, size):
     width, height = size
@@ -117,6 +118,7 @@ def test_an_asked_output_size_is_exact(engine):
 # ---- crop to mask ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_crop_to_mask_works_on_a_region_and_keeps_the_rest(engine):
     size = (1536, 1536)
     image, mask_box = photo(*size), (700, 800, 828, 928)  # a 128x128 mask
@@ -176,6 +178,7 @@ def test_outpaint_with_a_mask_repaints_both(engine):
 # ---- soft masks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_soft_masks_give_the_model_grey_levels(engine):
     image = photo(256, 256)
     grey = box(256, 256, (64, 64, 192, 192), value=90)  # 35%: a hard mask would keep all of it
@@ -220,6 +223,7 @@ def test_fill_options_are_checked_up_front(fields, error, match, field):
     assert refused.value.field == field
 
 
+@pytest.mark.slow
 def test_the_cli_flags(tmp_path):
     from fluxfill_engine.cli import main
 

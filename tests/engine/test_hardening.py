@@ -309,6 +309,7 @@ DEEP_ERRORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(DEEP_ERRORS), ids=list(DEEP_ERRORS))
 def test_deep_errors_become_clear_ones_before_any_work(pipe, case):
     overrides, error, match = DEEP_ERRORS[case]
@@ -379,6 +380,7 @@ def test_cli_request_errors_name_the_option(tmp_path, capsys, no_model):
 # ---- concurrency -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_four_threads_on_one_engine_get_their_own_images_and_stats(engine):
     image, mask = PIL.Image.fromarray(photo()), PIL.Image.fromarray(box_mask())
     requests = [

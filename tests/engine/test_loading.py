@@ -70,6 +70,7 @@ def fill_request(seed=0):
     )
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_through_engine_and_pipeline(tmp_path):
     path = save_tiny_model(tmp_path / "tiny")
     in_memory = helpers.tiny_engine().run(fill_request()).images[0]

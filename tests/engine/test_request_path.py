@@ -80,6 +80,7 @@ def test_given_prompt_embeddings_report_no_cache_use(pipe):
     assert pipe.generate(call).stats["prompt_cache_hit"] is None
 
 
+@pytest.mark.slow
 def test_threads_sharing_a_pipeline_each_get_their_own_stats(pipe):
     steps = [1, 2, 3, 4]
     sequential = {n: pipe.generate(PipelineCall(**helpers.call_kwargs(num_inference_steps=n))) for n in steps}

@@ -34,6 +34,7 @@ def test_nothing_heavy_is_imported(code):
     assert _loaded_after(code) == set()
 
 
+@pytest.mark.slow
 def test_the_public_names_load_on_first_use():
     loaded = _loaded_after("import fluxfill_engine\nfluxfill_engine.FluxFillPipeline")
     assert {"torch", "diffusers"} <= loaded

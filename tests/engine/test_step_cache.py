@@ -67,6 +67,7 @@ def test_huge_threshold_runs_exactly_the_forced_steps(warmup, final, max_skips):
     assert full == expected_full_steps(STEPS, warmup, final, max_skips)
 
 
+@pytest.mark.slow
 def test_higher_threshold_never_computes_more_steps():
     counts = []
     for threshold in (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1e9):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ptxas compiles of every kernel in a subprocess
+
 pytest.importorskip("triton")
 
 

@@ -37,6 +37,8 @@ from fluxfill_kernels.fill_cond import fill_cond_ref
 from fluxfill_kernels.qk_norm_rope import qk_norm_rope_ref
 from fluxfill_kernels.tolerances import assert_matches_reference
 
+pytestmark = pytest.mark.slow  # a CMake build of the native library in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -81,6 +81,7 @@ def test_joint_attention_scale(pipes, files):
     assert helpers.max_abs_diff(got, full) > VISIBLE
 
 
+@pytest.mark.slow
 def test_fuse_and_unfuse(pipes, files):
     reference, ours = pipes
     ours.load_lora_weights(files["a"], adapter_name="a")
@@ -136,6 +137,7 @@ def test_hotswap(pipes, files):
     assert helpers.max_abs_diff(first, second) > VISIBLE
 
 
+@pytest.mark.slow
 def test_adapters_loaded_after_a_call(pipes, files):
     """An engine built (and a prompt cached) before the adapters were loaded runs them from then on."""
     reference, ours = pipes
@@ -188,6 +190,7 @@ def test_engine_set_of_three_matches_diffusers(files, strategy):
     assert [a["scale"] for a in stats["adapters"]] == list(weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["kohya", "dev", "c", "alphas"])
 @pytest.mark.parametrize("strategy", ["merge", "side"])
 def test_engine_reads_every_format_as_diffusers_does(files, name, strategy):

@@ -71,6 +71,7 @@ def transformer_state(engine):
 # ---- requests --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_loras_in_one_request_equal_diffusers_with_the_same_adapters_and_weights(files):
     loras = [
         {"path": str(files["a"]), "scale": 0.7},
@@ -116,6 +117,7 @@ def test_request_validation_keeps_lora_specs():
     assert request().validated().loras == ()
 
 
+@pytest.mark.slow
 def test_the_same_set_again_switches_nothing_and_files_are_cached(files):
     engine = helpers.tiny_engine()
     loras = [{"path": str(files["a"]), "scale": 0.5}]
@@ -129,6 +131,7 @@ def test_the_same_set_again_switches_nothing_and_files_are_cached(files):
     assert other_scale.stats["loras"]["switched"] and not np.array_equal(pixels(first), pixels(other_scale))
 
 
+@pytest.mark.slow
 def test_cache_is_lru_and_sees_a_rewritten_file(files, tmp_path):
     engine = helpers.tiny_engine(EngineConfig(lora_cache_size=1))
     path = tmp_path / "style.safetensors"
@@ -146,6 +149,7 @@ def test_cache_is_lru_and_sees_a_rewritten_file(files, tmp_path):
     assert not np.array_equal(pixels(first), pixels(rewritten))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["merge", "side"])
 def test_switching_never_drifts_the_base_weights(files, strategy):
     engine = helpers.tiny_engine(EngineConfig(lora_strategy=strategy))
@@ -259,6 +263,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "field", "error", "match"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_loras_are_refused_before_any_work_and_change_nothing(
     files, bad_files, case, field, error, match
@@ -350,6 +355,7 @@ def latents(files, config, with_loras=True):
     return output, pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8-weight", "int8", "fp8"])
 def test_quantized_base_with_loras_within_sqnr_bound(files, mode):
     if mode == "fp8" and not _scaled_mm_supported(torch.device("cpu")):
@@ -405,6 +411,7 @@ def test_compiled_engine_switches_loras_without_compiling_again(files, strategy)
 # ---- the command line and the benchmark ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_lora_flag(files, tmp_path, capsys):
     out = tmp_path / "out.png"
     args = ["inpaint", "--steps", "1", "--width", "256", "--height", "256", "--seed", "3", "--out", str(out)]
@@ -439,6 +446,7 @@ def test_cli_lora_errors_exit_2_naming_the_option(files, bad_files, tmp_path, ca
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_lora_benchmark_on_the_tiny_model(tmp_path):
     from fluxfill_engine.bench.lora_bench import LoraBenchSettings, render_lora_markdown, run_lora_benchmark
 

@@ -300,17 +300,20 @@ def two_rank_run(tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TWO_RANKS)
 def test_two_ranks_give_the_single_process_images(two_rank_run, name):
     check_against_one_process(two_rank_run, name, 2)
 
 
+@pytest.mark.slow
 def test_ranks_given_different_seeds_refuse_the_request(two_rank_run):
     for rank in range(2):
         outcome = json.loads((two_rank_run / f"different_seeds-rank{rank}.json").read_text())
         assert outcome["error"] and "different inputs" in outcome["error"]
 
 
+@pytest.mark.slow
 def test_an_engine_request_without_a_seed_uses_rank_0s_seed_everywhere(two_rank_run):
     seeds = [
         json.loads((two_rank_run / f"engine_random_seed-rank{rank}.json").read_text())["seed"]

@@ -137,6 +137,7 @@ def forward_inputs(model: FillTransformer, latent_hw=(6, 8), text=11):
 MODELS = {"tiny": (2, 16, 2, 2), "mid": (4, 64, 2, 4)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", sorted(MODELS))
 @pytest.mark.parametrize(("mode", "backend"), VALID)
 def test_transformer_forward_sqnr(size, mode, backend):

@@ -161,6 +161,7 @@ FEATURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_each_feature_gives_diffusers_images_with_a_warning(pipes, feature, caplog):
     reference, ours = pipes

@@ -595,6 +595,7 @@ def test_the_dummy_components_are_the_fill_files_shapes():
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "run_diffusers_fill_tests.py"
 
 
+@pytest.mark.slow
 def test_the_scripts_stand_ins_load_offline(tmp_path):
     """The script's redirect: the three Hub loads of diffusers' Fill file read local stand-ins."""
     code = f"""

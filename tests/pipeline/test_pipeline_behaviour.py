@@ -22,6 +22,7 @@ from tests.support import helpers
 # ---- save / load / from_pipe -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_before_saving", [True, False], ids=["fused", "unfused"])
 def test_save_and_reload(pipe, tmp_path, run_before_saving):
     before = pipe(**helpers.call_kwargs()).images if run_before_saving else None

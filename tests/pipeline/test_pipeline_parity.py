@@ -69,6 +69,7 @@ def test_list_of_generators(pipes, strength):
     helpers.assert_close(expected, actual)
 
 
+@pytest.mark.slow
 def test_batch_of_images_with_list_of_generators(pipes):
     images = torch.cat([helpers.image_tensor(seed=1), helpers.image_tensor(seed=2)])
     masks = torch.cat([helpers.mask_tensor(), 1 - helpers.mask_tensor()])
@@ -87,6 +88,7 @@ def test_batch_of_images_with_list_of_generators(pipes):
 # ---- schedule ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strength", "steps"), [(0.6, 5), (0.5, 4), (0.99, 3)], ids=["0.6x5", "0.5x4", "0.99x3"]
 )
@@ -232,6 +234,7 @@ def _image_inputs(kind: str) -> dict[str, Any]:
     raise AssertionError(kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tensor", "tensor-3d", "pil", "pil-list", "numpy", "numpy-hwc"])
 def test_image_input_types(pipes, kind):
     expected, actual = run_both(pipes, **_image_inputs(kind))

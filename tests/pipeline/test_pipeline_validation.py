@@ -190,6 +190,7 @@ def test_rgba_and_palette_files_are_converted(pipe, tmp_path):
     assert images.shape == (1, helpers.HEIGHT, helpers.WIDTH, 3) and np.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_edge_values_are_accepted(pipe):
     # Boundary values that are valid: strength 1, mask all 0 / all 1, max_sequence_length 512.
     full = torch.ones(1, 1, helpers.HEIGHT, helpers.WIDTH)
@@ -206,6 +207,7 @@ def test_edge_values_are_accepted(pipe):
         assert np.isfinite(images).all(), overrides
 
 
+@pytest.mark.slow
 def test_numpy_float_scalars_are_accepted(pipes):
     reference, ours = pipes
     kwargs = dict(guidance_scale=np.float32(3.5), strength=np.float32(0.75), num_inference_steps=4)

@@ -1,6 +1,7 @@
 """Reduced precision: the engine's lossless rewrites only change rounding, not results."""
 
 import diffusers
+import pytest
 import torch
 
 from fluxfill_engine import FluxFillPipeline
@@ -8,6 +9,7 @@ from fluxfill_engine.metrics import psnr_db
 from fluxfill_engine.testing.tiny import tiny_components
 
 
+@pytest.mark.slow
 def test_bf16_agrees_with_diffusers_bf16_to_rounding():
     # Measured on this tiny model: ~53 dB (max pixel difference 0.018). Random weights make the output
     # insensitive to small conditioning errors (a 2% timestep error still gives ~50 dB), so this guards

@@ -405,6 +405,7 @@ def test_an_idle_server_cleans_up_on_its_own(tmp_path, shared_engine):
         assert not (tmp_path / "files" / task["id"]).exists()
 
 
+@pytest.mark.slow
 def test_old_tasks_are_forgotten(tmp_path, shared_engine):
     """Past --task-retention-days a finished task is deleted with its events and files; a queued or
     running one never is."""
@@ -504,6 +505,7 @@ def test_url_inputs_from_a_trusted_network_and_a_signed_webhook(tmp_path, shared
     assert message["data"]["outputs"] == [f"https://fill.example.com/v1/files/{task['id']}/0.png"]
 
 
+@pytest.mark.slow
 def test_queued_tasks_that_fit_together_run_as_one_batch(tmp_path, shared_engine):
     app = make_app(tmp_path, SlowSteps(shared_engine, 0.2), max_batch_images=4)
     with server_in_thread(app) as base:
