@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fluxfill_engine.conditioning import fill_conditioning
 from fluxfill_engine.layers import apply_rope
 from fluxfill_kernels import native
+from fluxfill_kernels.build import cmake_commands
 from fluxfill_kernels.fill_cond import fill_cond_ref
 from fluxfill_kernels.qk_norm_rope import qk_norm_rope_ref
 from fluxfill_kernels.tolerances import assert_matches_reference
@@ -63,40 +64,7 @@ def _cxx_compiler() -> str | None:
     return None
 
 
-def _cuda_configure(env: dict[str, str]) -> list[str]:
-    """CMake arguments (and ``env`` entries) that help torch's FindCUDA when torch has CUDA.
-
-    torch's CMake config finds the toolkit from ``nvcc`` on PATH, which fails when that is a wrapper
-    outside the toolkit (``/usr/local/bin/nvcc`` gives root ``/usr/local``); it also links nvrtc, which
-    a toolkit assembled from pip wheels keeps only in the ``nvidia`` wheel folders. Building for this
-    GPU's architecture alone keeps the build short.
-    """
-    if torch.version.cuda is None:
-        return []
-    from torch.utils import cpp_extension
-
-    args = []
-    roots = [cpp_extension.CUDA_HOME, "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
-    root = next((Path(r) for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
-    if root is not None:
-        args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
-        if not any((root / lib).glob("libnvrtc.so*") for lib in ("lib64", "lib")):
-            wheels = Path(torch.__file__).resolve().parents[1] / "nvidia"
-            nvrtc = sorted(wheels.glob("*/lib/libnvrtc.so*"))
-            if nvrtc:
-                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
-    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in env:
-        env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
-    return args
-
-
-def _registered() -> bool:
-    """Whether some library has already registered the ``fluxfill_native`` ops in this process."""
-    try:
-        torch.ops.fluxfill_native.fill_cond  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+_registered = native._registered
 
 
 # A process holds one fluxfill_native library (loading a second aborts it), and the first fluxfill op
@@ -130,20 +98,7 @@ def fresh_build(tmp_path_factory: pytest.TempPathFactory) -> Built:
         pytest.skip("FLUXFILL_NATIVE=0 disables loading the native kernel library")
     build = tmp_path_factory.mktemp("build-native")
     env = dict(os.environ)
-    commands = [
-        [
-            cmake,
-            "-S",
-            str(ROOT),
-            "-B",
-            str(build),
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            "-DCMAKE_BUILD_TYPE=Release",
-            f"-DFLUXFILL_NATIVE_OUTPUT_DIR={build}",
-            *_cuda_configure(env),
-        ],
-        [cmake, "--build", str(build), "-j2"],
-    ]
+    commands = cmake_commands(ROOT, build, cmake, env, jobs=2)
     start = time.perf_counter()
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, env=env)

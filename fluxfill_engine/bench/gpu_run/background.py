@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from fluxfill_kernels.build import cmake_commands
 
 from ..measure import ROOT
 from .budget import Deadline, skipped
@@ -76,9 +76,8 @@ class Background:
 
 def native_build_command(folder: Path, env: dict[str, str]) -> list[str] | str:
     """The CMake configure-and-build of the native library into ``folder`` (``env`` gets what torch's
-    CMake config needs), or why it cannot run here. The CUDA arguments are those of
-    tests/kernels/test_native.py: the toolkit's root (``nvcc`` on PATH may be a wrapper outside it), nvrtc
-    from torch's ``nvidia`` wheels when the toolkit lacks it, and this GPU's architecture alone."""
+    CMake config needs), or why it cannot run here: the commands of :mod:`fluxfill_kernels.build`, as the
+    native library's tests run them."""
     beside_python = Path(sys.executable).parent / "cmake"  # pip's cmake in a venv not activated
     cmake = shutil.which("cmake") or (str(beside_python) if beside_python.exists() else None)
     if cmake is None:
@@ -87,38 +86,8 @@ def native_build_command(folder: Path, env: dict[str, str]) -> list[str] | str:
         return "no C++ compiler (c++, g++, clang++ or $CXX)"
     if env.get("FLUXFILL_NATIVE", "1") == "0":
         return "FLUXFILL_NATIVE=0 disables the native library"
-    configure = [
-        cmake,
-        "-S",
-        str(ROOT),
-        "-B",
-        str(folder),
-        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-        "-DCMAKE_BUILD_TYPE=Release",
-        f"-DFLUXFILL_NATIVE_OUTPUT_DIR={folder}",
-    ]
-    if torch.version.cuda is not None:
-        from torch.utils import cpp_extension
-
-        roots = [
-            cpp_extension.CUDA_HOME,
-            "/usr/local/cuda",
-            *sorted(map(str, Path("/usr/local").glob("cuda-*"))),
-        ]
-        root = next(
-            (Path(r) for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None
-        )
-        if root is not None:
-            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
-            if not any((root / lib).glob("libnvrtc.so*") for lib in ("lib64", "lib")):
-                wheels = Path(torch.__file__).resolve().parents[1] / "nvidia"
-                nvrtc = sorted(wheels.glob("*/lib/libnvrtc.so*"))
-                if nvrtc:
-                    configure.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
-        if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in env:
-            env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
-    build = [cmake, "--build", str(folder), "-j", "4"]
-    return ["bash", "-c", " && ".join(shlex.join(command) for command in (configure, build))]
+    commands = cmake_commands(ROOT, folder, cmake, env, jobs=4)
+    return ["bash", "-c", " && ".join(shlex.join(command) for command in commands)]
 
 
 def kernel_tests_command(run: Run) -> list[str] | None:
