@@ -88,7 +88,7 @@ def sdpa_attention(fused_kernels: bool) -> AttentionFn:
 
 
 def xformers_attention(fused_kernels: bool) -> AttentionFn:
-    import xformers.ops
+    import xformers.ops  # pyright: ignore[reportMissingImports]  (an optional backend)
 
     def attend(qkv: JointQKV, rope: Rope) -> torch.Tensor:
         if fused_kernels:
@@ -147,7 +147,7 @@ class AutoAttention:
                 self.choices[key] = next(iter(self.candidates))
             else:
                 times = {name: self.timer(fn, qkv, rope) for name, fn in self.candidates.items()}
-                self.choices[key] = min(times, key=times.get)
+                self.choices[key] = min(times, key=lambda name: times[name])
         return self.choices[key]
 
     def __call__(self, qkv: JointQKV, rope: Rope) -> torch.Tensor:

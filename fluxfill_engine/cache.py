@@ -90,9 +90,12 @@ class StepCache:
             self.token_weights = shard.image_token_weights(device)[None, :, None]
 
     def relative_change(self, residual: torch.Tensor) -> torch.Tensor:
-        """``mean|r - r_ref| / mean|r_ref|`` (token-weighted when mask-aware), a 0-d fp32 tensor."""
-        change = (residual.float() - self.reference_residual.float()).abs()
-        base = self.reference_residual.float().abs()
+        """``mean|r - r_ref| / mean|r_ref|`` (token-weighted when mask-aware), a 0-d fp32 tensor; only
+        once a step has computed the reference."""
+        reference = self.reference_residual
+        assert reference is not None, "no full step has run yet"
+        change = (residual.float() - reference.float()).abs()
+        base = reference.float().abs()
         if self.token_weights is not None:
             change, base = change * self.token_weights, base * self.token_weights
         if self.shard is None:
@@ -107,12 +110,13 @@ class StepCache:
         rel_l1 = None if self.reference_residual is None else self.relative_change(residual)
         self._rel_l1.append(rel_l1)
         forced = (
-            rel_l1 is None
-            or step < policy.warmup
+            step < policy.warmup
             or step >= self.num_steps - policy.final
             or self.consecutive_skips >= policy.max_skips
         )
-        return not forced and bool(rel_l1 < policy.threshold)  # the one host sync of the step
+        if rel_l1 is None or forced:
+            return False
+        return bool(rel_l1 < policy.threshold)  # the one host sync of the step
 
     def apply(
         self,
@@ -128,15 +132,17 @@ class StepCache:
         if shard is not None:
             self.use_shard(shard, first_residual.device)
         if self.can_skip(step, first_residual):
-            self.skipped()
-            return first_img + self.remaining_residual
+            return first_img + self.skipped()
         out = remaining(None)
         self.computed(first_residual, out - first_img)
         return out
 
-    def skipped(self) -> None:
+    def skipped(self) -> torch.Tensor:
+        """Count a skipped step; returns the cached residual of the remaining blocks."""
+        assert self.remaining_residual is not None, "can_skip is False until a step has computed it"
         self.consecutive_skips += 1
         self._cached.append(True)
+        return self.remaining_residual
 
     def computed(self, first_residual: torch.Tensor, remaining_residual: torch.Tensor) -> None:
         self.reference_residual = first_residual
@@ -216,8 +222,7 @@ class BatchStepCache:
         parts, offset = [], 0
         for cache, rows, skip in zip(self.caches, self.rows, skips, strict=True):
             if skip:
-                cache.skipped()
-                parts.append(first_img[rows] + cache.remaining_residual)
+                parts.append(first_img[rows] + cache.skipped())
                 continue
             size = rows.stop - rows.start
             out = computed[offset : offset + size]

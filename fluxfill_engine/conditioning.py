@@ -123,18 +123,32 @@ def vae_latents(
     ``per_image``, each image is encoded on its own with its generator (diffusers encodes the init image
     so, and the masked image in one batch)."""
     if isinstance(generator, list) and per_image:
-        samples = [vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(len(image))]
+        samples = [
+            _encoded(vae, image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(len(image))
+        ]
         sample = torch.cat(samples)
     else:
-        sample = vae.encode(image).latent_dist.sample(generator)
-    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+        sample = _encoded(vae, image).latent_dist.sample(generator)
+    config = vae_config(vae)
+    return (sample - config.shift_factor) * config.scaling_factor
+
+
+def vae_config(vae: AutoencoderKL) -> Any:
+    """The VAE's config (diffusers' FrozenDict, read by attribute: ``latent_channels``, ``shift_factor``,
+    ``scaling_factor``)."""
+    return vae.config
+
+
+def _encoded(vae: AutoencoderKL, image: torch.Tensor) -> Any:
+    """``vae.encode(image)``: an ``AutoencoderKLOutput`` (``return_dict`` is on), its ``latent_dist``."""
+    return vae.encode(image)
 
 
 def _draw_skipped_encode_noise(
     vae: AutoencoderKL, image: torch.Tensor, generator: Generator, grid: LatentGrid
 ) -> None:
     """Draw the random numbers a VAE encode's sampling would draw, in the same order, without encoding."""
-    shape = (image.shape[0], vae.config.latent_channels, image.shape[2] // grid.vae_scale_factor)
+    shape = (image.shape[0], vae_config(vae).latent_channels, image.shape[2] // grid.vae_scale_factor)
     shape = (*shape, image.shape[3] // grid.vae_scale_factor)
     if isinstance(generator, list):
         for i in range(image.shape[0]):
@@ -158,7 +172,7 @@ def initial_latents(
     Noise at the schedule's first sigma, mixed with the image's latents when it starts below 1
     (``strength < 1``). The generator is consumed in diffusers' order (init-image encode, then noise).
     """
-    channels = vae.config.latent_channels
+    channels = vae_config(vae).latent_channels
     img_ids = latent_image_ids(grid.latent_height // 2, grid.latent_width // 2, device, dtype)
     if latents is not None:
         return latents.to(device=device, dtype=dtype), img_ids
@@ -195,8 +209,9 @@ def masked_image_conditioning(
     ``[B, 1, H, W]`` (1 = repaint): the latents of the image with the masked part blacked out, and the
     8x8-unshuffled mask (as BFL's ``prepare_fill`` builds it)."""
     masked_image = (init_image * (1 - mask)).to(device=device, dtype=dtype)
-    if masked_image.shape[1] == vae.config.latent_channels:
-        masked_latents = (masked_image - vae.config.shift_factor) * vae.config.scaling_factor
+    config = vae_config(vae)
+    if masked_image.shape[1] == config.latent_channels:
+        masked_latents = (masked_image - config.shift_factor) * config.scaling_factor
     else:
         masked_latents = vae_latents(vae, masked_image, generator, per_image=False)
     masked_latents = repeat_to_batch(masked_latents.to(device=device, dtype=dtype), grid.batch, "images")

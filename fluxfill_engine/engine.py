@@ -352,7 +352,7 @@ class FluxFillEngine:
         public = {"preprocess_start", "preprocess_end", "decode_start", "decode_end"}
 
         def on_stage(name: str, step: int | None = None, total: int | None = None) -> None:
-            if name == "step":
+            if name == "step" and step is not None:
                 emit(Event("step", step=step + 1, total=total))
             elif name in public:
                 emit(Event(name))
@@ -384,25 +384,33 @@ class FluxFillEngine:
                 "batch_requests": len(requests),
                 "preset_fields": self.config.describe(),
             }
-            finished.append(FillResult(images=images, seed=request.seed, timings=timings, stats=stats))
+            finished.append(FillResult(images=images, seed=_seed(request), timings=timings, stats=stats))
         return finished
 
 
 def batch_fields(request: FillRequest) -> dict[str, Any]:
     """What one pass of the model shares, for a validated request: the fields of
     :meth:`FluxFillEngine.batch_key` by name (its working size computed as the framing does)."""
+    specs = [spec for spec in request.loras or () if isinstance(spec, LoraSpec)]
     validated = isinstance(request.image, PIL.Image.Image) and (
         request.mask is None or isinstance(request.mask, PIL.Image.Image)
     )
-    if not validated or not all(isinstance(spec, LoraSpec) for spec in request.loras or ()):
+    if not validated or len(specs) != len(request.loras or ()):
         raise InputTypeError("batch_key needs a validated request (FillRequest.validated(...))", "request")
     return {
         "working_size": frame_working_size(request.image.size, request.mask, *_frame_options(request)),
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": float(request.guidance_scale),
         "soft_mask": request.soft_mask,
-        "loras": tuple((str(spec.path), float(spec.scale)) for spec in request.loras or ()),
+        "loras": tuple((str(spec.path), float(spec.scale)) for spec in specs),
     }
+
+
+def _seed(request: FillRequest) -> int:
+    """The seed of a validated request (validation draws one when none was given)."""
+    if request.seed is None:
+        raise RuntimeError("a validated request has a seed")
+    return request.seed
 
 
 def _frame_options(request: FillRequest) -> tuple[Any, ...]:
@@ -433,7 +441,7 @@ def _pipeline_call(request: FillRequest, frame: Frame) -> PipelineCall:
         num_inference_steps=request.num_inference_steps,
         guidance_scale=float(request.guidance_scale),
         num_images_per_prompt=request.num_images,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
+        generator=torch.Generator("cpu").manual_seed(_seed(request)),
         max_sequence_length=MAX_SEQUENCE_LENGTH,
     )
 

@@ -28,6 +28,7 @@ OUTPAINT_SIDES = ("left", "top", "right", "bottom")
 # The working resolution's megapixel is 1024x1024 pixels, as the hosted FLUX APIs count it: 1.0 is the
 # resolution FLUX was trained at.
 WORKING_MEGAPIXEL = 1024 * 1024
+_THRESHOLD = [0] * 128 + [255] * 128  # the point table of an L mask thresholded at half
 
 
 def working_size(size: Size, max_megapixels: float) -> Size:
@@ -162,8 +163,10 @@ class Frame:
         once for all of them."""
         left, top, right, bottom = self.region
         whole = self.region == (0, 0, *self.canvas.size)
-        alpha = paste_alpha(self.mask, blur)[top:bottom, left:right, None] if paste_back else None
-        original = np.asarray(self.canvas.crop(self.region), dtype=np.float32) if paste_back else None
+        blend = None  # with paste_back: the feathered mask and the input, over the region
+        if paste_back:
+            alpha = paste_alpha(self.mask, blur)[top:bottom, left:right, None]
+            blend = alpha, np.asarray(self.canvas.crop(self.region), dtype=np.float32)
         outputs = []
         for picture in generated:
             region = resized(picture.convert("RGB"), self.region_size)
@@ -171,7 +174,8 @@ class Frame:
                 outputs.append(region)
                 continue
             output = self.canvas.copy()
-            if paste_back:
+            if blend is not None:
+                alpha, original = blend
                 blended = original * (1 - alpha) + np.asarray(region, dtype=np.float32) * alpha
                 exact = alpha[..., 0] == 0  # outside the feathered mask: the input's pixels, bit for bit
                 blended[exact] = original[exact]
@@ -202,8 +206,9 @@ def make_frame(
     if size is not None:
         canvas = resized(canvas, size)
     mask = canvas_mask(image.size, mask, size, outpaint, soft_mask)
+    crop_mask = mask if crop_to_mask else None
     region, working = _placement(
-        canvas.size, mask, size, mask_grow, mask_blur, crop_to_mask, crop_padding, max_megapixels
+        canvas.size, crop_mask, size, mask_grow, mask_blur, crop_padding, max_megapixels
     )
     return Frame(canvas=canvas, mask=grow_mask(mask, mask_grow), region=region, working_size=working)
 
@@ -227,8 +232,8 @@ def frame_working_size(
     if size is None and outpaint is not None:
         left, top, right, bottom = (outpaint.get(side, 0) for side in OUTPAINT_SIDES)
         canvas = (image_size[0] + left + right, image_size[1] + top + bottom)
-    mask = canvas_mask(image_size, mask, size, outpaint, soft_mask) if crop_to_mask else None
-    return _placement(canvas, mask, size, mask_grow, mask_blur, crop_to_mask, crop_padding, max_megapixels)[1]
+    crop_mask = canvas_mask(image_size, mask, size, outpaint, soft_mask) if crop_to_mask else None
+    return _placement(canvas, crop_mask, size, mask_grow, mask_blur, crop_padding, max_megapixels)[1]
 
 
 def canvas_mask(
@@ -244,28 +249,30 @@ def canvas_mask(
         mask = resized(mask, image_size)
     if outpaint is not None:
         mask = outpaint_mask(image_size, mask, outpaint)
+    if mask is None:
+        raise ValueError("a mask or outpaint margins are needed")  # FillRequest.validated refuses neither
     if size is not None:
         mask = resized(mask, size)
     if not soft_mask:
-        mask = mask.point(lambda value: 255 if value >= 128 else 0)
+        mask = mask.point(_THRESHOLD)
     return mask
 
 
 def _placement(
     canvas_size: Size,
-    mask: PIL.Image.Image | None,
+    crop_mask: PIL.Image.Image | None,
     size: Size | None,
     mask_grow: int,
     mask_blur: int,
-    crop_to_mask: bool,
     crop_padding: int,
     max_megapixels: float,
 ) -> tuple[Box, Size]:
-    """The region and the working size, from the canvas's size and (with ``crop_to_mask``) its mask
-    before ``mask_grow``: growing by ``g`` grows the mask's box by ``g`` (clipped to the canvas)."""
-    if crop_to_mask:
+    """The region and the working size, from the canvas's size and, with ``crop_to_mask``, the canvas's
+    mask before ``mask_grow`` (``crop_mask``; ``None``: the whole canvas): growing by ``g`` grows the
+    mask's box by ``g`` (clipped to the canvas)."""
+    if crop_mask is not None:
         # Padding at least the feather, so the seam's blend never reaches the region's edge.
-        region = crop_box(mask, mask_grow + max(crop_padding, mask_blur))
+        region = crop_box(crop_mask, mask_grow + max(crop_padding, mask_blur))
         left, top, right, bottom = region
         return region, working_size((right - left, bottom - top), max_megapixels)
     working = floor_to_multiple(size) if size is not None else working_size(canvas_size, max_megapixels)

@@ -15,7 +15,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import PIL.Image
@@ -135,7 +135,8 @@ def has_transparency(image: PIL.Image.Image) -> bool:
         image = image.convert("RGBA")
     if image.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
         return False
-    return image.getchannel("A").getextrema()[0] < 255
+    lowest, _ = cast("tuple[float, float]", image.getchannel("A").getextrema())  # one channel: (min, max)
+    return lowest < 255
 
 
 def viewer_mask(mask: PIL.Image.Image) -> PIL.Image.Image:

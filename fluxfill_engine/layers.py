@@ -68,17 +68,16 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> nn.Linear:
     """
     first = linears[0]
     weight = torch.cat([linear.weight.data for linear in linears])
-    has_bias = first.bias is not None
-    bias = torch.cat([linear.bias.data for linear in linears]) if has_bias else None
-    fused = nn.Linear(first.in_features, weight.shape[0], bias=has_bias, device="meta")
+    bias = torch.cat([linear.bias.data for linear in linears]) if first.bias is not None else None
+    fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
+    if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
     offset = 0
     for linear in linears:
         rows = linear.out_features
         linear.weight.data = weight[offset : offset + rows]
-        if has_bias:
+        if bias is not None:
             linear.bias.data = bias[offset : offset + rows]
         offset += rows
     return fused

@@ -33,7 +33,7 @@ import atexit
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ if dist.is_available():
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
+    from torch.distributed.distributed_c10d import GroupName
 
 FIELD = "EngineConfig.context_parallel"
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -125,7 +126,7 @@ class ContextParallel:
     size: int
     rank: int
     group: dist.ProcessGroup
-    group_name: str
+    group_name: GroupName
     source: str = FIELD
     _shards: dict[tuple[int, int], SequenceShard] = field(default_factory=dict, repr=False)
 
@@ -323,13 +324,18 @@ def diffusers_context_parallel(transformer: FluxTransformer2DModel) -> tuple[int
     if context is None:
         return None
     degree = int(context.ulysses_degree or 1)
-    heads = int(transformer.config.num_attention_heads)
+    heads = _heads(transformer)
     if int(context.ring_degree or 1) != 1 or degree <= 1 or heads % degree:
         return None
     mesh = getattr(context, "_ulysses_mesh", None)
     if mesh is None:
         return None
     return degree, mesh.get_group()
+
+
+def _heads(transformer: FluxTransformer2DModel) -> int:
+    config: Any = transformer.config  # diffusers' FrozenDict, read by attribute
+    return int(config.num_attention_heads)
 
 
 def engine_runs_diffusers_parallelism(transformer: FluxTransformer2DModel) -> bool:
@@ -341,7 +347,7 @@ def resolve_context_parallel(degree: int, transformer: FluxTransformer2DModel) -
     """The ranks to split requests over, from ``EngineConfig.context_parallel`` or diffusers'
     ``enable_parallelism``; ``None`` for one process. Initialises the default process group when
     started by torchrun; otherwise says how to launch."""
-    heads = int(transformer.config.num_attention_heads)
+    heads = _heads(transformer)
     from_diffusers = diffusers_context_parallel(transformer)
     if from_diffusers is not None:
         size, group = from_diffusers
@@ -367,6 +373,8 @@ def resolve_context_parallel(degree: int, transformer: FluxTransformer2DModel) -
             f"script under `torchrun --nproc-per-node {degree}`)"
         )
     group = dist.group.WORLD
+    if group is None:  # set once the default process group is initialized, as it is here
+        raise RuntimeError("torch.distributed has no default process group")
     world = dist.get_world_size(group)
     if world != degree:
         raise ValueError(

@@ -126,6 +126,9 @@ class QuantizedLinear(nn.Module):
     ``Module.to(dtype)`` moves them but never casts them; the bias follows the module's dtype.
     """
 
+    weight_bits: torch.Tensor  # buffers, registered in __init__
+    scale_bits: torch.Tensor
+
     def __init__(self, linear: nn.Linear, mode: str) -> None:
         super().__init__()
         if mode not in QUANT_MODES[1:]:
@@ -267,6 +270,6 @@ def weight_bytes(modules: Iterable[nn.Module]) -> int:
 def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     # Tensor subclasses (torchao, quanto) hold their data in inner tensors.
     if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, nn.Parameter):
-        names, _ = tensor.__tensor_flatten__()
+        names, _ = getattr(tensor, "__tensor_flatten__")()  # noqa: B009 (not on torch.Tensor's type)
         return [storage for name in names for storage in _storages(getattr(tensor, name))]
     return [tensor.untyped_storage()]

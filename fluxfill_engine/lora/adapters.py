@@ -112,12 +112,13 @@ def peft_adapter_set(transformer: FluxTransformer2DModel, call_scale: float = 1.
                     f"diffusers adapter {name!r} on {path} is a LoRA variant (DoRA, bias, ...) that the "
                     "engine does not run; plain LoRA only"
                 )
-            if not isinstance(module.lora_A[name], nn.Linear):
+            down, up = module.lora_A[name], module.lora_B[name]
+            if not isinstance(down, nn.Linear) or not isinstance(up, nn.Linear):
                 raise ValueError(
                     f"diffusers adapter {name!r} on {path}: only linear-layer LoRAs are supported"
                 )
             scaling = module.scaling[name]
             scaling = float(scaling.item() if isinstance(scaling, torch.Tensor) else scaling)
-            term = LoraTerm(module.lora_A[name].weight, module.lora_B[name].weight, scaling * call_scale)
+            term = LoraTerm(down.weight, up.weight, scaling * call_scale)
             adapters.setdefault(name, {})[path] = term
     return AdapterSet([Adapter(n, call_scale, t) for n, t in adapters.items()], None, "diffusers")

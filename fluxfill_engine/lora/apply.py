@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def base_layer(module: nn.Module) -> nn.Module:
         if isinstance(module, LoraLinear):
             module = module.base
         elif hasattr(module, "base_layer") and hasattr(module, "lora_A"):  # peft's LoraLayer
-            module = module.get_base_layer()
+            module = cast("Any", module).get_base_layer()
         else:
             return module
 
@@ -82,6 +82,10 @@ class LoraLinear(nn.Module):
     a tensor (one value per rank column, or ``[batch, columns]`` for different sets per sample): changing
     it, or copying new values into padded buffers, recompiles nothing.
     """
+
+    base: Any  # a linear layer: nn.Linear, QuantizedLinear or a quantization backend's
+    down: torch.Tensor  # buffers, registered in __init__
+    scales: torch.Tensor
 
     def __init__(self, base: nn.Module, rows: Sequence[tuple[int, int]]) -> None:
         super().__init__()
@@ -190,7 +194,7 @@ def _mergeable(base: nn.Module, key: str) -> None:
 def _weights_of(base: nn.Module) -> list[torch.Tensor]:
     if isinstance(base, QuantizedLinear):
         return [base.weight_bits, base.scale_bits]
-    return [base.weight]
+    return [cast("torch.Tensor", base.weight)]
 
 
 def _merge_rows(base: nn.Module, start: int, end: int, delta: torch.Tensor) -> None:
@@ -202,7 +206,7 @@ def _merge_rows(base: nn.Module, start: int, end: int, delta: torch.Tensor) -> N
         base.weight_bits[start:end].copy_(bits)
         base.scale_bits[start:end].copy_(scale.view(torch.int32))
         return
-    rows = base.weight[start:end]
+    rows = cast("torch.Tensor", base.weight)[start:end]
     rows.copy_((rows.to(torch.float32) + delta).to(rows.dtype))
 
 
@@ -333,10 +337,10 @@ class LoraController:
             for (start, end), terms in zip(slot.rows, sources, strict=True):
                 if not terms:
                     continue
-                delta = None
-                for _, term in terms:
-                    product = term.up.to(torch.float32) @ term.down.to(torch.float32)
-                    delta = product * term.scale if delta is None else delta.add_(product, alpha=term.scale)
+                (_, first), *others = terms
+                delta = first.up.to(torch.float32) @ first.down.to(torch.float32) * first.scale
+                for _, term in others:
+                    delta.add_(term.up.to(torch.float32) @ term.down.to(torch.float32), alpha=term.scale)
                 _merge_rows(base, start, end, delta)
 
     # -- side path -----------------------------------------------------------------------------------
@@ -388,10 +392,9 @@ class LoraController:
         for slot_key in needed:
             slot = self.slots[slot_key]
             sources = grouped.get(slot.key)
-            compiled_slot = width is not None and slot.in_block
             wrapper = self._wrapper(slot)
             sources = sources or [[] for _ in slot.sources]
-            if compiled_slot:
+            if width is not None and slot.in_block:  # a compiled block's slot: fixed, padded buffers
                 if not wrapper.padded or wrapper.down.dtype != dtype or wrapper.down.device != device:
                     wrapper.allocate_padded(width, device, dtype)
                 self._fill_padded(wrapper, sources)
