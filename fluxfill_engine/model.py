@@ -21,8 +21,9 @@ Shapes: B batch, L image tokens, S text tokens, D model width (3072), H heads, D
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,31 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
 Source = tuple[nn.Module, str]  # (parent module in the diffusers tree, attribute name)
 
 
+class LinearLayer(Protocol):
+    """What a block uses of its linear layers, whichever module holds one: ``nn.Linear``, a quantized
+    linear, :class:`~.layers.RowSlice` or the LoRA side-path wrapper (the blocks set them by name)."""
+
+    @property
+    def out_features(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor, /) -> torch.Tensor: ...
+
+
+def _norm_eps(norm: nn.RMSNorm) -> float:
+    """The epsilon of a block's q/k RMSNorm (optional in torch; FLUX always sets it, the kernels need it)."""
+    if norm.eps is None:
+        raise ValueError("the q/k RMSNorm has no eps; FLUX blocks set one")
+    return norm.eps
+
+
+def _plain_linear(module: nn.Module, where: str) -> nn.Linear:
+    """The ``nn.Linear`` under any LoRA wrapper; fusing and quantizing read its weight directly."""
+    layer = base_layer(module)
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{where}: expected an nn.Linear, got {type(layer).__name__}")
+    return layer
+
+
 def _agrees(mine: nn.Module, sources: list[Source]) -> bool:
     """Whether an engine layer still computes what its diffusers source layers hold: the same module
     (under any LoRA wrapper), slices of the same quantized module, or views of the same fused weight."""
@@ -72,13 +98,13 @@ def _agrees(mine: nn.Module, sources: list[Source]) -> bool:
     return isinstance(mine, nn.Linear) and shares_storage(mine, current)
 
 
-def _engine_view(module: nn.Module | None) -> nn.Module | None:
+def _engine_view(module: nn.Module) -> nn.Module:
     """A shallow copy of a small diffusers container (a time or text embedder) holding the same layers,
     so the engine can give its linears a LoRA side path without changing the diffusers module."""
-    if module is None:
-        return None
     view = copy.copy(module)
-    view._modules = {name: base_layer(child) for name, child in module._modules.items()}
+    view._modules = {
+        name: None if child is None else base_layer(child) for name, child in module._modules.items()
+    }
     return view
 
 
@@ -100,7 +126,8 @@ class SharedLinearsBlock(nn.Module):
         self.linear_sources[name] = [source]
 
     def _fuse(self, name: str, sources: list[Source]) -> None:
-        setattr(self, name, fuse_linears([base_layer(getattr(*source)) for source in sources]))
+        linears = [_plain_linear(getattr(*source), f"{name} source {source[1]}") for source in sources]
+        setattr(self, name, fuse_linears(linears))
         self.linear_sources[name] = sources
 
     def linears_in_sync(self) -> bool:
@@ -109,7 +136,7 @@ class SharedLinearsBlock(nn.Module):
     def quantize(self, plan: QuantPlan) -> None:
         """Replace every linear with its quantized version, here and in the diffusers module."""
         for name, sources in self.linear_sources.items():
-            quantized = quantize_linear(base_layer(getattr(self, name)), plan)
+            quantized = quantize_linear(_plain_linear(getattr(self, name), name), plan)
             setattr(self, name, quantized)
             if len(sources) == 1:
                 setattr(*sources[0], quantized)
@@ -124,11 +151,22 @@ class SharedLinearsBlock(nn.Module):
 class DoubleStreamBlock(SharedLinearsBlock):
     """Text and image streams with their own weights, joined only in attention."""
 
+    img_mod: LinearLayer
+    txt_mod: LinearLayer
+    img_qkv: LinearLayer
+    txt_qkv: LinearLayer
+    img_out: LinearLayer
+    txt_out: LinearLayer
+    img_mlp_in: LinearLayer
+    img_mlp_out: LinearLayer
+    txt_mlp_in: LinearLayer
+    txt_mlp_out: LinearLayer
+
     def __init__(self, block: FluxTransformerBlock) -> None:
         super().__init__()
         attn = block.attn
         self.num_heads = attn.heads
-        self.eps = attn.norm_q.eps
+        self.eps = _norm_eps(attn.norm_q)
         self._share("img_mod", (block.norm1, "linear"))
         self._share("txt_mod", (block.norm1_context, "linear"))
         self._fuse("img_qkv", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")])
@@ -142,7 +180,7 @@ class DoubleStreamBlock(SharedLinearsBlock):
         self._share("txt_mlp_in", (block.ff_context.net[0], "proj"))
         self._share("txt_mlp_out", (block.ff_context.net, "2"))
 
-    def _qkv(self, x: torch.Tensor, proj: nn.Linear) -> tuple[torch.Tensor, ...]:
+    def _qkv(self, x: torch.Tensor, proj: LinearLayer) -> tuple[torch.Tensor, ...]:
         return proj(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
 
     def forward(
@@ -185,11 +223,15 @@ class DoubleStreamBlock(SharedLinearsBlock):
 class SingleStreamBlock(SharedLinearsBlock):
     """One stream over the joint text+image sequence; QKV and MLP-in are one fused GEMM."""
 
+    mod: LinearLayer
+    qkv_mlp: LinearLayer
+    out: LinearLayer
+
     def __init__(self, block: FluxSingleTransformerBlock) -> None:
         super().__init__()
         attn = block.attn
         self.num_heads = attn.heads
-        self.eps = attn.norm_q.eps
+        self.eps = _norm_eps(attn.norm_q)
         self.width = attn.inner_dim
         self._share("mod", (block.norm, "linear"))
         self._fuse("qkv_mlp", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v"), (block, "proj_mlp")])
@@ -236,30 +278,52 @@ class RequestInputs:
     fingerprint: torch.Tensor | None = None
 
 
+def _engine_blocks(blocks: nn.ModuleList) -> list[DoubleStreamBlock | SingleStreamBlock]:
+    # nn.ModuleList is not generic: FillTransformer fills its two lists with these block classes only.
+    return cast("list[DoubleStreamBlock | SingleStreamBlock]", list(blocks))
+
+
+class _FluxConfig(Protocol):
+    """The fields of a ``FluxTransformer2DModel`` config the engine reads (diffusers types the config as
+    a plain dict)."""
+
+    in_channels: int
+    out_channels: int | None
+    axes_dims_rope: Sequence[int]
+
+
 class FillTransformer(nn.Module):
     """The engine's FLUX Fill transformer (see the module docstring for what differs from diffusers)."""
+
+    # The layers outside the blocks; LoRA may wrap them in its side path.
+    x_embedder: nn.Linear | LoraLinear
+    context_embedder: nn.Linear | LoraLinear
+    norm_out: nn.Linear | LoraLinear
+    proj_out: nn.Linear | LoraLinear
 
     def __init__(
         self, transformer: FluxTransformer2DModel, attention: str = "sdpa", fused_kernels: bool = False
     ) -> None:
         super().__init__()
-        config = transformer.config
+        config = cast(_FluxConfig, transformer.config)  # a FrozenDict with attribute access
         self.source = [transformer]  # a list, so the diffusers module is not registered as a child
         self.axes_dims_rope = tuple(config.axes_dims_rope)
         self.noise_channels = config.out_channels or config.in_channels
         # The split input projection slices x_embedder's weight at use (free views, never stale).
-        self.x_embedder = base_layer(transformer.x_embedder)
-        self.context_embedder = base_layer(transformer.context_embedder)
+        self.x_embedder = _plain_linear(transformer.x_embedder, "x_embedder")
+        self.context_embedder = _plain_linear(transformer.context_embedder, "context_embedder")
         embed = transformer.time_text_embed
         self.timestep_embedder = _engine_view(embed.timestep_embedder)
-        self.guidance_embedder = _engine_view(getattr(embed, "guidance_embedder", None))
+        guidance_embedder: nn.Module | None = getattr(embed, "guidance_embedder", None)
+        self.guidance_embedder = None if guidance_embedder is None else _engine_view(guidance_embedder)
         self.text_embedder = _engine_view(embed.text_embedder)
-        self.double_blocks = nn.ModuleList([DoubleStreamBlock(b) for b in transformer.transformer_blocks])
-        self.single_blocks = nn.ModuleList(
-            [SingleStreamBlock(b) for b in transformer.single_transformer_blocks]
-        )
-        self.norm_out = base_layer(transformer.norm_out.linear)
-        self.proj_out = base_layer(transformer.proj_out)
+        # nn.ModuleList is not generic: diffusers fills these with its block classes.
+        double_sources = cast("list[FluxTransformerBlock]", transformer.transformer_blocks)
+        single_sources = cast("list[FluxSingleTransformerBlock]", transformer.single_transformer_blocks)
+        self.double_blocks = nn.ModuleList([DoubleStreamBlock(b) for b in double_sources])
+        self.single_blocks = nn.ModuleList([SingleStreamBlock(b) for b in single_sources])
+        self.norm_out = _plain_linear(transformer.norm_out.linear, "norm_out.linear")
+        self.proj_out = _plain_linear(transformer.proj_out, "proj_out")
         # The layers outside the blocks: (engine owner, attribute) -> the diffusers source.
         self.outer_sources: dict[tuple[nn.Module, str], Source] = {
             (self, "x_embedder"): (transformer, "x_embedder"),
@@ -282,6 +346,10 @@ class FillTransformer(nn.Module):
         self.set_attention(attention, fused_kernels)
         self.lora = LoraController(self._lora_slots(transformer))
 
+    def blocks(self) -> list[DoubleStreamBlock | SingleStreamBlock]:
+        """The double-stream blocks, then the single-stream ones."""
+        return [*_engine_blocks(self.double_blocks), *_engine_blocks(self.single_blocks)]
+
     @staticmethod
     def _parameter_ids(module: nn.Module) -> tuple[int, ...]:
         # The engine holds every source parameter object, so none can be freed and its id reused.
@@ -298,18 +366,18 @@ class FillTransformer(nn.Module):
 
         slots = []
         for prefix, blocks in (("double_blocks", self.double_blocks), ("single_blocks", self.single_blocks)):
-            for index, block in enumerate(blocks):
+            for index, block in enumerate(_engine_blocks(blocks)):
                 for name, sources in block.linear_sources.items():
                     rows, start = [], 0
                     for source in sources:
-                        rows.append((start, start + base_layer(getattr(*source)).out_features))
+                        rows.append((start, start + _plain_linear(getattr(*source), name).out_features))
                         start = rows[-1][1]
-                    layer = base_layer(getattr(block, name))
+                    layer = _plain_linear(getattr(block, name), name)
                     key = f"{prefix}.{index}.{name}"
                     paths = tuple(path(s) for s in sources)
                     slots.append(LoraSlot(key, block, name, paths, tuple(rows), layer.in_features, True))
         for (owner, attr), source in self.outer_sources.items():
-            layer = base_layer(getattr(owner, attr))
+            layer = _plain_linear(getattr(owner, attr), attr)
             rows = ((0, layer.out_features),)
             slots.append(LoraSlot(path(source), owner, attr, (path(source),), rows, layer.in_features, False))
         return slots
@@ -348,7 +416,7 @@ class FillTransformer(nn.Module):
             return False
         if not all(_agrees(getattr(*mine), [theirs]) for mine, theirs in self.outer_sources.items()):
             return False
-        return all(block.linears_in_sync() for block in [*self.double_blocks, *self.single_blocks])
+        return all(block.linears_in_sync() for block in self.blocks())
 
     def set_context_parallel(self, parallel: ContextParallel | None) -> None:
         """Split each request's tokens over ``parallel``'s ranks (see :mod:`.parallel`), or ``None`` for
@@ -404,7 +472,7 @@ class FillTransformer(nn.Module):
                 "runs them on a quantized transformer"
             )
         self.lora.reset()
-        for block in [*self.double_blocks, *self.single_blocks]:
+        for block in self.blocks():
             block.quantize(plan)
         self._quant_plan = plan
         self._source_params = self._parameter_ids(self.source[0])
@@ -450,18 +518,23 @@ class FillTransformer(nn.Module):
         pooled = pooled_prompt_embeds.to(dtype).repeat(steps, 1)
         guidance_t = None
         if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this transformer embeds a guidance scale: give guidance")
             guidance_t = torch.full([steps * batch], guidance, device=cond.device, dtype=torch.float32)
             guidance_t = guidance_t.to(dtype) * 1000
         temb = self.time_embedding(step_t, guidance_t, pooled).unflatten(0, (steps, batch))
         rope = rope_table(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
-        block = self.double_blocks[0]
-        head_dim = txt.shape[-1] // block.num_heads
+        num_heads = self.blocks()[0].num_heads
+        head_dim = txt.shape[-1] // num_heads
         parallel = self.context_parallel
-        heads = block.num_heads if parallel is None else block.num_heads // parallel.size
-        shapes = dict(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=cond.device)
+        heads = num_heads if parallel is None else num_heads // parallel.size
         text_len, image_len = txt.shape[1], cond.shape[1]
-        double = resolve_attention(self.attention, [text_len, image_len], **shapes)
-        single = resolve_attention(self.attention, [text_len + image_len], **shapes)
+
+        def resolve(lengths: list[int]) -> AttentionFn:
+            return resolve_attention(self.attention, lengths, batch, heads, head_dim, dtype, cond.device)
+
+        double = resolve([text_len, image_len])
+        single = resolve([text_len + image_len])
         if parallel is None:
             return RequestInputs(cond_proj, txt, temb, rope, double, single)
         shard = parallel.shard(text_len, image_len)
