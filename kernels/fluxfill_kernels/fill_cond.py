@@ -125,6 +125,8 @@ def fill_cond_triton(masked_image_latents: Tensor, mask: Tensor, vae_scale_facto
     block_c = 64
     block_n = 32
     grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(out_channels, block_c), batch)
+    # pyright cannot type Triton launches: it counts no *stride() spreads, knows no launch options
+    # (num_warps), and takes plain values for tl.constexpr parameters; hence the ignores below.
     _fill_cond_kernel[grid](
         masked_image_latents,
         mask,
@@ -135,12 +137,12 @@ def fill_cond_triton(masked_image_latents: Tensor, mask: Tensor, vae_scale_facto
         out_channels,
         vae_scale_factor,
         *masked_image_latents.stride(),
-        mask.stride(0),
-        mask.stride(2),
-        mask.stride(3),
+        mask.stride(0),  # pyright: ignore[reportCallIssue]
+        mask.stride(2),  # pyright: ignore[reportCallIssue]
+        mask.stride(3),  # pyright: ignore[reportCallIssue]
         BLOCK_N=block_n,
         BLOCK_C=block_c,
-        num_warps=4,
+        num_warps=4,  # pyright: ignore[reportCallIssue]
     )
     return out
 

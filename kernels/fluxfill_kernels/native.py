@@ -152,6 +152,7 @@ def load(path: str | Path | None = None) -> bool:
         if path is None and _state.loaded is not None:
             return _state.loaded
         if _state.loaded:  # it stays loaded: a library cannot be unloaded
+            assert _state.path is not None, "a loaded library records its path"
             return path is None or Path(path).resolve() == _state.path.resolve()
         if os.environ.get("FLUXFILL_NATIVE", "1") == "0":
             return _refuse("FLUXFILL_NATIVE=0 disables the native kernel library", warn=False)

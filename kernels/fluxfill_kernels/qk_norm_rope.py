@@ -126,7 +126,8 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)[None, :]
         tile_ok = (tokens < seq)[:, None] & (d < dim)
         is_txt = (tokens < txt_len)[:, None]
-        halves: tl.constexpr = (BLOCK_L, BLOCK_D // 2, 2)
+        # pyright cannot type Triton's language inside a kernel (a constexpr tuple, tl.static_range): ignored.
+        halves: tl.constexpr = (BLOCK_L, BLOCK_D // 2, 2)  # pyright: ignore[reportAssignmentType]
 
         # The rotary table is shared by q and k: loaded once, split into the pairs' even and odd members.
         # Whole-row tiles (split in registers) rather than stride-2 loads keep every load vectorized.
@@ -138,7 +139,7 @@ if HAS_TRITON:
 
         # Unrolled at compile time (no nested @jit helper, so the kernel can be re-wrapped for the
         # interpreter); iteration 0 is q, 1 is k.
-        for which in tl.static_range(2):
+        for which in tl.static_range(2):  # pyright: ignore[reportGeneralTypeIssues]
             if which == 0:
                 x_ptrs = q_ptr + batch * q_sb + rows * q_sl + head * q_sh + d * q_sd
                 w_ptrs = qw_ptr + d * qw_sd
@@ -191,6 +192,8 @@ def qk_norm_rope_triton(
     qw_sr = q_norm_w.stride(0) if q_norm_w.dim() == 2 else 0
     kw_sr = k_norm_w.stride(0) if k_norm_w.dim() == 2 else 0
     grid = (triton.cdiv(seq, block_l), heads, batch)
+    # pyright cannot type Triton launches: it counts no *stride() spreads, knows no launch options
+    # (num_warps), and takes plain values for tl.constexpr parameters; hence the ignores below.
     _qk_norm_rope_kernel[grid](
         q,
         k,
@@ -206,16 +209,16 @@ def qk_norm_rope_triton(
         float(eps),
         *q.stride(),
         *k.stride(),
-        qw_sr,
-        q_norm_w.stride(-1),
-        kw_sr,
-        k_norm_w.stride(-1),
+        qw_sr,  # pyright: ignore[reportCallIssue]
+        q_norm_w.stride(-1),  # pyright: ignore[reportCallIssue]
+        kw_sr,  # pyright: ignore[reportCallIssue]
+        k_norm_w.stride(-1),  # pyright: ignore[reportCallIssue]
         *cos.stride(),
         *sin.stride(),
         dim=dim,
         BLOCK_L=block_l,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=4,  # pyright: ignore[reportCallIssue]
     )
     return q_out, k_out
 
