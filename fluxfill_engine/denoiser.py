@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .call import PipelineCall
 from .diffusers_path import DiffusersForward, diffusers_cache_enabled, diffusers_features
@@ -22,6 +22,7 @@ from .lora.spec import LoraSpec, check_lora_specs, lora_label
 from .runtime import execution_device, runtime_of
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import FluxTransformer2DModel
 
     from .config import EngineConfig
@@ -29,6 +30,28 @@ if TYPE_CHECKING:
     from .stats import LoraStats
 
 logger = logging.getLogger("fluxfill_engine.pipeline")  # the drop-in's warnings, under its name
+
+
+class Denoiser(Protocol):
+    """What the sampling loop calls: the engine transformer (:class:`~.model.FillTransformer`) or
+    diffusers' forward (:class:`~.diffusers_path.DiffusersForward`). ``prepare`` runs once per call and
+    returns the inputs every step reads."""
+
+    def prepare(
+        self,
+        cond: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance: float | None,
+        txt_ids: torch.Tensor,
+        img_ids: torch.Tensor,
+        latents_dtype: torch.dtype,
+    ) -> Any: ...
+
+    def text_embedding(self, prompt_embeds: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(self, latents: torch.Tensor, step: int, inputs: Any, cache: Any = None) -> torch.Tensor: ...
 
 
 def _engine_transformer(transformer: FluxTransformer2DModel, config: EngineConfig) -> FillTransformer:
@@ -103,7 +126,7 @@ class DenoiserRouter:
 
     def choose(
         self, transformer: FluxTransformer2DModel, config: EngineConfig, call: PipelineCall
-    ) -> tuple[FillTransformer | DiffusersForward, LoraStats]:
+    ) -> tuple[Denoiser, LoraStats]:
         """The engine transformer (with this call's LoRAs applied), or diffusers' own forward when the
         diffusers module has features only that forward honours (see :mod:`.diffusers_path`); and the
         call's LoRA stats (empty on diffusers' forward, which applies its adapters itself)."""

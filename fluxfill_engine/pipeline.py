@@ -16,7 +16,12 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,  # pyright: ignore[reportAttributeAccessIssue]  (transformers 5: an alias of T5Tokenizer)
+)
 
 from .cache import BatchStepCache
 from .call import STAGES, ImageInput, PerThread, PipelineCall, PipelineResult, StageHook
@@ -200,25 +205,26 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         pooled_prompt_embeds: torch.FloatTensor | None = None,
         max_sequence_length: int = 512,
         lora_scale: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Encode prompts: ``(prompt_embeds [B*n, S, 4096], pooled [B*n, 768], text_ids [S, 3])``.
 
-        Same contract as diffusers'. Repeated prompts are served from :attr:`prompt_cache`.
+        Same contract as diffusers' (given ``prompt_embeds`` come back as they are, with the given
+        pooled embeddings). Repeated prompts are served from :attr:`prompt_cache`.
         """
         device = device or self._execution_device
-        if prompt_embeds is None:
-            scale = None if lora_scale is None else {"scale": lora_scale}
-            call = PipelineCall(
-                prompt=prompt,
-                prompt_2=prompt_2,
-                max_sequence_length=max_sequence_length,
-                joint_attention_kwargs=scale,
-            )
-            encoded = self._encode_prompts(call, device)
-            prompt_embeds, pooled_prompt_embeds = encoded.prompt_embeds, encoded.pooled_prompt_embeds
-            prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-            pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds, pooled_prompt_embeds, self._text_ids(prompt_embeds, device)
+        if prompt_embeds is not None:
+            return prompt_embeds, pooled_prompt_embeds, self._text_ids(prompt_embeds, device)
+        scale = None if lora_scale is None else {"scale": lora_scale}
+        call = PipelineCall(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=scale,
+        )
+        encoded = self._encode_prompts(call, device)
+        embeds = encoded.prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled = encoded.pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return embeds, pooled, self._text_ids(embeds, device)
 
     def _encode_prompts(self, call: PipelineCall, device: torch.device) -> EncodedPrompt:
         """The call's prompts through the prompt encoder, with this pipeline's text components."""
@@ -243,7 +249,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = None,
+        prompt: str | list[str] | None = None,
         prompt_2: str | list[str] | None = None,
         image: ImageInput = None,
         mask_image: ImageInput = None,
@@ -402,6 +408,10 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             encoded = self._encode_prompts(call, device)
             prompt_embeds, pooled_prompt_embeds = encoded.prompt_embeds, encoded.pooled_prompt_embeds
             cache_hit = encoded.cache_hit
+        elif pooled_prompt_embeds is None:  # check_call refuses this before any work
+            raise InputError(
+                "`pooled_prompt_embeds` must be given with `prompt_embeds`", "pooled_prompt_embeds"
+            )
         # One per prompt -> one per image. Given embeddings may wait on another device (offload hooks
         # move a forward's arguments; the engine calls no such forward): no copy when already there.
         repeats = call.num_images_per_prompt
@@ -431,6 +441,10 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if call.masked_image_latents is not None:
             given = call.masked_image_latents.to(device=device, dtype=dtype)
             return latents, img_ids, repeat_to_batch(given, grid.batch, "masked_image_latents")
+        if init_image is None:  # check_call refuses this before any work
+            raise InputError(
+                "`image` and `mask_image` are required (or pass `masked_image_latents`)", "image"
+            )
         processor = soft_mask_processor(self.mask_processor) if soft_mask else self.mask_processor
         mask = processor.preprocess(checked.mask_image, height=grid.height, width=grid.width)
         fused = self._engine_config.fused_kernels
@@ -503,7 +517,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             else BatchStepCache.for_requests(policy, schedule.num_steps, cond, noise_channels, grid, sizes)
         )
         callback = call.callback_on_step_end
-        with self.progress_bar(total=schedule.num_steps) as progress_bar:
+        progress: Any = self.progress_bar  # torch.compiler.disable hides its signature from type checkers
+        with progress(total=schedule.num_steps) as progress_bar:
             for i in range(schedule.num_steps):
                 if self.interrupt:
                     continue
