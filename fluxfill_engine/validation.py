@@ -1,6 +1,6 @@
 """Input checks: the primitives every check uses (ints, numbers, text, tensors, image values) and the
-drop-in call's checks (:func:`check_call`, :func:`check_schedule`). A :class:`~.request.FillRequest` is
-checked in :mod:`.request`, with these.
+drop-in call's checks (:func:`check_call`, :func:`check_schedule`, :func:`check_batch` for calls run as
+one batch). A :class:`~.request.FillRequest` is checked in :mod:`.request`, with these.
 
 Checks run before any work and raise :class:`~.errors.InputError` (a ``ValueError``;
 :class:`~.errors.InputTypeError` is also a ``TypeError``, :class:`~.errors.InputFileNotFound` a
