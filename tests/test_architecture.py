@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "layers",
             "attention",
+            "blocks",
             "quantization",
             "compilation",
             "parallel",
