@@ -118,6 +118,7 @@ def test_runner_records_every_measurement_per_variant(tiny_run):
         assert variant["drift"]["against"] == "reference"
 
 
+@pytest.mark.slow
 def test_ratios_are_the_diffusers_median_over_the_variant_median(tiny_run):
     record, _, _ = tiny_run
     by_name = {v["name"]: v for v in record["variants"]}
@@ -131,6 +132,7 @@ def test_ratios_are_the_diffusers_median_over_the_variant_median(tiny_run):
     assert base["speedup_vs_diffusers"]["e2e"] == 1.0
 
 
+@pytest.mark.slow
 def test_drift_reference_is_exact_and_diffusers_matches_it(tiny_run):
     record, _, _ = tiny_run
     by_name = {v["name"]: v for v in record["variants"]}

@@ -44,6 +44,7 @@ def pixels(result):
     return [np.asarray(image, dtype=np.int16) for image in result.images]
 
 
+@pytest.mark.slow
 def test_event_order_and_result(engine):
     events = []
     result = engine.run(request(num_inference_steps=3, num_images=2), on_event=events.append)
@@ -110,6 +111,7 @@ def test_prompt_cache_hits():
     assert uncached.run(request(prompt="red cat")).stats["prompt_cache_hit"] is False
 
 
+@pytest.mark.slow
 def test_cached_prompt_gives_the_same_images():
     engine = helpers.tiny_engine()
     first = engine.run(request(seed=3))

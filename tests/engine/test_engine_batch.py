@@ -332,6 +332,7 @@ def test_more_than_64_images_in_one_batch_are_refused_up_front(engine):
     assert [e.type for e in events] == ["error"]
 
 
+@pytest.mark.slow
 def test_an_event_handler_raising_stops_the_batch_and_the_engine_goes_on(engine):
     events = []
 

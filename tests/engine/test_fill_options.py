@@ -59,6 +59,7 @@ def outside(box: tuple[int, int, int, int], margin: int, size: tuple[int, int]) 
 # ---- paste-back ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("grow", "blur"), [(0, 0), (5, 0), (0, 6), (4, 3)])
 def test_paste_back_keeps_every_pixel_outside_the_grown_and_feathered_mask(engine, grow, blur):
     image = photo(256, 256)
@@ -72,6 +73,7 @@ def test_paste_back_keeps_every_pixel_outside_the_grown_and_feathered_mask(engin
         assert np.abs(output[~keep].astype(int) - original[~keep]).mean() > 1  # the inside was repainted
 
 
+@pytest.mark.slow
 def test_without_paste_back_the_model_picture_is_returned(engine):
     image = photo(256, 256)
     mask = box(256, 256, (80, 60, 170, 150))
@@ -152,6 +154,7 @@ def test_crop_padding_covers_the_feathered_seam(engine):
 # ---- outpainting -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_outpaint_grows_the_canvas_and_keeps_the_original(engine):
     image = photo(256, 256)
     margins = {"left": 64, "top": 0, "right": 32, "bottom": 16}
@@ -189,6 +192,7 @@ def test_soft_masks_give_the_model_grey_levels(engine):
     assert not np.array_equal(np.asarray(soft.images[0]), np.asarray(hard.images[0]))
 
 
+@pytest.mark.slow
 def test_a_binary_mask_is_the_same_soft_or_not(engine):
     image, mask = photo(256, 256), box(256, 256, (64, 64, 192, 192))
     hard = run(engine, image, mask, num_images=2)

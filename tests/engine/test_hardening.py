@@ -73,6 +73,7 @@ def save_16bit_grey(path: Path, values: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_16bit_masks_are_scaled_not_clipped(engine, baseline, tmp_path):
     image = PIL.Image.fromarray(photo())
     faint = save_16bit_grey(
@@ -86,6 +87,7 @@ def test_16bit_masks_are_scaled_not_clipped(engine, baseline, tmp_path):
     np.testing.assert_array_equal(fill(engine, image, strong)[0], baseline[0])
 
 
+@pytest.mark.slow
 def test_16bit_photos_are_scaled_not_clipped(engine, tmp_path):
     grey = photo()[..., 0]
     path = save_16bit_grey(tmp_path / "photo16.png", grey.astype(np.uint32) * 257)  # 8 bits -> 16 bits
@@ -111,6 +113,7 @@ def save_with_orientation(path: Path, image: PIL.Image.Image, orientation: int) 
     return path
 
 
+@pytest.mark.slow
 def test_exif_rotated_photo_is_upright_and_the_mask_drawn_on_it_fits(engine, tmp_path):
     upright = PIL.Image.fromarray(photo(256, 384))  # portrait, as a viewer shows it
     mask = PIL.Image.fromarray(box_mask(256, 384))  # drawn on the photo as shown

@@ -61,6 +61,7 @@ def test_one_adapter_runs_with_diffusers_numerics(pipes, files):
     assert [a["name"] for a in stats["adapters"]] == ["a"]
 
 
+@pytest.mark.slow
 def test_three_adapters_with_weights(pipes, files):
     reference, ours = pipes
     for name in ("a", "b", "c"):
@@ -104,6 +105,7 @@ def test_flux_dev_lora_on_fill(pipes, files):
     helpers.assert_close(run(ours), run(reference))
 
 
+@pytest.mark.slow
 def test_disable_enable_unload_and_delete(pipes, files):
     reference, ours = pipes
     base = run(ours)

@@ -178,6 +178,7 @@ def test_each_feature_gives_diffusers_images_with_a_warning(pipes, feature, capl
     assert_routed(ours, caplog, name)
 
 
+@pytest.mark.slow
 def test_the_caches_change_the_images(pipes):
     # The comparisons above are not vacuous: these caches skip work on the tiny model in 4 steps.
     reference, ours = pipes
@@ -319,6 +320,7 @@ def test_module_compile_is_routed(pipe):
     assert any("torch.compile" in f for f in pipe.describe()["diffusers_features"])
 
 
+@pytest.mark.slow
 def test_a_torch_compiled_transformer_is_routed(caplog):
     components = tiny_components(0)
     reference = FluxFillPipeline(**components)
@@ -378,6 +380,7 @@ def test_pipeline_group_offload_gives_diffusers_images(pipes, caplog):
     assert_routed(ours, caplog, "enable_group_offload")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "switch",
     [

@@ -568,6 +568,7 @@ def test_flux_fill_different_prompts():
     assert max_diff(different, theirs(**inputs).images[0]) < 1e-4
 
 
+@pytest.mark.slow
 def test_flux_image_output_shape():
     ours, theirs = pipelines()
     inputs = dummy_inputs()

@@ -89,6 +89,7 @@ def test_diffusers_from_pipe_of_our_pipeline(pipes):
 # ---- batching ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [1.0, 0.75])
 def test_batch_consistency(pipe, strength):
     """A batch of 2 identical requests with generators (s0, s1) == two single runs seeded s0 and s1.
@@ -317,6 +318,7 @@ def _engine_tensors_the_diffusers_tree_does_not_move(pipe):
     return left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "int8-weight", "int8"])
 def test_model_cpu_offload_runs_the_engine(components, quant):
     """``enable_model_cpu_offload`` (executing on the CPU here: the hooks run, nothing moves).
@@ -469,6 +471,7 @@ def test_prompt_cache_is_not_corrupted_by_in_place_edits(pipe):
     helpers.assert_close(pipe(**helpers.call_kwargs()).images, expected, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["text_encoder", "text_encoder_2"])
 def test_prompt_cache_follows_text_encoder_weights(pipes, encoder):
     reference, ours = pipes

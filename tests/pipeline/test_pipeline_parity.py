@@ -59,6 +59,7 @@ def test_batch_of_prompts_with_num_images_per_prompt(pipes, seed):
     helpers.assert_close(expected, actual)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [1.0, 0.6], ids=["strength-1", "strength-0.6"])
 def test_list_of_generators(pipes, strength):
     # One image, three generators: diffusers draws the init-image VAE sample from generator 0 only.
@@ -258,6 +259,7 @@ def test_latents_given(pipes):
 # ---- callbacks -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_callback_edits_latents(pipes):
     def shrink_latents_at_step_0(pipe, step, timestep, kwargs):
         return {"latents": kwargs["latents"] * 0.9} if step == 0 else {}
@@ -268,6 +270,7 @@ def test_callback_edits_latents(pipes):
     assert helpers.max_abs_diff(actual, unedited) > 1e-3  # the edit took effect
 
 
+@pytest.mark.slow
 def test_callback_edits_prompt_embeds(pipes):
     def scale_prompt_embeds_at_step_0(pipe, step, timestep, kwargs):
         return {"prompt_embeds": kwargs["prompt_embeds"] * 0.5} if step == 0 else {}
