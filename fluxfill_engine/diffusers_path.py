@@ -13,9 +13,9 @@ mixins ``ModelMixin``, ``CacheMixin``, ``AttentionMixin``, ``PeftAdapterMixin``,
 ``FromOriginalModelMixin``, ``FluxTransformer2DLoadersMixin``) and on the pipeline (``FluxFillPipeline``,
 ``DiffusionPipeline``, ``FluxLoraLoaderMixin``, ``TextualInversionLoaderMixin``, ``FromSingleFileMixin``),
 and what the drop-in does with it. "engine": the engine's transformer honours it; "diffusers": this
-module routes the call to diffusers' forward, with the warning. Tests: ``F`` tests/test_diffusers_features.py,
-``C`` tests/test_diffusers_fill_cases.py, ``L`` tests/test_lora.py, ``B`` tests/test_pipeline_behaviour.py,
-``D`` tests/test_loading.py; "gpu": the test runs where there is a CUDA GPU only.
+module routes the call to diffusers' forward, with the warning. Tests: ``F`` tests/pipeline/test_diffusers_features.py,
+``C`` tests/pipeline/test_diffusers_fill_cases.py, ``L`` tests/lora/test_lora.py, ``B`` tests/pipeline/test_pipeline_behaviour.py,
+``D`` tests/engine/test_loading.py; "gpu": the test runs where there is a CUDA GPU only.
 
 =============================================================  =========  ==============================
 feature                                                        path       tested (images = diffusers')

@@ -240,7 +240,7 @@ class FluxFillEngine:
         prepared as alone (its prompt through the prompt cache, its own seed's generator drawn in the
         same order), so its images are those :meth:`run` gives it up to the GEMMs' rounding for
         another batch size: on a CPU in fp32 the decoded images agree to ~1e-6 before their 8-bit
-        rounding, so about 1 value in 1e5 differs by one level (tested: ``tests/test_engine_batch.py``);
+        rounding, so about 1 value in 1e5 differs by one level (tested: ``tests/engine/test_engine_batch.py``);
         a batch of one is :meth:`run` exactly. On a GPU the kernels chosen per shape differ too
         (not measured yet).
 

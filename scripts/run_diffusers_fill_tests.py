@@ -27,7 +27,7 @@ without one.
 
 Last run here (CPU only, diffusers 0.42.1 installed, the ``tests/`` of diffusers' main branch of
 2026-08, offline): 24 passed, 11 skipped (accelerator or xformers), none failed; the run's header line
-says which class was tested. ``tests/test_diffusers_fill_cases.py`` runs this script when
+says which class was tested. ``tests/pipeline/test_diffusers_fill_cases.py`` runs this script when
 ``FLUXFILL_DIFFUSERS_CHECKOUT`` names a checkout, and checks the stand-ins load offline either way.
 """
 

@@ -1,4 +1,4 @@
-"""The per-dtype tolerance table every kernel is held to against its fp32 reference (DESIGN.md)."""
+"""The per-dtype tolerance table every kernel is held to against its fp32 reference (docs/contributing.md, "Adding a kernel")."""
 
 from __future__ import annotations
 

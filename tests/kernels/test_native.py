@@ -73,7 +73,9 @@ _registered = native._registered
 # collected, before any test runs, so that the fixture below loads the fresh build; until it does, the
 # ops run their references, which the other kernel tests accept.
 if native.loaded_path() is None and not _registered():
-    native._state = native._State(loaded=False, reason="tests/test_native.py loads the library it builds")
+    native._state = native._State(
+        loaded=False, reason="tests/kernels/test_native.py loads the library it builds"
+    )
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""One rank of a context-parallel test run, started by ``tests/test_context_parallel.py`` as
-``python -m torch.distributed.run --standalone --nproc-per-node N tests/cp_worker.py OUT SCENARIO...``.
+"""One rank of a context-parallel test run, started by ``tests/optimizations/test_context_parallel.py`` as
+``python -m torch.distributed.run --standalone --nproc-per-node N tests/support/cp_worker.py OUT SCENARIO...``.
 
 Every rank builds the same tiny model from a fixed seed, runs each scenario's call with
 ``EngineConfig(context_parallel=N)`` (or diffusers' ``enable_parallelism``) and writes its images and

@@ -118,7 +118,7 @@ def dry_run_profile(budget_s: float = 900.0) -> Profile:
         kernel_head_dim=32,
         kernel_text_tokens=16,
         kernel_grid=(4, 6),
-        # The Triton interpreter's bf16 tl.dot is wrong (DESIGN.md): bf16 is checked on the GPU only.
+        # The Triton interpreter's bf16 tl.dot is wrong (docs/contributing.md): bf16 is checked on the GPU only.
         triton_dtypes=("float16",),
         native_dtypes=("bfloat16", "float16"),
         linear_shapes=((48, 64, 256), (1, 64, 384)),
