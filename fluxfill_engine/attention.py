@@ -128,7 +128,10 @@ def cuda_time_ms(attend: AttentionFn, qkv: JointQKV, rope: Rope, repeats: int = 
 class AutoAttention:
     """Times every candidate backend once per (shapes, dtype, device) and uses the fastest.
 
-    ``choices`` records what was picked, per key, for inspection (``describe()``, benchmarks).
+    ``choices`` records what was picked, per key, for inspection (``describe()``, benchmarks). A
+    candidate that raises while it is timed (a kernel that fails to compile or launch) is dropped for
+    good, its reason kept in ``dropped`` (``{name: "ErrorType: message"}``), and the choice is made among
+    the rest; only when every candidate fails does ``choose`` raise.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class AutoAttention:
         self.candidates = candidates
         self.timer = timer
         self.choices: dict[tuple, str] = {}
+        self.dropped: dict[str, str] = {}
 
     def choose(self, qkv: JointQKV, rope: Rope) -> str:
         key = (tuple(tuple(q.shape) for q in qkv.q), qkv.q[0].dtype, str(qkv.q[0].device))
@@ -146,9 +150,22 @@ class AutoAttention:
             if len(self.candidates) == 1:
                 self.choices[key] = next(iter(self.candidates))
             else:
-                times = {name: self.timer(fn, qkv, rope) for name, fn in self.candidates.items()}
-                self.choices[key] = min(times, key=lambda name: times[name])
+                self.choices[key] = self._fastest(qkv, rope)
         return self.choices[key]
+
+    def _fastest(self, qkv: JointQKV, rope: Rope) -> str:
+        times: dict[str, float] = {}
+        for name, fn in self.candidates.items():
+            if name in self.dropped:
+                continue
+            try:
+                times[name] = self.timer(fn, qkv, rope)
+            except Exception as error:  # noqa: BLE001 (any failure of one candidate leaves the others)
+                self.dropped[name] = f"{type(error).__name__}: {str(error)[:500]}"
+        if not times:
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.dropped.items())
+            raise RuntimeError(f"auto attention: every candidate failed ({reasons})")
+        return min(times, key=lambda name: times[name])
 
     def __call__(self, qkv: JointQKV, rope: Rope) -> torch.Tensor:
         return self.candidates[self.choose(qkv, rope)](qkv, rope)
