@@ -122,6 +122,14 @@ class EngineConfig:
             parallel, for one request's latency): 1 (off) or a divisor of the model's attention heads
             (24 on FLUX.1: 2, 3, 4, 6, 8, 12, 24), launched as that many processes by ``torchrun
             --nproc-per-node N``. See :mod:`fluxfill_engine.parallel`.
+        cpu_offload: the text encoders and the VAE live in host memory and are copied to the device only
+            while they run (model CPU offload, the engine's own). See :mod:`fluxfill_engine.offload`.
+        text_encoders_on_cpu: CLIP and T5 stay on the CPU and run there (no device memory; slow for a
+            new prompt, the prompt cache serves repeats).
+        block_streaming: the transformer's blocks live in host memory (pinned with CUDA) and each is
+            copied to the device on a side stream while the one before it runs; blocks run eagerly
+            (``compile=False``). :func:`fluxfill_engine.memory_plan.choose_memory_plan` picks these
+            three fields (and ``quantize_text_encoder``) for a memory budget.
     """
 
     dtype: str | None = None
@@ -146,6 +154,9 @@ class EngineConfig:
     lora_strategy: str = "auto"
     lora_cache_size: int = 8
     context_parallel: int = 1
+    cpu_offload: bool = False
+    text_encoders_on_cpu: bool = False
+    block_streaming: bool = False
 
     def __post_init__(self) -> None:
         check_dtype_name(self.dtype, "EngineConfig.dtype")
@@ -168,10 +179,18 @@ class EngineConfig:
             "compile",
             "compile_dynamic",
             "step_cache_mask_aware",
+            "cpu_offload",
+            "text_encoders_on_cpu",
+            "block_streaming",
         )
         for name in names:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.block_streaming and (self.compile or self.context_parallel > 1):
+            raise ValueError(
+                "EngineConfig.block_streaming runs the blocks eagerly on one device: set compile=False "
+                "and context_parallel=1 with it"
+            )
         if self.quant not in QUANT_MODES:
             raise ValueError(f"EngineConfig.quant must be one of {list(QUANT_MODES)}, got {self.quant!r}")
         if self.quant_backend not in QUANT_BACKENDS:
