@@ -34,6 +34,7 @@ from .limits import MAX_CALL_BATCH, MAX_SEQUENCE_LENGTH
 from .lora.spec import LoraSpec
 from .pipeline import FluxFillPipeline
 from .request import Event, EventHandler, FillRequest, FillResult
+from .startup import StartReport
 
 if TYPE_CHECKING:
     from .lora.adapters import AdapterSet
@@ -124,9 +125,11 @@ class FluxFillEngine:
         self.pipeline = pipeline
         if device is not None:
             self.pipeline.to(device)
+        build_start = time.perf_counter()
         self.pipeline.configure(self.config)
         self.pipeline.set_progress_bar_config(disable=not progress)
         self.pipeline.engine_transformer()  # build now: fails fast on an unavailable backend
+        self.start_report = StartReport(seconds={"build": time.perf_counter() - build_start})
         self._lock = threading.Lock()
 
     @classmethod
@@ -144,11 +147,38 @@ class FluxFillEngine:
         ``model`` is a diffusers FLUX Fill folder, or a single-file transformer checkpoint (BFL's
         ``flux1-fill-dev.safetensors`` or a diffusers-format file) together with ``base``, a diffusers
         folder that provides the other components and the transformer's config.
+
+        ``model`` may also be a saved engine (:meth:`save`, ``fluxfill prepare``; ``config`` then
+        defaults to the saved one) or a community fp8 single file (BFL layout, ``float8_e4m3fn``) with
+        ``base``: both load their weights as the engine runs them (see :mod:`.saved_engine`).
+        ``engine.start_report`` says where the start went (:mod:`.startup`).
         """
-        config = config or EngineConfig.preset("reference")
-        dtype = parse_dtype(torch_dtype, "torch_dtype") or config.torch_dtype
-        pipeline = load_pipeline(model, base=base, dtype=dtype)
-        return cls(pipeline, config=config, device=device, progress=progress)
+        from .saved_engine import is_saved_engine, load_prepared
+
+        read_start = time.perf_counter()
+        prepared = load_prepared(model, base, config, device, torch_dtype)
+        if prepared is not None:
+            pipeline, config = prepared
+            source = "saved engine" if is_saved_engine(model) else "fp8 single file"
+        else:
+            config = config or EngineConfig.preset("reference")
+            dtype = parse_dtype(torch_dtype, "torch_dtype") or config.torch_dtype
+            pipeline = load_pipeline(model, base=base, dtype=dtype)
+            source = "diffusers folder" if Path(model).is_dir() else "single file"
+        read_weights = time.perf_counter() - read_start
+        engine = cls(pipeline, config=config, device=device, progress=progress)
+        engine.start_report.source = source
+        engine.start_report.seconds = {"read_weights": read_weights, **engine.start_report.seconds}
+        return engine
+
+    def save(self, directory: str | Path) -> dict[str, Any]:
+        """Save this engine for a fast start (:mod:`.saved_engine`): the transformer's weights as they
+        run (fused, quantized), a manifest, the compile cache (warm up first to fill it) and the other
+        components; :meth:`from_pretrained` loads it. Returns the manifest."""
+        from .saved_engine import save_engine
+
+        with self._lock:
+            return save_engine(self.pipeline, directory)
 
     @property
     def device(self) -> torch.device:
@@ -168,17 +198,18 @@ class FluxFillEngine:
         Returns ``{"seconds": {"WxH": s, ...}, "compile_cache": what was saved or None}``.
         """
         seconds = {}
-        for width, height in sizes:
-            image = PIL.Image.new("RGB", (width, height), (128, 128, 128))
-            mask = PIL.Image.new("L", (width, height), 0)
-            mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-            request = FillRequest("warm-up", image, mask, width, height, num_inference_steps, seed=0)
-            start = time.perf_counter()
-            self.run(request)
-            if loras:
-                self.run(dataclasses.replace(request, loras=loras))
+        with self.start_report.phase("warm_up"):
+            for width, height in sizes:
+                image = PIL.Image.new("RGB", (width, height), (128, 128, 128))
+                mask = PIL.Image.new("L", (width, height), 0)
+                mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+                request = FillRequest("warm-up", image, mask, width, height, num_inference_steps, seed=0)
+                start = time.perf_counter()
                 self.run(request)
-            seconds[f"{width}x{height}"] = time.perf_counter() - start
+                if loras:
+                    self.run(dataclasses.replace(request, loras=loras))
+                    self.run(request)
+                seconds[f"{width}x{height}"] = time.perf_counter() - start
         saved = None
         if self.config.compile and self.config.compile_cache_dir is not None:
             saved = self.pipeline.save_compile_cache()
