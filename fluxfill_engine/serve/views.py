@@ -40,7 +40,8 @@ class TaskSummary(TypedDict):
     seed: int | None
     timings: dict[str, float]
     error: str | None
-    has_nsfw_contents: list[bool]
+    has_nsfw_contents: list[bool]  # one flag per output where a safety checker ran, else empty
+    safety_checker: str  # "on" | "off" | "not configured" (asked for, none on this server: unchecked)
     request: dict[str, Any]
     urls: TaskUrls
 
@@ -63,7 +64,8 @@ class WavespeedPrediction(TypedDict):
     status: str
     outputs: list[str]
     urls: dict[str, str]
-    has_nsfw_contents: list[bool]
+    has_nsfw_contents: list[bool]  # one flag per output where a safety checker ran, else empty
+    safety_checker: str  # "on" | "off" | "not configured" (asked for, none on this server: unchecked)
     created_at: str | None
     error: str
     timings: WavespeedTimings
@@ -89,6 +91,7 @@ def task_summary(task: Task, base: str = "") -> TaskSummary:
         "timings": task.timings,
         "error": task.error,
         "has_nsfw_contents": task.nsfw,
+        "safety_checker": safety_checker(task),
         "request": {key: value for key, value in task.request.items() if key != "lora_files"},
         "urls": {
             "get": f"{base}/v1/tasks/{task.id}",
@@ -131,11 +134,19 @@ def wavespeed_prediction(task: Task, files: TaskFiles, base: str) -> WavespeedPr
         "outputs": output_urls(task, files, base, inline) if task.status == COMPLETED else [],
         "urls": {"get": f"{base}/api/v3/predictions/{task.id}/result"},
         "has_nsfw_contents": task.nsfw,
+        "safety_checker": safety_checker(task),
         "created_at": iso_time(task.created_at),
         "error": task.error or ("canceled" if task.status == CANCELED else ""),
         "timings": {"inference": None if inference is None else round(inference * 1000)},
         "seed": task.seed,
     }
+
+
+def safety_checker(task: Task) -> str:
+    """Whether the task's outputs are checked: ``"on"``, ``"off"``, or ``"not configured"`` (asked for on
+    a server without ``--safety-checker``: they are not)."""
+    asked = task.request.get("enable_safety_checker")
+    return task.request.get("safety_checker") or ("on" if asked else "off")
 
 
 def iso_time(seconds: float | None) -> str | None:
