@@ -14,17 +14,18 @@ as extra form fields (the SDK's ``extra_body``); ``loras`` and ``outpaint`` as J
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import PIL.Image
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InputError
 from ..inputs import RequestError, parse_task
+from ..service import AlreadyFinished
 from ..store import COMPLETED
 from ..views import output_urls
 from .deps import Options, Service, owner_of, public_base, require_key
@@ -32,6 +33,9 @@ from .errors import OPENAI, ApiError
 from .following import wait_finished
 from .submission import form_value
 from .uploads import get_uploads, upload_owner
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 router = APIRouter(prefix="/v1/images", tags=[OPENAI], dependencies=[Depends(require_key)])
 EDIT_TIMEOUT = 600.0  # seconds an edit waits for its images before it answers 504 (and is canceled)
@@ -191,7 +195,8 @@ async def edit_image(request: Request, service: Service, options: Options) -> JS
     task = await wait_finished(service, task.id, EDIT_TIMEOUT)
     no_retry = {"x-should-retry": "false"}  # the SDK would submit the edit again
     if not task.finished:
-        await run_in_threadpool(service.cancel, task.id)
+        with contextlib.suppress(AlreadyFinished):  # it ended meanwhile: canceled or not, it is not sent
+            await run_in_threadpool(service.cancel, task.id)
         raise ApiError(504, f"the edit took over {EDIT_TIMEOUT:g} s; it was canceled", None, no_retry)
     if task.status != COMPLETED:
         raise ApiError(500, f"the edit failed: {task.error or task.status}", None, no_retry)
@@ -214,5 +219,7 @@ async def edit_image(request: Request, service: Service, options: Options) -> JS
 
 
 def _size_of(path: Any) -> str:
+    import PIL.Image
+
     with PIL.Image.open(path) as picture:
         return f"{picture.width}x{picture.height}"
