@@ -291,7 +291,7 @@ def load_fp8_checkpoint(
         plan = QuantPlan(
             "fp8-weight", "native", f"fp8 checkpoint, no fp8 W8A8 on {target}: dequantized matmuls"
         )
-    dtype = config.torch_dtype or torch.bfloat16
+    dtype = config.torch_dtype or torch.float32  # as diffusers loads a folder without a dtype
     model_config = json.loads((base / "transformer" / "config.json").read_text())
     transformer, fill = meta_engine_transformer(model_config, plan)
     state = read_fp8_checkpoint(path, fill.state_dict(), dtype, target)
