@@ -81,7 +81,9 @@ def test_wavespeed_submit_poll_and_files(server, shared_engine):
         time.sleep(0.05)
     assert result["status"] == "completed", result
     assert result["error"] == "" and result["seed"] == 7 and result["timings"]["inference"] >= 0
-    assert len(result["outputs"]) == 2 and result["has_nsfw_contents"] == [False, False]
+    # No safety check asked for: no flags (a [False] would claim a check that did not run).
+    assert len(result["outputs"]) == 2 and result["has_nsfw_contents"] == []
+    assert result["safety_checker"] == "off"
     pictures = [fetched_image(server, url) for url in result["outputs"]]
     assert all(p.format == "JPEG" and p.size == (256, 256) for p in pictures)
 
@@ -447,7 +449,8 @@ def test_prompt_enhancer_and_safety_checker(tmp_path, shared_engine):
         assert np.asarray(fetched_image(base, done["outputs"][0])).max() == 0  # blacked out
         plain = httpx.post(f"{base}/v1/tasks", json=body()).json()
         plain = wait_status(base, plain["id"], {"completed", "failed"})
-        assert plain["has_nsfw_contents"] == [False] and "enhanced_prompt" not in plain["request"]
+        assert plain["has_nsfw_contents"] == [] and "enhanced_prompt" not in plain["request"]
+        assert done["safety_checker"] == "on" and plain["safety_checker"] == "off"
         assert np.asarray(fetched_image(base, plain["outputs"][0])).max() > 0
 
 
