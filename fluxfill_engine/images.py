@@ -103,7 +103,15 @@ def _decode(source: Path | io.BytesIO, label: str, name: str, max_megapixels: fl
             name,
         ) from None
     except (OSError, PIL.UnidentifiedImageError, SyntaxError) as err:
-        raise InputError(f"`{name}`: cannot read {label} as an image: {err}", name) from err
+        raise InputError(f"`{name}`: cannot read {label} as an image: {_reason(err)}", name) from err
+
+
+def _reason(err: BaseException) -> str:
+    """What was wrong with an unreadable image, in words: PIL's own messages name the file object it was
+    given (``<_io.BytesIO object at 0x...>``), which says nothing to the sender."""
+    if isinstance(err, PIL.UnidentifiedImageError):
+        return "not an image format Pillow reads (PNG, JPEG, WebP, ...)"
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
 
 
 def _upright(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -99,6 +99,22 @@ def add_serve_parser(commands: Any) -> None:
         help="require Authorization: Bearer KEY (repeat for several keys; default: open)",
     )
     serve.add_argument(
+        "--admin-key",
+        dest="admin_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key that sees and cancels every key's tasks (repeatable; also accepted as an --api-key)",
+    )
+    serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM: seconds the running task may still take before it is canceled; new requests "
+        "get 503 meanwhile (default: %(default)s)",
+    )
+    serve.add_argument(
         "--allow-url-inputs",
         action="store_true",
         help="accept http(s) URLs for images, masks, LoRAs and webhooks (public addresses only)",
@@ -180,6 +196,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError("--replicas, --autoscale and --ray-address need --ray")
     if any(not key.strip() for key in args.api_keys):
         raise ValueError("--api-key: an empty key would let anyone in")
+    if any(not key.strip() for key in args.admin_keys):
+        raise ValueError("--admin-key: an empty key would let anyone in")
+    if not 0 <= args.shutdown_grace_s <= 3600:
+        raise ValueError(f"--shutdown-grace-s must be in 0-3600 seconds, got {args.shutdown_grace_s}")
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from . import api
 from .service import TaskService
 from .settings import ServerConfig
+from .shutdown import GracefulShutdown, RefuseWhileStopping
 from .store import TaskStore
 
 if TYPE_CHECKING:
@@ -34,7 +35,11 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], ServingEngine]
     """The application: ``engine_factory`` runs on the worker thread at startup; ``addons`` are the
     optional ``enhancer`` and ``safety_checker`` objects (see :mod:`.enhance`, :mod:`.safety`).
 
-    ``app.state`` holds the ``service``, the ``config`` and the request ``options`` the routes use."""
+    ``app.state`` holds the ``service``, the ``config``, the request ``options`` the routes use and the
+    ``shutdown`` (:class:`.shutdown.GracefulShutdown`: ``fluxfill serve`` begins it on SIGTERM)."""
+    # An admin key is a key too: every check of "a valid key" reads api_keys alone.
+    keys = tuple(dict.fromkeys([*config.api_keys, *config.admin_keys]))
+    config = dataclasses.replace(config, api_keys=keys)
     data_dir = config.service.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     store = TaskStore(data_dir / "tasks.sqlite3")
@@ -58,22 +63,35 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], ServingEngine]
         safety_checker=safety_checker,
         webhooks=webhooks,
     )
+    shutdown = GracefulShutdown(service, config.shutdown_grace_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.hub.attach(asyncio.get_running_loop())
+        shutdown.attach(asyncio.get_running_loop())
         service.start()
         try:
             yield
         finally:
+            await shutdown.finish()
             await run_in_threadpool(service.stop)
             if webhooks is not None:
                 await run_in_threadpool(webhooks.close, 5.0)
             store.close()
 
-    app = FastAPI(title="fluxfill serve", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # The docs and the schema are routes of api.operations, behind the key like the API they describe.
+    app = FastAPI(
+        title="fluxfill serve",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.service = service
     app.state.config = config
     app.state.options = options
+    app.state.shutdown = shutdown
     api.install(app, config.max_request_bytes)
+    app.add_middleware(RefuseWhileStopping, shutdown=shutdown)  # added last: runs first
     return app

@@ -2,7 +2,8 @@
 
 Events themselves live in the :class:`~.store.TaskStore` (so a late subscriber, or one after a
 restart, gets them replayed); the hub only tells waiting coroutines on the server's event loop
-that there is something new to read, from whichever thread wrote it.
+that there is something new to read, from whichever thread wrote it, and, once the server stops
+(:meth:`EventHub.close`), that there will be nothing more.
 """
 
 from __future__ import annotations
@@ -28,16 +29,44 @@ CLOSING_EVENTS = frozenset({TASK_POSTPROCESS_END, TASK_ERROR, TASK_CANCEL})
 
 
 class EventHub:
-    """Wakes coroutines waiting on a task (:meth:`wait`) when :meth:`notify` is called for it."""
+    """Wakes coroutines waiting on a task (:meth:`subscription`) when :meth:`notify` is called for it,
+    and all of them when the hub is closed (the server stops: followers end)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._lock = threading.Lock()
+        self._closed = False
+        self._closing: asyncio.Event | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Bind to the server's event loop (at startup)."""
+        """Bind to the server's event loop (at startup; call it on that loop)."""
         self._loop = loop
+        self._closing = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: followers stop after what the store holds now."""
+        return self._closed
+
+    def close(self) -> None:
+        """The server stops: wake every waiter for good (from any thread)."""
+        self._closed = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with self._lock:
+            waiters = [waiter for task_waiters in self._waiters.values() for waiter in task_waiters]
+        for waiter in waiters:
+            loop.call_soon_threadsafe(waiter.set)
+        if self._closing is not None:
+            loop.call_soon_threadsafe(self._closing.set)
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` was called (on the attached loop)."""
+        if self._closing is None:
+            raise RuntimeError("EventHub.wait_closed before attach")
+        await self._closing.wait()
 
     def notify(self, task_id: str) -> None:
         """Called from any thread after a task's events or state changed."""
@@ -57,6 +86,8 @@ class EventHub:
         again, so nothing is missed.
         """
         news = asyncio.Event()
+        if self._closed:
+            news.set()
         with self._lock:
             self._waiters[task_id].add(news)
         try:

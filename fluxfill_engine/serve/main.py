@@ -5,6 +5,7 @@ Serve replicas), the optional add-ons, the app, uvicorn. The flags and their che
 from __future__ import annotations
 
 import argparse
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -14,6 +15,7 @@ from .app import ServerConfig, create_app
 from .engines import EngineSpec, build_engine
 from .inputs import ServerOptions
 from .service import ServiceSettings
+from .shutdown import GracefulShutdown
 from .urlguard import UrlPolicy
 
 
@@ -68,6 +70,8 @@ def start_server(args: argparse.Namespace, device: str, dtype: str) -> None:
             max_loras=engine_config.max_loras,
         ),
         api_keys=tuple(args.api_keys),
+        admin_keys=tuple(args.admin_keys),
+        shutdown_grace_s=args.shutdown_grace_s,
         max_request_bytes=int(args.max_request_mb * 2**20),
         model=str(args.model) if args.model is not None else "tiny",
         preset=args.preset,
@@ -77,8 +81,30 @@ def start_server(args: argparse.Namespace, device: str, dtype: str) -> None:
     )
     if args.model is None:
         print("No --model given: serving the built-in tiny random-weight model (its images are noise).")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_keys:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_keys or args.admin_keys):
         print(f"warning: listening on {args.host} with no --api-key: anyone who reaches it can use it")
     print(f"fluxfill serve: http://{args.host}:{args.port}/ (data in {args.data_dir})", flush=True)
     app = create_app(config, engine_factory, **addons)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn's own graceful stop waits on open connections without end: ours (the drain, then every
+    # stream closed) comes first, uvicorn's timeout only backs it up.
+    backstop = config.shutdown_grace_s + 15.0
+    server = _DrainingServer(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=int(backstop)
+        ),
+        app.state.shutdown,
+    )
+    server.run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, a SIGTERM or Ctrl-C also beginning the app's graceful stop
+    (:class:`.shutdown.GracefulShutdown`)."""
+
+    def __init__(self, config: uvicorn.Config, shutdown: GracefulShutdown) -> None:
+        super().__init__(config)
+        self.graceful = shutdown
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.graceful.begin()
+        super().handle_exit(sig, frame)

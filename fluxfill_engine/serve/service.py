@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+SHUT_DOWN = "canceled: the server shut down"
+
+
 class QueueFull(Exception):
     """The queue holds ``max_queue`` tasks; try again after ``retry_after`` seconds."""
 
@@ -140,6 +143,7 @@ class TaskService:
         self._cancel_requested: set[str] = set()
         self._changed = threading.Condition()
         self._stopping = False
+        self._draining = False  # no new pass starts (a graceful stop: drain)
         self._seconds_per_image = 5.0  # running mean, for Retry-After
         self._threads = [threading.Thread(target=self._main, name="fluxfill-loader", daemon=True)]
 
@@ -156,6 +160,26 @@ class TaskService:
         for thread in list(self._threads):
             if thread.is_alive():
                 thread.join(timeout)
+
+    def drain(self, grace_s: float) -> None:
+        """A graceful stop: no new pass starts; the running tasks get ``grace_s`` seconds to finish, then
+        are canceled (their closing event ``task_cancel``, error :data:`SHUT_DOWN`) and their pass stops
+        at its next step. Queued tasks stay queued in the store for the next start."""
+        deadline = time.monotonic() + grace_s
+        with self._changed:
+            self._draining = True
+            self._changed.notify_all()
+            while self._running and time.monotonic() < deadline:
+                self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            running = list(self._running)
+            self._cancel_requested.update(running)
+        for task_id in running:
+            self._finish(task_id, CANCELED, ev.TASK_CANCEL, {"error": SHUT_DOWN}, error=SHUT_DOWN)
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` has begun."""
+        return self._draining
 
     def queue_depth(self) -> int:
         with self._changed:
@@ -200,12 +224,15 @@ class TaskService:
             raise NotFound(task_id)
         return task
 
-    def submit(self, spec: TaskSpec, api: str, idempotency_key: str | None = None) -> tuple[Task, bool]:
-        """Queue a checked task; returns it and whether it is new (False: the idempotency key's task).
+    def submit(
+        self, spec: TaskSpec, api: str, idempotency_key: str | None = None, owner: str = ""
+    ) -> tuple[Task, bool]:
+        """Queue a checked task for ``owner`` (a hash of its API key); returns it and whether it is new
+        (False: that owner's task of the idempotency key).
 
         Raises :class:`QueueFull`."""
         if idempotency_key is not None:
-            existing = self.store.by_key(idempotency_key)
+            existing = self.store.by_key(idempotency_key, owner)
             if existing is not None:
                 return existing, False
         self._check_room()
@@ -217,6 +244,7 @@ class TaskService:
             request=spec.public,
             idempotency_key=idempotency_key,
             seed=spec.request.seed,
+            owner=owner,
         )
         self.files.save_inputs(task.id, spec.request.image, spec.request.mask)
         with self._changed:
@@ -317,14 +345,15 @@ class TaskService:
                     self._busy_workers -= 1
                     self._running.difference_update(batch)
                     self._cancel_requested.difference_update(batch)
+                    self._changed.notify_all()  # drain() waits for the running tasks
 
     def _next_batch(self) -> list[str] | None:
         """This worker's next batch (:func:`.batching.choose_batch`), taken off the queue; ``[]`` when
         nothing was queued within ``cleanup_every_s``; ``None`` when the service stops."""
         with self._changed:
-            if not self._queue and not self._stopping:
+            if not self._queue and not self._stopping and not self._draining:
                 self._changed.wait(timeout=self.settings.cleanup_every_s)
-            if self._stopping:
+            if self._stopping or self._draining:
                 return None
             if not self._queue:
                 return []

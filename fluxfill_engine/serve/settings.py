@@ -15,7 +15,9 @@ class ServerConfig:
 
     service: ServiceSettings
     options: ServerOptions = field(default_factory=ServerOptions)
-    api_keys: Sequence[str] = ()
+    api_keys: Sequence[str] = ()  # every key accepted; create_app adds the admin keys
+    admin_keys: Sequence[str] = ()  # keys that see every task (docs/serving.md, "Security")
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long the running tasks may still run
     max_request_bytes: int = 64 * 2**20
     model: str = "tiny"
     preset: str = "reference"

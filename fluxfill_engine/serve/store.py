@@ -3,6 +3,10 @@
 SQLite is the embedded default: nothing to install or run beside the server, transactions that
 survive ``kill -9`` (WAL with ``synchronous=NORMAL`` loses at most the last commits on power loss,
 never on a process crash), and one writer at a time, which is what one worker per GPU needs.
+
+Every task belongs to an ``owner``: a hash of the API key that made it (never the key itself; ``""``
+when the server had no keys, or for tasks stored before tenancy). Idempotency keys are unique per
+owner. A data folder from before owners is migrated when it is opened.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ QUEUED, RUNNING, COMPLETED, FAILED, CANCELED = "queued", "running", "completed",
 FINISHED = frozenset({COMPLETED, FAILED, CANCELED})
 INTERRUPTED = "interrupted by restart"
 
-_SCHEMA = """
+_TASKS_TABLE = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -29,7 +33,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    idempotency_key TEXT UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',
+    idempotency_key TEXT,
     request TEXT NOT NULL,
     seed INTEGER,
     outputs TEXT NOT NULL DEFAULT '[]',
@@ -38,8 +43,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     error TEXT,
     progress_step INTEGER NOT NULL DEFAULT 0,
     progress_total INTEGER NOT NULL DEFAULT 0,
-    files_deleted INTEGER NOT NULL DEFAULT 0
+    files_deleted INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (owner, idempotency_key)
 );
+"""
+_SCHEMA = """
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_at);
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
@@ -74,6 +82,7 @@ class Task:
     progress_step: int = 0
     progress_total: int = 0
     files_deleted: bool = False
+    owner: str = ""  # a hash of the API key that made it (``""``: no keys, or made before owners)
 
     @property
     def finished(self) -> bool:
@@ -109,7 +118,28 @@ class TaskStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._add_owners()
+            self._db.executescript(_TASKS_TABLE + _SCHEMA)
+
+    def _add_owners(self) -> None:
+        """Migrate a ``tasks`` table from before owners: every old task gets the owner ``""`` and
+        idempotency keys become unique per owner (SQLite cannot drop a UNIQUE constraint in place, so
+        the table is copied)."""
+        columns = [row["name"] for row in self._db.execute("PRAGMA table_info(tasks)")]
+        if not columns or "owner" in columns:
+            return
+        listed = ", ".join(columns)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE tasks RENAME TO tasks_before_owners")
+            self._db.execute("DROP INDEX IF EXISTS tasks_status")
+            self._db.execute(_TASKS_TABLE)
+            self._db.execute(f"INSERT INTO tasks ({listed}) SELECT {listed} FROM tasks_before_owners")
+            self._db.execute("DROP TABLE tasks_before_owners")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -136,22 +166,24 @@ class TaskStore:
 
     def create(self, task: Task, first_event: tuple[str, dict[str, Any]]) -> Task:
         """Insert ``task`` with its first event, atomically. Raises :class:`DuplicateKey` when its
-        idempotency key is taken."""
+        owner has a task with its idempotency key."""
         with self._transaction() as db:
             if task.idempotency_key is not None:
                 row = db.execute(
-                    "SELECT * FROM tasks WHERE idempotency_key = ?", (task.idempotency_key,)
+                    "SELECT * FROM tasks WHERE owner = ? AND idempotency_key = ?",
+                    (task.owner, task.idempotency_key),
                 ).fetchone()
                 if row is not None:
                     raise DuplicateKey(self._task(row))
             db.execute(
-                "INSERT INTO tasks (id, status, api, created_at, idempotency_key, request) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks (id, status, api, created_at, owner, idempotency_key, request) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     task.id,
                     task.status,
                     task.api,
                     task.created_at,
+                    task.owner,
                     task.idempotency_key,
                     json.dumps(task.request),
                 ),
@@ -164,10 +196,12 @@ class TaskStore:
             row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return None if row is None else self._task(row)
 
-    def by_key(self, key: str) -> Task | None:
-        """The task created with idempotency key ``key``, if any."""
+    def by_key(self, key: str, owner: str = "") -> Task | None:
+        """The task ``owner`` created with idempotency key ``key``, if any."""
         with self._lock:
-            row = self._db.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT * FROM tasks WHERE owner = ? AND idempotency_key = ?", (owner, key)
+            ).fetchone()
         return None if row is None else self._task(row)
 
     def by_status(self, *statuses: str) -> list[Task]:

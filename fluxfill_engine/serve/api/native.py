@@ -1,5 +1,5 @@
 """The native API: tasks (submit, get, cancel) and their events as Server-Sent Events
-(docs/serving.md)."""
+(docs/serving.md). A task is seen only by the key that made it (:func:`.deps.owned_task`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..views import native_task
-from .deps import Options, Service, require_key, require_key_or_token
+from .deps import CurrentOwner, Options, Service, owned_task, require_key, require_key_or_token
+from .errors import ApiError
 from .following import follow
 from .submission import submit
 
 router = APIRouter(prefix="/v1/tasks", tags=["native"])
+MAX_EVENT_ID_DIGITS = 18  # a sequence number SQLite's 64-bit integers always hold
 
 
 @router.post("", dependencies=[Depends(require_key)])
@@ -27,24 +29,26 @@ async def create_task(request: Request, service: Service, options: Options) -> J
 
 
 @router.get("/{task_id}", dependencies=[Depends(require_key)])
-async def get_task(task_id: str, service: Service) -> JSONResponse:
-    task = service.get(task_id)
+async def get_task(task_id: str, service: Service, owner: CurrentOwner) -> JSONResponse:
+    task = owned_task(service, task_id, owner)
     return JSONResponse(native_task(task, service.files, service.cancel_requested(task_id)))
 
 
 @router.post("/{task_id}/cancel", dependencies=[Depends(require_key)])
-async def cancel_task(task_id: str, service: Service) -> JSONResponse:
+async def cancel_task(task_id: str, service: Service, owner: CurrentOwner) -> JSONResponse:
     """Cancel a queued task now, a running one at its next step; 409 for a finished one."""
+    owned_task(service, task_id, owner)
     task = await run_in_threadpool(service.cancel, task_id)
     return JSONResponse(native_task(task, service.files, service.cancel_requested(task_id)))
 
 
 @router.get("/{task_id}/events", dependencies=[Depends(require_key_or_token)])
-async def task_events(task_id: str, request: Request, service: Service) -> StreamingResponse:
+async def task_events(
+    task_id: str, request: Request, service: Service, owner: CurrentOwner
+) -> StreamingResponse:
     """The task's events from the start (or after ``Last-Event-ID``), live until its closing event."""
-    service.get(task_id)
-    last = request.headers.get("last-event-id", "0")
-    after = int(last) if last.isdigit() else 0
+    owned_task(service, task_id, owner)
+    after = last_event_id(request.headers.get("last-event-id"))
 
     async def stream() -> AsyncIterator[str]:
         async for event in follow(service, task_id, after):
@@ -56,3 +60,19 @@ async def task_events(task_id: str, request: Request, service: Service) -> Strea
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+def last_event_id(header: str | None) -> int:
+    """The sequence number of a ``Last-Event-ID`` header (0 when absent). Raises ``ApiError`` (400) for
+    anything but ASCII digits that fit SQLite's integers."""
+    if header is None or not header.strip():
+        return 0
+    text = header.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_EVENT_ID_DIGITS):
+        raise ApiError(
+            400,
+            f"Last-Event-ID must be an event's sequence number (ASCII digits, at most "
+            f"{MAX_EVENT_ID_DIGITS}), got {text[:40]!r}",
+            "Last-Event-ID",
+        )
+    return int(text)

@@ -1,14 +1,17 @@
-"""What operators and browsers use beside the APIs: the playground page, health, Prometheus metrics, and
-the output files (served without a key: their paths hold the task's random 128-bit id)."""
+"""What operators and browsers use beside the APIs: the playground page, health, Prometheus metrics, the
+API's docs and schema (behind the key), and the output files (served without a key: their paths hold the
+task's random 128-bit id)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from .deps import Config, Service, require_key
+from .deps import Config, Service, require_key, require_key_or_token
 from .errors import ApiError
 
 router = APIRouter(tags=["operations"])
@@ -54,3 +57,17 @@ async def output_file(task_id: str, name: str, service: Service) -> FileResponse
     if task is None or name not in task.outputs or task.files_deleted:
         raise ApiError(404, "no such file (or it expired)", "name")
     return FileResponse(service.files.output(task_id, name))
+
+
+@router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key_or_token)])
+async def openapi_schema(request: Request) -> JSONResponse:
+    """The OpenAPI schema, behind the key like the API it describes (``?token=`` for the docs page)."""
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False, dependencies=[Depends(require_key_or_token)])
+async def docs_page(request: Request) -> HTMLResponse:
+    """Swagger UI; opened as ``/docs?token=KEY`` it fetches the schema with that key."""
+    token = request.query_params.get("token")
+    schema = "/openapi.json" + (f"?token={quote(token, safe='')}" if token else "")
+    return get_swagger_ui_html(openapi_url=schema, title="fluxfill serve API")

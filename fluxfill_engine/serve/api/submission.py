@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..inputs import RequestError, ServerOptions, TaskSpec, parse_task
 from ..service import TaskService
 from ..store import Task
+from .deps import owner_of
 
 _JSON_FORM_FIELDS = ("loras", "outpaint")  # form fields that hold JSON text
 
@@ -29,13 +30,14 @@ async def submit(request: Request, service: TaskService, options: ServerOptions,
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise RequestError("the Idempotency-Key header must be 1-255 characters", 400, "Idempotency-Key")
+    owner = owner_of(request)  # a task, and its idempotency key, belong to the API key that made it
     if key is not None:
-        existing = service.store.by_key(key)
+        existing = service.store.by_key(key, owner.id)
         if existing is not None:
             return Submitted(existing, False, None)
     body = await read_body(request)
     spec = await run_in_threadpool(parse_task, body, options, api)
-    task, created = await run_in_threadpool(service.submit, spec, api, key)
+    task, created = await run_in_threadpool(service.submit, spec, api, key, owner.id)
     return Submitted(task, created, spec)
 
 
