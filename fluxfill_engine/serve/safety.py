@@ -9,7 +9,11 @@ checkpoint that lacks any of the checker's weights is refused (they would be ran
 silently passes everything).
 
 Flagged images are replaced by black images of the same size, as diffusers' pipelines do, and the
-per-image flags are reported (``has_nsfw_contents``).
+per-image flags are reported (``has_nsfw_contents``). Where no check ran, no flag is reported (an empty
+``has_nsfw_contents``: ``[False]`` would claim a check), and the task's ``safety_checker`` says why:
+``"off"`` (not asked for) or ``"not configured"``: WaveSpeed's clients ask for the check by default, so on
+a server without ``--safety-checker`` such a request runs unchecked and says so (also in the header
+``X-Safety-Checker: not-configured``); the native API refuses (422) a check it cannot make.
 
 torch, transformers and diffusers are imported when a checker is loaded, not when this module is.
 """

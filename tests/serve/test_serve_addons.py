@@ -396,6 +396,32 @@ def test_safety_refuses_missing_weights(tmp_path):
         SafetyChecker.from_folder(folder)
 
 
+@pytest.mark.parametrize("api", ["wavespeed", "openai"])
+def test_safety_asked_without_a_checker_runs_unchecked_and_says_so(api):
+    """WaveSpeed's clients ask for the check by default: a server without one runs the request, checks
+    nothing and says so; the native API refuses a check it cannot make."""
+    from fluxfill_engine.serve.inputs import RequestError, ServerOptions, parse_task
+    from tests.support.serve import body
+
+    request = body(enable_safety_checker=True)
+    spec = parse_task(request, ServerOptions(has_safety_checker=False), api)
+    assert spec.safety_checker is False  # the service runs no checker for it
+    assert spec.public["safety_checker"] == "not configured" and spec.public["enable_safety_checker"] is False
+    with pytest.raises(RequestError, match="--safety-checker") as refused:
+        parse_task(request, ServerOptions(has_safety_checker=False), "native")
+    assert refused.value.status == 422 and refused.value.field == "enable_safety_checker"
+    checked = parse_task(request, ServerOptions(has_safety_checker=True), api)
+    assert checked.safety_checker is True and checked.public["safety_checker"] == "on"
+    assert parse_task(body(), ServerOptions(), api).public["safety_checker"] == "off"
+
+
+def test_jpg_is_jpeg():
+    from fluxfill_engine.serve.inputs import ServerOptions, parse_task
+    from tests.support.serve import body
+
+    assert parse_task(body(output_format="jpg"), ServerOptions(), "wavespeed").output_format == "jpeg"
+
+
 # ---- both ------------------------------------------------------------------------------------------
 
 
