@@ -169,20 +169,10 @@ class UploadStore:
 
     def delete_expired(self, now: float | None = None) -> int:
         """Delete the uploads past their retention and the tickets that waited too long; how many."""
-        now = time.time() if now is None else now
-        if not self.folder.is_dir():
-            return 0
-        deleted = 0
-        for folder in self.folder.iterdir():
-            upload = self._load(folder.name)
-            if upload is None or self._expired(upload, now):
-                shutil.rmtree(folder, ignore_errors=True)
-                deleted += 1
-        return deleted
+        return delete_expired_uploads(self.folder, self.retention_hours, now)
 
     def _expired(self, upload: Upload, now: float) -> bool:
-        keep = self.retention_hours * 3600 if upload.stored else TICKET_SECONDS
-        return now - upload.created_at > keep
+        return _expired(upload, self.retention_hours, now)
 
     # ------------------------------------------------------------------ files
 
@@ -216,7 +206,31 @@ class UploadStore:
         partial.replace(folder / "meta.json")
 
     def _load(self, upload_id: str) -> Upload | None:
-        try:
-            return Upload(**json.loads((self.folder / upload_id / "meta.json").read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+        return _load(self.folder, upload_id)
+
+
+def _load(folder: Path, upload_id: str) -> Upload | None:
+    try:
+        return Upload(**json.loads((folder / upload_id / "meta.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _expired(upload: Upload, retention_hours: float, now: float) -> bool:
+    keep = retention_hours * 3600 if upload.stored else TICKET_SECONDS
+    return now - upload.created_at > keep
+
+
+def delete_expired_uploads(folder: Path, retention_hours: float, now: float | None = None) -> int:
+    """Delete the uploads under ``folder`` kept over ``retention_hours`` and the tickets that waited over
+    :data:`TICKET_SECONDS` for their bytes (the service's clean-up calls it with the outputs'); how many."""
+    now = time.time() if now is None else now
+    if not folder.is_dir():
+        return 0
+    deleted = 0
+    for entry in folder.iterdir():
+        upload = _load(folder, entry.name)
+        if upload is None or _expired(upload, retention_hours, now):
+            shutil.rmtree(entry, ignore_errors=True)
+            deleted += 1
+    return deleted

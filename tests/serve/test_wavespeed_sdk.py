@@ -202,6 +202,15 @@ def test_uploads_expire_with_outputs(tmp_path):
     assert not (tmp_path / "uploads" / kept.id).exists() and not (tmp_path / "uploads" / waiting.id).exists()
 
 
+def test_the_services_clean_up_deletes_expired_uploads(tmp_path, shared_engine):
+    app = make_app(tmp_path, shared_engine, retention_hours=0.0)
+    store = UploadStore(tmp_path / "uploads", max_bytes=2**20, retention_hours=0.0)
+    upload = store.add("owner", "cup.png", png_bytes(inputs()[0]))
+    time.sleep(0.01)
+    app.state.service.delete_expired()  # what the workers run every cleanup_every_s, busy or idle
+    assert not (tmp_path / "uploads" / upload.id).exists()
+
+
 @pytest.mark.slow
 def test_sync_mode_timeout_says_to_query_later(tmp_path, shared_engine, files, monkeypatch):
     """A sync-mode request that outlasts the server's limit is answered as WaveSpeed's sync timeout: the
