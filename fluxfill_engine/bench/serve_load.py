@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import platform
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,11 +50,15 @@ class Outcome:
     error: str | None = None
 
 
-def _png_data_url(width: int, height: int, mask: bool, seed: int) -> str:
+def _png_data_url(width: int, height: int, mask: bool, seed: int, flat: bool = False) -> str:
+    """A PNG as a data URL: noise (``flat``: one colour, a few KiB however large), or a mask with a
+    white box in the middle."""
     import numpy as np
     import PIL.Image
 
-    if mask:
+    if flat and not mask:
+        array = np.full((height, width, 3), (40 + seed % 200, 120, 200), np.uint8)
+    elif mask:
         array = np.zeros((height, width), np.uint8)
         array[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
     else:
@@ -174,6 +180,191 @@ def summarize(outcomes: list[Outcome], wall: float) -> dict[str, Any]:
         "wall_seconds": wall,
         "every_accepted_task_ended_once": not not_once,
         "not_ended_once": not_once,
+    }
+
+
+# ---- hostile and careless clients (issue 23): bodies refused unread, a queue of large inputs ----------
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (``VmRSS``; ``VmHWM``: its peak), from ``/proc/PID/status`` (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no {field} in /proc/{pid}/status")
+
+
+class MemoryPeak:
+    """The peak of a process's ``VmRSS`` sampled every ``every`` seconds while the block runs (``VmHWM``
+    would include the server's start)."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.pid, self.every = pid, every
+        self.before = self.peak = self.after = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> MemoryPeak:
+        self.before = self.peak = rss_bytes(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.after = rss_bytes(self.pid)
+        self.peak = max(self.peak, self.after)
+
+
+@dataclass
+class UnreadUpload:
+    """One upload sent as fast as the server takes it, answered before its end (or not)."""
+
+    status: int | None  # None: no answer within the time allowed
+    seconds: float  # from the first byte sent to the answer
+    sent_bytes: int  # what the client got into the connection before the answer (kernel buffers too)
+    declared_bytes: int
+
+
+def unread_upload(
+    url: str, path: str, declared_bytes: int, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> UnreadUpload:
+    """POST a body declared as ``declared_bytes`` to ``url + path`` over a plain socket, sending it while
+    the server reads and stopping at its answer: how much of it a refusal let through, and how fast."""
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {parts.netloc}",
+        "Content-Type: application/json",
+        f"Content-Length: {declared_bytes}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    chunk = b"x" * 2**16
+    start = time.perf_counter()
+    sent, answer = 0, b""
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        sock.setblocking(False)
+        while time.perf_counter() - start < timeout:
+            writable = [sock] if sent < declared_bytes else []
+            readable, can_write, _ = select.select([sock], writable, [], 0.5)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    break
+                answer += data
+                if not data or b"\r\n\r\n" in answer:
+                    break
+            elif can_write:
+                try:
+                    sent += sock.send(chunk[: declared_bytes - sent])
+                except BlockingIOError:
+                    pass
+                except OSError:  # the server closed the connection after its answer
+                    sock.setblocking(True)
+                    sock.settimeout(1.0)
+                    with contextlib.suppress(OSError):
+                        answer += sock.recv(65536)
+                    break
+    seconds = time.perf_counter() - start
+    status_line = answer.split(b"\r\n", 1)[0].split()
+    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else None
+    return UnreadUpload(status, seconds, sent, declared_bytes)
+
+
+def refused_unread_uploads(
+    url: str, pid: int | None, uploads: int = 20, declared_mb: float = 60.0, timeout: float = 30.0
+) -> dict[str, Any]:
+    """``uploads`` unauthenticated uploads of ``declared_mb`` MiB at once against a server with an API
+    key: their answers, times, the bytes they got through, and the server's memory (``pid``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    declared = int(declared_mb * 2**20)
+    with contextlib.ExitStack() as stack:
+        memory = stack.enter_context(MemoryPeak(pid)) if pid is not None else None
+        with ThreadPoolExecutor(uploads) as pool:
+            results = list(
+                pool.map(lambda _: unread_upload(url, "/v1/tasks", declared, timeout=timeout), range(uploads))
+            )
+    times = sorted(r.seconds for r in results)
+    return {
+        "uploads": uploads,
+        "declared_mib_each": declared_mb,
+        "answers": sorted({str(r.status) for r in results}),
+        "answered_401": sum(r.status == 401 for r in results),
+        "answer_p50_s": times[len(times) // 2],
+        "answer_max_s": times[-1],
+        "client_sent_mib_max": max(r.sent_bytes for r in results) / 2**20,
+        "client_sent_mib_total": sum(r.sent_bytes for r in results) / 2**20,
+        **(_memory_fields(memory) if memory is not None else {}),
+    }
+
+
+def _memory_fields(memory: MemoryPeak) -> dict[str, float]:
+    return {
+        "server_rss_before_mib": memory.before / 2**20,
+        "server_rss_peak_mib": memory.peak / 2**20,
+        "server_rss_after_mib": memory.after / 2**20,
+    }
+
+
+def large_input_queue(
+    url: str,
+    pid: int | None,
+    side: int = 6000,
+    num_images: int = 8,
+    submissions: int = 8,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """A queue filled with large inputs (``side`` x ``side`` PNGs, ``num_images`` each) behind a long
+    first task: what was accepted or refused, the server's memory while they wait, and after they
+    are canceled."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    image, mask = _png_data_url(side, side, False, 0, flat=True), _png_data_url(side, side, True, 0)
+    small = _png_data_url(256, 256, False, 0), _png_data_url(256, 256, True, 0)
+    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
+        blocker = client.post(
+            "/v1/tasks",
+            json={"prompt": "blocker", "image": small[0], "mask": small[1], "num_inference_steps": 50},
+        ).json()
+        accepted: list[str] = []
+        statuses: list[int] = []
+        messages: set[str] = set()
+        payload = {"prompt": "large", "image": image, "mask": mask, "num_images": num_images}
+        with contextlib.ExitStack() as stack:
+            memory = stack.enter_context(MemoryPeak(pid)) if pid is not None else None
+            for _ in range(submissions):
+                answer = client.post("/v1/tasks", json={**payload, "num_inference_steps": 2})
+                statuses.append(answer.status_code)
+                if answer.status_code == 201:
+                    accepted.append(answer.json()["id"])
+                else:
+                    messages.add(answer.json().get("error", ""))
+            queued_rss = rss_bytes(pid) if pid is not None else 0
+            for task_id in [*accepted, blocker["id"]]:
+                client.post(f"/v1/tasks/{task_id}/cancel")
+            time.sleep(1.0)
+    return {
+        "input": f"{side}x{side} PNG ({len(image) * 3 // 4 // 1024} KiB), num_images {num_images}",
+        "submissions": submissions,
+        "answers": statuses,
+        "accepted": len(accepted),
+        "refusals": sorted(messages),
+        **(_memory_fields(memory) if memory is not None else {}),
+        **({"server_rss_queued_mib": queued_rss / 2**20} if pid is not None else {}),
     }
 
 

@@ -90,6 +90,39 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument(
         "--max-request-mb", type=float, default=64.0, help="request body limit, in MiB (default: %(default)s)"
     )
+    limits = serve.add_argument_group("limits against careless and hostile clients (docs/serving.md)")
+    limits.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a request body must arrive within this, else 408 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=256.0,
+        help="request bodies being read at once, together, in MiB; then 503 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-queue-megapixels",
+        type=float,
+        default=1024.0,
+        help="queued tasks' input megapixels x num_images, together; then 429, a task alone over it 413 "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--url-fetches",
+        type=int,
+        default=8,
+        help="requests with URL inputs checked (downloaded) at once; the others wait (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--lora-cache-mb",
+        type=float,
+        default=2048.0,
+        help="downloaded LoRA files kept, in MiB, least recently used out (default: %(default)s)",
+    )
     serve.add_argument(
         "--api-key",
         dest="api_keys",
@@ -178,6 +211,15 @@ def check_serve_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
     if args.retention_hours <= 0 or args.max_request_mb <= 0 or args.task_retention_days <= 0:
         raise ValueError("--retention-hours, --task-retention-days and --max-request-mb must be positive")
+    for flag, value in (
+        ("--body-timeout-s", args.body_timeout_s),
+        ("--max-inflight-mb", args.max_inflight_mb),
+        ("--max-queue-megapixels", args.max_queue_megapixels),
+        ("--url-fetches", args.url_fetches),
+        ("--lora-cache-mb", args.lora_cache_mb),
+    ):
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
     check_model_paths(args)
     for flag, folder in (
         ("--lora-dir", args.lora_dir),

@@ -20,10 +20,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from . import api
+from .lora_cache import LoraCache, lora_files_of
 from .service import TaskService
 from .settings import ServerConfig
 from .shutdown import GracefulShutdown, RefuseWhileStopping
-from .store import TaskStore
+from .store import QUEUED, RUNNING, TaskStore
 
 if TYPE_CHECKING:
     from .engines import ServingEngine
@@ -51,7 +52,11 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], ServingEngine]
     enhancer, safety_checker = addons.get("enhancer"), addons.get("safety_checker")
     options = dataclasses.replace(
         config.options,
-        lora_cache_dir=data_dir / "lora-cache",
+        lora_cache=LoraCache(
+            data_dir / "lora-cache",
+            config.options.lora_cache_bytes,
+            in_use=lambda: lora_files_of(store.by_status(QUEUED, RUNNING)),
+        ),
         has_enhancer=enhancer is not None,
         has_safety_checker=safety_checker is not None,
     )
@@ -63,6 +68,8 @@ def create_app(config: ServerConfig, engine_factory: Callable[[], ServingEngine]
         safety_checker=safety_checker,
         webhooks=webhooks,
     )
+    assert options.lora_cache is not None
+    options.lora_cache.register_metrics(service.metrics.registry)
     shutdown = GracefulShutdown(service, config.shutdown_grace_s)
 
     @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from .lora_cache import LORA_CACHE_BYTES, LoraCache
 from .task_files import OUTPUT_FORMATS
 from .urlguard import UrlPolicy, UrlRefused, check_url, fetch
 
@@ -75,7 +76,8 @@ class ServerOptions:
 
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
     lora_dir: Path | None = None
-    lora_cache_dir: Path | None = None
+    lora_cache: LoraCache | None = None  # where LoRA URLs are downloaded (the data folder's)
+    lora_cache_bytes: int = LORA_CACHE_BYTES  # its bound (--lora-cache-mb)
     max_input_megapixels: float = 40.0
     max_loras: int = 3
     has_enhancer: bool = False
@@ -95,6 +97,22 @@ class TaskSpec:
     webhook: str | None = None
     enhance_prompt: bool = False
     safety_checker: bool = False
+
+    @property
+    def cost(self) -> float:
+        """What the task weighs in the queue: its input's megapixels times ``num_images``."""
+        width, height = self.public["image_size"]
+        return width * height / 1e6 * self.request.num_images
+
+    def with_inputs(self, image: PIL.Image.Image, mask: PIL.Image.Image | None) -> TaskSpec:
+        """This task with other input images: the same pixels decoded again when it runs, or stand-ins
+        of the same size (:meth:`.task_files.TaskFiles.input_headers`) while it waits."""
+        return dataclasses.replace(self, request=dataclasses.replace(self.request, image=image, mask=mask))
+
+    def waiting(self, image: PIL.Image.Image, mask: PIL.Image.Image | None) -> TaskSpec:
+        """This task as it waits in the queue, given stand-ins of its images: those in place of the
+        decoded ones, except a ``crop_to_mask`` request's mask, whose pixels decide its batch."""
+        return self.with_inputs(image, self.request.mask if self.request.crop_to_mask else mask)
 
 
 def checked_loras(request: FillRequest) -> list[LoraSpec]:
@@ -157,6 +175,18 @@ def decode_image(
         raise RequestError(str(err), status, name) from None
 
 
+def names_urls(body: Mapping[str, Any]) -> bool:
+    """Whether checking ``body`` may fetch URLs (an image, a mask or a LoRA given as one)."""
+    images = (body.get(name) for name in ("image", "mask", "mask_image"))
+    if any(isinstance(value, str) and _URL.match(value.strip()) for value in images):
+        return True
+    loras = body.get("loras")
+    return isinstance(loras, list) and any(
+        isinstance(item, Mapping) and isinstance(item.get("path"), str) and _URL.match(item["path"])
+        for item in loras
+    )
+
+
 def parse_size(value: Any) -> tuple[int, int]:
     """WaveSpeed's ``size``: ``"W*H"`` (``"WxH"`` also accepted)."""
     found = re.fullmatch(r"\s*(\d{1,5})\s*[*xX]\s*(\d{1,5})\s*", value) if isinstance(value, str) else None
@@ -165,23 +195,20 @@ def parse_size(value: Any) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def _lora_path(index: int, path: Any, options: ServerOptions, fetcher: Callable[..., bytes]) -> str:
+def _lora_path(index: int, path: Any, options: ServerOptions) -> str:
+    """A LoRA ``path`` checked without any download: a file under ``--lora-dir``, or an allowed URL (kept
+    as it is: :func:`_download_loras` fetches it once the whole request has passed)."""
     name = f"loras[{index}].path"
     if not isinstance(path, str) or not path:
         raise RequestError(f"`{name}` must be a non-empty string, got {path!r}", 422, "loras")
     if path.startswith(("http://", "https://")):
-        if options.lora_cache_dir is None:
+        if options.lora_cache is None:
             raise RequestError(f"`{name}`: LoRA URLs need a data folder", 422, "loras")
         try:
-            data = fetcher(path, options.url_policy, name)
+            check_url(path, options.url_policy, name)
         except UrlRefused as err:
             raise RequestError(str(err), 422, "loras") from None
-        except ValueError as err:  # UrlFailed
-            raise RequestError(str(err), 400, "loras") from None
-        options.lora_cache_dir.mkdir(parents=True, exist_ok=True)
-        target = options.lora_cache_dir / f"{hashlib.sha256(path.encode()).hexdigest()[:32]}.safetensors"
-        target.write_bytes(data)
-        return str(target)
+        return path
     if options.lora_dir is None:
         raise RequestError(
             f"`{name}`: local LoRA files are off (start the server with --lora-dir DIR)", 422, "loras"
@@ -198,7 +225,7 @@ def _lora_path(index: int, path: Any, options: ServerOptions, fetcher: Callable[
     return str(target)
 
 
-def _loras(value: Any, options: ServerOptions, fetcher: Callable[..., bytes]) -> list[dict[str, Any]] | None:
+def _loras(value: Any, options: ServerOptions) -> list[dict[str, Any]] | None:
     if value is None:
         return None
     if not isinstance(value, list):
@@ -213,10 +240,37 @@ def _loras(value: Any, options: ServerOptions, fetcher: Callable[..., bytes]) ->
             raise RequestError(
                 f'`loras[{index}]` must be {{"path": ..., "scale": ...}}, got {item!r}', 422, "loras"
             )
-        loras.append(
-            {"path": _lora_path(index, item.get("path"), options, fetcher), "scale": item.get("scale", 1.0)}
-        )
+        loras.append({"path": _lora_path(index, item.get("path"), options), "scale": item.get("scale", 1.0)})
     return loras or None
+
+
+def _download_loras(
+    request: FillRequest, options: ServerOptions, fetcher: Callable[..., bytes]
+) -> FillRequest:
+    """``request`` (checked) with its LoRA URLs replaced by their files in the download cache."""
+    from ..lora import LoraSpec
+
+    specs = checked_loras(request)
+    if not any(str(spec.path).startswith(("http://", "https://")) for spec in specs):
+        return request
+    assert options.lora_cache is not None  # _lora_path refused URLs without one
+    local = []
+    for index, spec in enumerate(specs):
+        url = str(spec.path)
+        if not url.startswith(("http://", "https://")):
+            local.append(spec)
+            continue
+        name = f"loras[{index}].path"
+        try:
+            path = options.lora_cache.get(
+                url, lambda url=url, name=name: fetcher(url, options.url_policy, name)
+            )
+        except UrlRefused as err:
+            raise RequestError(str(err), 422, "loras") from None
+        except ValueError as err:  # UrlFailed
+            raise RequestError(str(err), 400, "loras") from None
+        local.append(LoraSpec(str(path), spec.scale))
+    return dataclasses.replace(request, loras=local)
 
 
 def _flag(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
@@ -231,8 +285,12 @@ def parse_task(
     options: ServerOptions,
     api: str = "native",
     fetcher: Callable[..., bytes] = fetch,
+    admit: Callable[[TaskSpec], None] | None = None,
 ) -> TaskSpec:
     """Check a request body (``api`` ``"native"`` or ``"wavespeed"``) and build its :class:`TaskSpec`.
+
+    LoRA URLs are downloaded last, once the whole request has passed its checks and ``admit`` (the
+    queue's: raises when the task would not be taken) has accepted its spec.
 
     Native requests refuse unknown fields (a typo would otherwise be ignored silently); WaveSpeed
     requests ignore them, as WaveSpeed's clients send fields of other models too.
@@ -256,7 +314,9 @@ def parse_task(
         raise RequestError("`image` is required", 422, "image")
     if "mask" in body and "mask_image" in body:
         raise RequestError("`mask` and `mask_image` are the same field; give one", 422, "mask")
-    mask_name = "mask_image" if "mask_image" in body else "mask"
+    # WaveSpeed's field is mask_image: a missing mask is named so there.
+    wavespeed_name = api == "wavespeed" and "mask" not in body
+    mask_name = "mask_image" if "mask_image" in body or wavespeed_name else "mask"
     width, height = body.get("width"), body.get("height")
     if body.get("size") is not None:
         if width is not None or height is not None:
@@ -266,6 +326,7 @@ def parse_task(
     if seed == -1:
         seed = None
     output_format = body.get("output_format", "png")
+    output_format = "jpeg" if output_format == "jpg" else output_format
     if output_format not in OUTPUT_FORMATS:
         raise RequestError(
             f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}",
@@ -285,6 +346,10 @@ def parse_task(
         raise RequestError(
             "`enhance_prompt`: no prompt enhancer (start with --prompt-enhancer DIR)", 422, "enhance_prompt"
         )
+    # WaveSpeed's clients send enable_safety_checker: true by default: there it runs unchecked and says so
+    # (the task's `safety_checker`); the native API refuses a check it cannot make.
+    unchecked = safety and not options.has_safety_checker and api != "native"
+    safety = safety and not unchecked
     if safety and not options.has_safety_checker:
         raise RequestError(
             "`enable_safety_checker`: no safety checker (start with --safety-checker DIR)",
@@ -296,7 +361,7 @@ def parse_task(
     mask = body.get(mask_name)
     if mask is not None:
         mask = decode_image(mask, mask_name, options.url_policy, options.max_input_megapixels, fetcher)
-    loras = _loras(body.get("loras"), options, fetcher)
+    loras = _loras(body.get("loras"), options)
     request = FillRequest(image=image, mask=mask, width=width, height=height, seed=seed, loras=loras, **fill)
     try:
         request = request.validated(options.max_input_megapixels, options.max_loras)
@@ -315,12 +380,12 @@ def parse_task(
         "enable_base64_output": _flag(body, "enable_base64_output"),
         "enhance_prompt": enhance,
         "enable_safety_checker": safety,
+        "safety_checker": "on" if safety else "not configured" if unchecked else "off",
         "webhook": webhook,
         "image_size": list(image.size),
         "has_mask": mask is not None,
-        "lora_files": [{"path": str(spec.path), "scale": spec.scale} for spec in checked_loras(request)],
     }
-    return TaskSpec(
+    spec = TaskSpec(
         request=request,
         public=public,
         output_format=output_format,
@@ -330,6 +395,11 @@ def parse_task(
         enhance_prompt=enhance,
         safety_checker=safety,
     )
+    if admit is not None:
+        admit(spec)
+    spec.request = _download_loras(request, options, fetcher)
+    public["lora_files"] = [{"path": str(s.path), "scale": s.scale} for s in checked_loras(spec.request)]
+    return spec
 
 
 def restore_task(public: Mapping[str, Any], image: PIL.Image.Image, mask: PIL.Image.Image | None) -> TaskSpec:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import events as ev
 from .batching import choose_batch
-from .inputs import TaskSpec, restore_task
+from .inputs import RequestError, TaskSpec, restore_task
 from .metrics import ServeMetrics, allocated_gpu_bytes
 from .store import (
     CANCELED,
@@ -42,6 +42,7 @@ from .store import (
     TaskStore,
 )
 from .task_files import TaskFiles, delete_expired
+from .uploads import delete_expired_uploads
 from .views import files_url, task_summary
 
 if TYPE_CHECKING:
@@ -57,8 +58,8 @@ SHUT_DOWN = "canceled: the server shut down"
 class QueueFull(Exception):
     """The queue holds ``max_queue`` tasks; try again after ``retry_after`` seconds."""
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the queue is full; retry after {retry_after} s")
+    def __init__(self, retry_after: int, reason: str = "the queue is full") -> None:
+        super().__init__(f"{reason}; retry after {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -94,6 +95,7 @@ class ServiceSettings:
 
     data_dir: Path
     max_queue: int = 64
+    max_queue_megapixels: float = 1024.0  # the queued tasks' input megapixels x images, together
     max_batch_images: int = 4
     retention_hours: float = 24.0  # output files
     task_retention_days: float = 30.0  # the tasks themselves (their rows and events)
@@ -199,7 +201,7 @@ class TaskService:
                 continue
             with self._changed:
                 self._queue.append(task.id)
-                self._specs[task.id] = spec
+                self._specs[task.id] = spec.waiting(*self.files.input_headers(task.id))
                 position = len(self._queue)
             self.store.update(
                 task.id,
@@ -235,7 +237,7 @@ class TaskService:
             existing = self.store.by_key(idempotency_key, owner)
             if existing is not None:
                 return existing, False
-        self._check_room()
+        self._check_room(spec.cost)
         task = Task(
             id=uuid.uuid4().hex,
             status=QUEUED,
@@ -249,7 +251,7 @@ class TaskService:
         self.files.save_inputs(task.id, spec.request.image, spec.request.mask)
         with self._changed:
             try:
-                self._check_room()
+                self._check_room(spec.cost)
                 self.store.create(task, (ev.TASK_QUEUE, {"position": len(self._queue) + 1}))
             except (DuplicateKey, QueueFull) as err:
                 self.files.delete_inputs(task.id)
@@ -258,17 +260,37 @@ class TaskService:
                 return err.task, False
             self.store.update(task.id, seed=spec.request.seed)
             self._queue.append(task.id)
-            self._specs[task.id] = spec
+            self._specs[task.id] = spec.waiting(*self.files.input_headers(task.id))  # no pixels held
             self._changed.notify_all()
         self.hub.notify(task.id)
         return self.get(task.id), True
 
-    def _check_room(self) -> None:
+    def admit(self, spec: TaskSpec) -> None:
+        """Raise what :meth:`submit` would for ``spec`` now (the queue full, the task too costly), so a
+        request can be refused before work that only a queued task needs (downloads)."""
+        self._check_room(spec.cost)
+
+    def _check_room(self, cost: float = 0.0) -> None:
+        limit = self.settings.max_queue_megapixels
+        if cost > limit:
+            raise RequestError(
+                f"the task weighs {cost:g} megapixels x images, over the queue's limit of {limit:g} "
+                "(--max-queue-megapixels): send a smaller image or fewer num_images",
+                413,
+                "num_images",
+            )
         with self._changed:
             depth = len(self._queue)
+            queued = sum(spec.cost for spec in self._specs.values())
+        # The time the queue ahead takes at the measured seconds per image (batching only helps).
+        retry_after = max(1, round(depth * self._seconds_per_image / self.replicas))
         if depth >= self.settings.max_queue:
-            # The time the queue ahead takes at the measured seconds per image (batching only helps).
-            raise QueueFull(max(1, round(depth * self._seconds_per_image / self.replicas)))
+            raise QueueFull(retry_after)
+        if queued + cost > limit:
+            raise QueueFull(
+                retry_after,
+                f"the queue holds {queued:g} of its {limit:g} megapixels x images (--max-queue-megapixels)",
+            )
 
     def cancel(self, task_id: str) -> Task:
         """Cancel a queued task now, or a running one at its next step. Raises :class:`NotFound`,

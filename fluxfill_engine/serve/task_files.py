@@ -2,6 +2,7 @@
 
 - ``inputs/ID/image.png`` (and ``mask.png``): the checked input images, kept while the task waits or
   runs, so that a task with an ``Idempotency-Key`` can run again after a restart; deleted when it ends.
+  A waiting task holds only their headers in memory; they are decoded when it runs.
 - ``files/ID/N.EXT``: the output images, served at ``/v1/files/ID/N.EXT`` for ``retention_hours`` after
   the task finished (then deleted, the task marked ``files_deleted``); the task itself, its row and
   events, is deleted after ``task_retention_days``.
@@ -47,6 +48,21 @@ class TaskFiles:
         mask_file = folder / "mask.png"
         mask = open_image_bytes(mask_file.read_bytes(), "mask") if mask_file.exists() else None
         return image, mask
+
+    def input_headers(self, task_id: str) -> tuple[PIL.Image.Image, PIL.Image.Image | None]:
+        """Stand-ins for a task's saved image and mask while it waits: their size and mode read from the
+        files' headers, no pixels (any pixel access raises ``ValueError``); :meth:`load_inputs` decodes
+        them when the task runs."""
+        import PIL.Image
+
+        folder = self.inputs_dir / task_id
+        with PIL.Image.open(folder / "image.png") as image:
+            pass
+        mask_file = folder / "mask.png"
+        if not mask_file.exists():
+            return image, None
+        with PIL.Image.open(mask_file) as mask:
+            return image, mask
 
     def delete_inputs(self, task_id: str) -> None:
         shutil.rmtree(self.inputs_dir / task_id, ignore_errors=True)

@@ -1,21 +1,31 @@
 """Submitting a task over HTTP, for the native and the WaveSpeed routes: the ``Idempotency-Key``, the
 body (JSON or a multipart form), its checks (``inputs.parse_task``, in a thread pool: images are
-decoded, URLs fetched), then the service's queue."""
+decoded, URLs fetched), then the service's queue.
+
+A request that names URLs is checked in threads of its own, at most ``url_fetches`` (the server's
+``--url-fetches``) at once, the others waiting their turn: slow downloads never take the threads
+that check every other request.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, NamedTuple
 
+import anyio
+import anyio.to_thread
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from ..inputs import RequestError, ServerOptions, TaskSpec, parse_task
+from ..inputs import RequestError, ServerOptions, TaskSpec, names_urls, parse_task
 from ..service import TaskService
 from ..store import Task
 from .deps import owner_of
+from .uploads import get_uploads, upload_owner
 
 _JSON_FORM_FIELDS = ("loras", "outpaint")  # form fields that hold JSON text
+URL_FETCHES = 8  # requests with URLs checked at once (--url-fetches)
 
 
 class Submitted(NamedTuple):
@@ -36,9 +46,22 @@ async def submit(request: Request, service: TaskService, options: ServerOptions,
         if existing is not None:
             return Submitted(existing, False, None)
     body = await read_body(request)
-    spec = await run_in_threadpool(parse_task, body, options, api)
+    fetcher = get_uploads(request).fetcher(upload_owner(request))  # this server's uploads: read, not fetched
+    parse = functools.partial(parse_task, body, options, api, fetcher, admit=service.admit)
+    limiter = url_limiter(request) if names_urls(body) else None
+    spec = await anyio.to_thread.run_sync(parse, limiter=limiter)
     task, created = await run_in_threadpool(service.submit, spec, api, key, owner.id)
     return Submitted(task, created, spec)
+
+
+def url_limiter(request: Request) -> anyio.CapacityLimiter:
+    """The app's bound on requests with URLs checked at once (made on first use, in the event loop)."""
+    state = request.app.state
+    limiter = getattr(state, "url_limiter", None)
+    if limiter is None:
+        tokens = getattr(getattr(state, "config", None), "url_fetches", URL_FETCHES)
+        limiter = state.url_limiter = anyio.CapacityLimiter(tokens)
+    return limiter
 
 
 async def read_body(request: Request) -> dict[str, Any]:
