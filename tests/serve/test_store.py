@@ -3,6 +3,8 @@ one closing state, retention, and what a reopened file (a restart) still holds."
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 import threading
 
 import pytest
@@ -70,6 +72,59 @@ def test_an_idempotency_key_names_one_task(store):
     assert duplicate.value.task.id == "a"
     assert store.get("b") is None and store.events("b") == []  # the refused insert left nothing
     assert store.by_key("order-42").id == "a" and store.by_key("other") is None
+
+
+def test_idempotency_keys_are_scoped_per_owner(store):
+    alice = dataclasses.replace(_task("a", key="order-42"), owner="alice-hash")
+    bob = dataclasses.replace(_task("b", key="order-42"), owner="bob-hash")
+    store.create(alice, ("task_queue", {}))
+    store.create(bob, ("task_queue", {}))  # the same key, another owner: a task of its own
+    assert store.by_key("order-42", "alice-hash").id == "a" and store.by_key("order-42", "bob-hash").id == "b"
+    assert store.by_key("order-42") is None  # the owner "" (no keys) has none
+    assert store.get("a").owner == "alice-hash"
+    with pytest.raises(DuplicateKey) as duplicate:
+        store.create(dataclasses.replace(_task("c", key="order-42"), owner="bob-hash"), ("task_queue", {}))
+    assert duplicate.value.task.id == "b"
+
+
+# The tasks table as stores before owners made it (idempotency keys unique over all tasks).
+_TABLE_BEFORE_OWNERS = """
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, api TEXT NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, idempotency_key TEXT UNIQUE, request TEXT NOT NULL, seed INTEGER,
+    outputs TEXT NOT NULL DEFAULT '[]', nsfw TEXT NOT NULL DEFAULT '[]', timings TEXT NOT NULL DEFAULT '{}',
+    error TEXT, progress_step INTEGER NOT NULL DEFAULT 0, progress_total INTEGER NOT NULL DEFAULT 0,
+    files_deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX tasks_status ON tasks (status, created_at);
+CREATE TABLE events (task_id TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL,
+    time REAL NOT NULL, PRIMARY KEY (task_id, seq));
+"""
+
+
+def test_a_data_folder_from_before_owners_is_migrated(tmp_path):
+    path = tmp_path / "tasks.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_TABLE_BEFORE_OWNERS)
+        db.execute(
+            "INSERT INTO tasks (id, status, api, created_at, idempotency_key, request, seed) "
+            "VALUES ('old', 'completed', 'native', 1.0, 'k', '{\"prompt\": \"a cup\"}', 9)"
+        )
+        db.execute("INSERT INTO events VALUES ('old', 1, 'task_queue', '{}', 1.0)")
+    db.close()
+    for opening in range(2):  # the second open finds the table migrated already
+        store = TaskStore(path)
+        try:
+            old = store.get("old")
+            assert (old.owner, old.status, old.seed, old.request) == ("", COMPLETED, 9, {"prompt": "a cup"})
+            assert store.by_key("k").id == "old" and [event.seq for event in store.events("old")] == [1]
+            with pytest.raises(DuplicateKey):  # the owner "" still holds its key
+                store.create(_task("again", key="k"), ("task_queue", {}))
+            mine = dataclasses.replace(_task(f"new-{opening}", key="k"), owner=f"owner-{opening}")
+            store.create(mine, ("task_queue", {}))  # the old key is no longer global
+            assert store.by_key("k", mine.owner).id == mine.id
+        finally:
+            store.close()
 
 
 def test_a_task_finishes_once_whatever_races(store):
