@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .inpaint import add_inpaint_parser
+from .prepare import add_prepare_parser
 from .serve import add_serve_parser
 
 __all__ = ["build_parser", "main"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inpaint_parser(commands)
     add_bench_parser(commands).set_defaults(run=run_bench_command)
     add_serve_parser(commands)
+    add_prepare_parser(commands)
     return parser
 
 
