@@ -14,6 +14,10 @@ from torch import Tensor
 from . import native
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
+# Tokens and output channels per program.
+BLOCK_N = 32
+BLOCK_C = 64
+
 
 def fill_cond_shape(
     masked_image_latents: Tensor, mask: Tensor, vae_scale_factor: int
@@ -122,9 +126,7 @@ def fill_cond_triton(masked_image_latents: Tensor, mask: Tensor, vae_scale_facto
     if out.numel() == 0:
         return out
     lat_channels = masked_image_latents.shape[1]
-    block_c = 64
-    block_n = 32
-    grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(out_channels, block_c), batch)
+    grid = (triton.cdiv(n_tokens, BLOCK_N), triton.cdiv(out_channels, BLOCK_C), batch)
     # pyright cannot type Triton launches: it counts no *stride() spreads, knows no launch options
     # (num_warps), and takes plain values for tl.constexpr parameters; hence the ignores below.
     _fill_cond_kernel[grid](
@@ -140,8 +142,8 @@ def fill_cond_triton(masked_image_latents: Tensor, mask: Tensor, vae_scale_facto
         mask.stride(0),  # pyright: ignore[reportCallIssue]
         mask.stride(2),  # pyright: ignore[reportCallIssue]
         mask.stride(3),  # pyright: ignore[reportCallIssue]
-        BLOCK_N=block_n,
-        BLOCK_C=block_c,
+        BLOCK_N=BLOCK_N,
+        BLOCK_C=BLOCK_C,
         num_warps=4,  # pyright: ignore[reportCallIssue]
     )
     return out

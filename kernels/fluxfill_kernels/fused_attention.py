@@ -11,12 +11,15 @@ normalised, rotated and pre-scaled by ``log2(e) / sqrt(D)`` once, so the loop co
 directly; the loop keeps an fp32 accumulator with the online softmax. Only the ragged last key tile
 masks its scores.
 
-Where k is normalised and rotated (``k_prologue`` of :func:`fused_attention_triton`):
+Where q and k are normalised and rotated (``k_prologue`` of :func:`fused_attention_triton`):
 
-- ``"prepass"`` (the default): a small Triton kernel writes ``rope(rmsnorm(k))`` once, in the input
-  dtype, laid out ``[B, H, L, D]``; the attention loop then streams plain k tiles. Numerically identical
-  to ``"fused"`` (both round the rotated k to the input dtype before the ``QK^T`` dot).
-- ``"fused"``: every key tile is normalised and rotated as it is loaded, inside the attention loop.
+- ``"prepass"`` (the default): a small Triton kernel writes ``rope(rmsnorm(q))`` (pre-scaled) and
+  ``rope(rmsnorm(k))`` once, in the input dtype, laid out ``[B, H, L, D]``; the attention loop then
+  streams plain tiles. Numerically identical to ``"fused"`` (both round the rotated q and k to the
+  input dtype before the ``QK^T`` dot). With no prologue in the attention kernel, its 128-row query
+  tiles fit sm_90's 255 registers without spilling.
+- ``"fused"``: q is normalised and rotated in the attention kernel's prologue, and every key tile as it
+  is loaded, inside the attention loop (smaller tiles: the fp32 rope tiles take registers).
 
 Why the pre-pass is the default (arithmetic, not measured here: no GPU was available). Each query tile
 re-reads every key tile, so in-loop work on k is repeated ``L / BLOCK_M`` times (36 at 1024x1024). Per
@@ -24,8 +27,8 @@ key tile of ``64 x 128`` (bf16, H100) the loop's two GEMMs are ~4.2 MFLOP, ~1000
 tensor cores. The in-loop prologue adds fp32 cos and sin tiles (64 KB, from L2) to the 32 KB of k and v:
 ~96 KB per ~1000-1700 clocks is ~55-95 B/clock/SM, above H100's ~30 B/clock/SM of L2 bandwidth, plus
 ~10 fp32 CUDA-core ops per k element and a register-to-shared round trip the Hopper pipeliner cannot
-overlap. The pre-pass costs one read and one write of k (~57 MB at 1024x1024, ~20 us at 3 TB/s)
-against ~0.5 ms of attention per layer. Benchmark both on a GPU before trusting this.
+overlap. The pre-pass costs one read and one write of q and k (~113 MB at 1024x1024, ~30-40 us at
+3-4 TB/s) against ~0.5 ms of attention per layer. Benchmark both on a GPU before trusting this.
 """
 
 from __future__ import annotations
@@ -183,47 +186,60 @@ if HAS_TRITON:
         return x * cos + partner * sin
 
     @triton.jit
-    def _norm_rope_kernel(
-        x_ptr,
-        out_ptr,
-        w_ptr,
+    def _qk_prepass_kernel(
+        q_ptr,
+        k_ptr,
+        q_out_ptr,
+        k_out_ptr,
+        q_w_ptr,
+        k_w_ptr,
         cos_ptr,
         sin_ptr,
-        stride_xb,
-        stride_xl,
-        stride_xh,
+        stride_qb,
+        stride_ql,
+        stride_qh,
+        stride_kb,
+        stride_kl,
+        stride_kh,
         stride_ob,
         stride_oh,
         stride_ol,
-        w_row_stride,
+        q_w_row_stride,
+        k_w_row_stride,
         rope_row_stride,
         seq_len,
         txt_len,
-        num_heads,
         eps,
+        qk_scale,
         D: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
-        """``out[b, h, l] = rope(rmsnorm(x[b, l, h]))`` for one block of tokens and all heads."""
-        batch = tl.program_id(1).to(tl.int64)
+        """``q_out[b, h, l] = rope(rmsnorm(q[b, l, h])) * qk_scale``, ``k_out[b, h, l] = rope(rmsnorm(k))``.
+
+        One program per (block of tokens, head, batch); q and k share the rope rows it loads.
+        """
+        head = tl.program_id(1)
+        batch = tl.program_id(2).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         row_mask = rows < seq_len
         offs_d = tl.arange(0, D)
-        # The rope rows and norm weights are shared by all heads: load them once.
-        cos, sin = _load_rope_table(cos_ptr, sin_ptr, rows, row_mask, rope_row_stride, D)
-        w_txt = tl.load(w_ptr + offs_d).to(tl.float32)
-        w_img = tl.load(w_ptr + w_row_stride + offs_d).to(tl.float32)
         is_txt = rows < txt_len
-        x_base = x_ptr + batch * stride_xb + rows[:, None] * stride_xl + offs_d[None, :]
-        out_base = out_ptr + batch * stride_ob + rows[:, None] * stride_ol + offs_d[None, :]
-        for head in range(num_heads):
-            x = tl.load(x_base + head * stride_xh, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            x = _norm_rope(x, is_txt, w_txt, w_img, cos, sin, eps, D)
-            tl.store(
-                out_base + head * stride_oh,
-                x.to(out_ptr.dtype.element_ty),
-                mask=row_mask[:, None],
-            )
+        cos, sin = _load_rope_table(cos_ptr, sin_ptr, rows, row_mask, rope_row_stride, D)
+        out_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + offs_d[None, :]
+
+        q_offsets = batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + offs_d[None, :]
+        q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        q_w_txt = tl.load(q_w_ptr + offs_d).to(tl.float32)
+        q_w_img = tl.load(q_w_ptr + q_w_row_stride + offs_d).to(tl.float32)
+        q = _norm_rope(q, is_txt, q_w_txt, q_w_img, cos, sin, eps, D) * qk_scale
+        tl.store(q_out_ptr + out_offsets, q.to(q_out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+        k_offsets = batch * stride_kb + head * stride_kh + rows[:, None] * stride_kl + offs_d[None, :]
+        k = tl.load(k_ptr + k_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        k_w_txt = tl.load(k_w_ptr + offs_d).to(tl.float32)
+        k_w_img = tl.load(k_w_ptr + k_w_row_stride + offs_d).to(tl.float32)
+        k = _norm_rope(k, is_txt, k_w_txt, k_w_img, cos, sin, eps, D)
+        tl.store(k_out_ptr + out_offsets, k.to(k_out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
     @triton.jit
     def _attend_tile(
@@ -304,10 +320,14 @@ if HAS_TRITON:
         D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        NORM_ROPE_Q: tl.constexpr,
         NORM_ROPE_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        """``out[b, m-tile, h*D:(h+1)*D]`` for program ``(m-tile, b * H + h)``."""
+        """``out[b, m-tile, h*D:(h+1)*D]`` for program ``(m-tile, b * H + h)``.
+
+        Without ``NORM_ROPE_Q``, q arrives normalised, rotated and scaled (the pre-pass's output).
+        """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -318,11 +338,12 @@ if HAS_TRITON:
 
         q_base = q_ptr + batch * stride_qb + head * stride_qh
         q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=m_mask[:, None], other=0.0)
-        cos, sin = _load_rope_table(cos_ptr, sin_ptr, offs_m, m_mask, rope_row_stride, D)
-        q_w_txt = tl.load(q_w_ptr + offs_d).to(tl.float32)
-        q_w_img = tl.load(q_w_ptr + q_w_row_stride + offs_d).to(tl.float32)
-        q = _norm_rope(q.to(tl.float32), offs_m < txt_len, q_w_txt, q_w_img, cos, sin, eps, D)
-        q = (q * qk_scale).to(q_ptr.dtype.element_ty)
+        if NORM_ROPE_Q:
+            cos, sin = _load_rope_table(cos_ptr, sin_ptr, offs_m, m_mask, rope_row_stride, D)
+            q_w_txt = tl.load(q_w_ptr + offs_d).to(tl.float32)
+            q_w_img = tl.load(q_w_ptr + q_w_row_stride + offs_d).to(tl.float32)
+            q = _norm_rope(q.to(tl.float32), offs_m < txt_len, q_w_txt, q_w_img, cos, sin, eps, D)
+            q = (q * qk_scale).to(q_ptr.dtype.element_ty)
 
         k_w_txt = tl.load(k_w_ptr + offs_d).to(tl.float32)
         k_w_img = tl.load(k_w_ptr + k_w_row_stride + offs_d).to(tl.float32)
@@ -362,8 +383,12 @@ def _interpreted() -> bool:
     return isinstance(_fused_attention_kernel, InterpretedFunction)
 
 
-def _attention_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> dict[str, int]:
-    """Tile sizes and launch parameters for the attention kernel."""
+def _attention_config(head_dim: int, dtype: torch.dtype, interpreted: bool, in_loop: bool) -> dict[str, int]:
+    """Tile sizes and launch parameters for the attention kernel (``in_loop``: ``k_prologue="fused"``).
+
+    The half-precision ``D = 128`` rows are FLUX's case, chosen so that ptxas (Triton 3.6 and 3.9, sm_90)
+    spills no register; tests/kernels/test_kernels_compile_for_hopper.py holds them to that.
+    """
     if interpreted:
         # The interpreter runs each program in Python; mid-size tiles keep it quick while still giving
         # several query and key tiles (and a ragged last one) at test sizes.
@@ -371,14 +396,25 @@ def _attention_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> d
     if dtype == torch.float32:
         # Debug/parity path: fp32 tiles take twice the registers and shared memory.
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if head_dim == 128 and in_loop:
+        # The q prologue and each key tile's norm + rope hold fp32 [rows, 128] tiles of x, cos and sin
+        # live together: 64 query rows over 8 warps and unpipelined 32-key tiles are what fit 255
+        # registers (4 warps, or a second stage, spill).
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
     if head_dim == 128:
-        # FLUX's case. 128 query rows per program amortise each k/v tile over a full wgmma M;
-        # BLOCK_N 64 keeps the fp32 accumulator (128x128) plus scores (128x64) within 8 warps'
-        # registers; 3 stages of k+v (32 KB each) fit Hopper's shared memory with room to spare.
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        # 128 query rows per program amortise each k/v tile over a full wgmma M. The fp32 accumulator
+        # (128x128) takes 64 of 8 warps' registers per thread; 64-key tiles spill under Triton 3.9
+        # (32-key ones leave ~13 registers free), 3 stages of k+v (16 KB each) overlap the loads.
+        return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
     if head_dim == 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+# The q/k pre-pass: one program per (16 tokens, head, batch). fp32 q, k, cos and sin tiles of 16 x 128
+# take ~170 registers over 4 warps without spilling (64 tokens spilled 2.4 KB per thread), and FLUX's
+# 4608 tokens x 24 heads make 6912 programs for 132 SMs.
+_PREPASS_CONFIG = {"BLOCK_L": 16, "num_warps": 4, "num_stages": 1}
 
 
 def _weight_row_stride(weight: torch.Tensor) -> int:
@@ -455,23 +491,26 @@ def _launch(
 ) -> None:
     """Run the kernel(s) writing ``out [B, L, H*D]``; inputs already validated."""
     batch, seq_len, heads, head_dim = q.shape
-    norm_rope_k = k_prologue == "fused"
-    if not norm_rope_k:
-        k_ready = torch.empty(batch, heads, seq_len, head_dim, dtype=q.dtype, device=q.device)
-        block_l = 16 if interpreted else 64
+    qk_scale = _LOG2E / math.sqrt(head_dim)
+    in_loop = k_prologue == "fused"
+    if not in_loop:
+        q_ready = torch.empty(batch, heads, seq_len, head_dim, dtype=q.dtype, device=q.device)
+        k_ready = torch.empty_like(q_ready)
         # pyright cannot type Triton launches: it counts no *stride() spreads, knows no launch options
         # (num_warps), and takes plain values for tl.constexpr parameters; hence the ignores below.
-        _norm_rope_kernel[(triton.cdiv(seq_len, block_l), batch)](
-            k, k_ready, k_norm_w, cos, sin,
+        _qk_prepass_kernel[(triton.cdiv(seq_len, _PREPASS_CONFIG["BLOCK_L"]), heads, batch)](
+            q, k, q_ready, k_ready, q_norm_w, k_norm_w, cos, sin,
+            q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
-            k_ready.stride(0), k_ready.stride(1), k_ready.stride(2),
-            _weight_row_stride(k_norm_w), cos.stride(0), seq_len, txt_len, heads, eps,
-            D=head_dim, BLOCK_L=block_l, num_warps=4,  # pyright: ignore[reportCallIssue]
+            q_ready.stride(0), q_ready.stride(1), q_ready.stride(2),
+            _weight_row_stride(q_norm_w), _weight_row_stride(k_norm_w), cos.stride(0),
+            seq_len, txt_len, eps, qk_scale,
+            D=head_dim, **_PREPASS_CONFIG,  # pyright: ignore[reportCallIssue, reportArgumentType]
         )  # fmt: skip
         # [B, H, L, D] seen as [B, L, H, D]: the attention kernel only needs the strides.
-        k = k_ready.transpose(1, 2)
+        q, k = q_ready.transpose(1, 2), k_ready.transpose(1, 2)
 
-    config = _attention_config(head_dim, q.dtype, interpreted)
+    config = _attention_config(head_dim, q.dtype, interpreted, in_loop)
     grid = (triton.cdiv(seq_len, config["BLOCK_M"]), batch * heads)
     _fused_attention_kernel[grid](
         q, k, v, out, q_norm_w, k_norm_w, cos, sin,
@@ -480,8 +519,8 @@ def _launch(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
         _weight_row_stride(q_norm_w), _weight_row_stride(k_norm_w), cos.stride(0),
-        seq_len, txt_len, heads, eps, _LOG2E / math.sqrt(head_dim),
-        D=head_dim, NORM_ROPE_K=norm_rope_k,  # pyright: ignore[reportArgumentType]
+        seq_len, txt_len, heads, eps, qk_scale,
+        D=head_dim, NORM_ROPE_Q=in_loop, NORM_ROPE_K=in_loop,  # pyright: ignore[reportArgumentType]
         # fp32 must not silently drop to tf32 (the table holds fp32 to 1e-5).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # pyright: ignore[reportArgumentType]
         **config,  # pyright: ignore[reportArgumentType]

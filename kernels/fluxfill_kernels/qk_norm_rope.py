@@ -166,6 +166,12 @@ if HAS_TRITON:
             tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=tile_ok)
 
 
+def _block_sizes(seq: int, dim: int) -> tuple[int, int]:
+    """``(BLOCK_L, BLOCK_D)``: about 2K elements per q/k tile (16 tokens at D = 128)."""
+    block_d = triton.next_power_of_2(dim)
+    return max(1, min(2048 // block_d, triton.next_power_of_2(seq))), block_d
+
+
 def qk_norm_rope_triton(
     q: Tensor,
     k: Tensor,
@@ -185,9 +191,7 @@ def qk_norm_rope_triton(
     k_out = k.new_empty((batch, heads, seq, dim))
     if q_out.numel() == 0:
         return q_out, k_out
-    block_d = triton.next_power_of_2(dim)
-    # About 2K elements per q/k tile: 16 tokens at D = 128.
-    block_l = max(1, min(2048 // block_d, triton.next_power_of_2(seq)))
+    block_l, block_d = _block_sizes(seq, dim)
     # A [D] weight is a [2, D] one whose rows coincide: row stride 0.
     qw_sr = q_norm_w.stride(0) if q_norm_w.dim() == 2 else 0
     kw_sr = k_norm_w.stride(0) if k_norm_w.dim() == 2 else 0
