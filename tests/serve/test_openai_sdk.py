@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -30,14 +31,19 @@ def server(tmp_path_factory, shared_engine):
         yield base
 
 
-def client(base: str, key: str = KEY) -> openai.OpenAI:
+def client(base: str, key: str = KEY) -> Any:
     return openai.OpenAI(api_key=key, base_url=f"{base}/v1", max_retries=0)
+
+
+def openai_alpha(mask: PIL.Image.Image) -> PIL.Image.Image:
+    """The alpha channel OpenAI's convention gives FLUX's mask: 0 (transparent) where FLUX repaints."""
+    return PIL.Image.fromarray(np.where(np.asarray(mask) >= 128, 0, 255).astype(np.uint8), "L")
 
 
 def openai_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
     """FLUX's mask (white = repaint) as OpenAI's: transparent where FLUX repaints, opaque elsewhere."""
     rgba = PIL.Image.new("RGBA", mask.size, (0, 0, 0, 255))
-    rgba.putalpha(mask.point(lambda value: 0 if value >= 128 else 255))
+    rgba.putalpha(openai_alpha(mask))
     return rgba
 
 
@@ -82,7 +88,7 @@ def test_edit_url_and_a_mask_from_the_images_alpha(server, shared_engine):
     """``response_format="url"``; without a mask, the image's own transparent pixels mark the area."""
     plain, mask = inputs()
     see_through = plain.convert("RGBA")
-    see_through.putalpha(mask.point(lambda value: 0 if value >= 128 else 255))
+    see_through.putalpha(openai_alpha(mask))
     answer = client(server).images.edit(
         image=("cup.png", png_bytes(see_through), "image/png"),
         prompt=PROMPT,
