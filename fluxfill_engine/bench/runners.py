@@ -334,15 +334,18 @@ def first_block_cache(transformer: Any, threshold: float) -> CacheDecisions | No
     return decisions
 
 
-def torchao_fp8(transformer: Any) -> None:
+def torchao_fp8(transformer: Any) -> bool | None:
     """torchao's fp8 W8A8 (dynamic row-wise activations) on every linear layer, as diffusers users
-    quantize it."""
+    quantize it (torchao's defaults otherwise). Returns whether its products use fast accumulation
+    (torchao's row-wise default; ``None`` when this torchao does not say)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     # Without set_inductor_config=False torchao would switch on coordinate descent tuning (and more)
     # for the whole process: every other compiled variant would be compiled differently too.
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     quantize_(transformer, config)
+    fast_accum = getattr(getattr(config, "mm_config", None), "use_fast_accum", None)
+    return None if fast_accum is None else bool(fast_accum)
 
 
 def build_runners(

@@ -25,7 +25,7 @@ def cuda_configure_args(env: dict[str, str]) -> list[str]:
     root = next((Path(r) for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
     if root is not None:
         args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
-        if not any((root / lib).glob("libnvrtc.so*") for lib in ("lib64", "lib")):
+        if not any(any((root / lib).glob("libnvrtc.so*")) for lib in ("lib64", "lib")):
             wheels = Path(torch.__file__).resolve().parents[1] / "nvidia"
             nvrtc = sorted(wheels.glob("*/lib/libnvrtc.so*"))
             if nvrtc:

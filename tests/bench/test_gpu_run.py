@@ -4,21 +4,43 @@ No network."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from fluxfill_engine.attention import AutoAttention, sdpa_attention
+from fluxfill_engine.bench.gpu_run import preflight
 from fluxfill_engine.bench.gpu_run.background import KERNEL_TEST_FILES, parse_pytest_outcomes
-from fluxfill_engine.bench.gpu_run.budget import PARTS, Deadline, part_allowance
-from fluxfill_engine.bench.gpu_run.main import parse_parts
-from fluxfill_engine.bench.gpu_run.profiles import BATCHED, STEP_VARIANTS, dry_run_profile
+from fluxfill_engine.bench.gpu_run.budget import (
+    DEFAULT_BUDGET_S,
+    GPU_SHARES,
+    PART_MINIMUMS,
+    PARTS,
+    Deadline,
+    HardStop,
+    RowOverrun,
+    hard_stop_after,
+    overrun_in,
+    part_allowance,
+    time_limit,
+)
+from fluxfill_engine.bench.gpu_run.latency import auto_attention_record, row_limit, selected
+from fluxfill_engine.bench.gpu_run.main import parse_parts, parse_rows
+from fluxfill_engine.bench.gpu_run.main import run as run_command
+from fluxfill_engine.bench.gpu_run.preflight import missing_imports
+from fluxfill_engine.bench.gpu_run.profiles import BATCHED, HEADLINE_ROWS, STEP_VARIANTS, dry_run_profile
 from fluxfill_engine.bench.gpu_run.record import SCHEMA
 from fluxfill_engine.bench.gpu_run.table import render_table
+from fluxfill_engine.bench.gpu_run.workers import WORKER_KILL_GRACE_S
 from fluxfill_engine.bench.measure import jsonable
 from fluxfill_engine.compilation import compile_unavailable_reason
 
@@ -73,9 +95,14 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
     assert set(parts["latency"]["items"]) == {v.name for v in STEP_VARIANTS} | batched
     measured = {k: v for k, v in parts["latency"]["items"].items() if v["status"] == "ok"}
     assert {"reference", "diffusers", "engine:quant=fp8,quant_backend=native"} <= set(measured)
+    static = ("balanced:compile_dynamic=0", "fast:compile_dynamic=0")
     if compile_unavailable_reason(torch.device("cpu")) is None:
-        assert {"diffusers-compile", "balanced", "fast"} <= set(measured)
-        assert measured["fast"]["compiled"] and measured["balanced"]["compiled"]
+        assert {"diffusers-compile", *static, "fast"} <= set(measured)
+        # The presets compile statically at the benchmark's size, as diffusers' compile row does.
+        assert all(
+            measured[name]["compiled"] and "static shapes" in measured[name]["compile"] for name in static
+        )
+        assert "static shapes" in measured["diffusers-compile"]["compile"]
     for name, item in measured.items():
         assert item["ms_per_step"] > 0 and item["tflops"] > 0 and item["output_finite"], name
         assert len(item["ms_all"]) >= 5, name
@@ -97,6 +124,11 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
         if item["status"] == "ok" and "within_bound" in item:
             assert item["within_bound"], (key, item)
     assert checks["kernel_tests"]["collected"] > 0
+    # The native library was built first, in the background, and checked in the correctness part.
+    build = record["native_build"]
+    assert build["status"] == "ok" and build["build_s"] > 0 and (out / "native-build.log").is_file()
+    assert build["generator"] == ("Ninja" if shutil.which("ninja") else "default")
+    assert checks["native"]["status"] == "ok" and checks["native"]["within_tolerance"], checks["native"]
     for name in ("diffusers", "fast"):
         stages = parts["e2e"]["items"][name]
         assert stages["transformer_calls"] == 2 and stages["text_encoder_calls"] == 2, name
@@ -105,10 +137,13 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
     assert cache["steps_skipped"] == len(cache["ms_all"]["cache_skips"])
     # No number where nothing was measured: a CPU has no allocator peak.
     assert measured["reference"]["peak_during_steps_gib"] is None
-    # The table was printed last (its last row is the step cache's), and saved beside the JSON.
+    # The table was printed last, the headline rows at its end, and saved beside the JSON.
     assert "step (1 transformer forward)" in done.stdout and "call (s)" in done.stdout
-    assert done.stdout.rstrip().splitlines()[-1].startswith("step cache: full step")
-    assert (out / "gpu_run.txt").read_text().strip() in done.stdout
+    table = (out / "gpu_run.txt").read_text().strip()
+    assert done.stdout.rstrip().endswith(table)
+    headline = table[table.index("headline at 64x64") :].splitlines()
+    assert [line[:34].strip() for line in headline[2:9]] == [label for label, _ in HEADLINE_ROWS]
+    assert headline[-1].startswith("end to end (2 steps): engine fast")
 
 
 def test_the_kernel_test_files_the_device_runs_are_in_the_tree() -> None:
@@ -122,6 +157,161 @@ def test_part_allowance_protects_later_parts_and_passes_on_savings() -> None:
     assert allowance(150, 100, 100) == 100  # an earlier overrun squeezes the later parts, not this one
     assert allowance(50, 100, 100) == 50  # never more than remains
     assert allowance(-5, 100, 0) == 0
+    # ... but never into a later part's guaranteed minimum.
+    assert allowance(150, 100, 100, later_minimums_s=15) == 100
+    assert allowance(105, 100, 100, later_minimums_s=15) == 90
+    assert allowance(10, 100, 20, later_minimums_s=15) == 0
+
+
+def test_parts_and_rows_run_by_value() -> None:
+    assert PARTS[:3] == ("machine", "latency", "e2e") and PARTS[-1] == "step_cache"
+    assert PART_MINIMUMS["step_cache"] > 0 and dry_run_profile().minimums["step_cache"] > 0
+    groups = [variant.group for variant in STEP_VARIANTS]
+    headline = [variant.name for variant in STEP_VARIANTS if variant.group == "headline"]
+    assert groups[: len(headline)] == ["headline"] * len(headline)  # the headline rows come first
+    assert STEP_VARIANTS[0].name == "reference"  # the drift reference before any other row
+    names = {variant.name for variant in STEP_VARIANTS}
+    assert {name for _, name in HEADLINE_ROWS} <= names
+    # Every compiled headline row has its own limit.
+    for variant in STEP_VARIANTS:
+        if (
+            variant.group == "headline"
+            and "compile" in variant.name
+            or variant.name.startswith(("balanced", "fast"))
+        ):
+            assert variant.limit_s is not None and variant.limit_s >= variant.estimate_s, variant
+    # The whole default budget, with its last worker's kill grace, fits the device call's 540 s.
+    assert DEFAULT_BUDGET_S + WORKER_KILL_GRACE_S + 30 <= 540
+    assert sum(GPU_SHARES.values()) < DEFAULT_BUDGET_S
+
+
+def test_a_row_past_its_own_limit_is_stopped_and_the_next_row_runs() -> None:
+    ran: list[str] = []
+    start = time.monotonic()
+    with hard_stop_after(30):
+        with (
+            pytest.raises(RowOverrun, match="torchao row passed its own limit of 0 s"),
+            time_limit(0.3, "torchao row"),
+        ):
+            time.sleep(5)
+        ran.append("next row")
+        outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    assert ran == ["next row"] and time.monotonic() - start < 2
+    assert 25 < outer_left <= 30  # the part's own hard stop was set again
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_an_outer_limit_that_comes_first_still_fires_first() -> None:
+    with pytest.raises(HardStop), hard_stop_after(0.2), time_limit(10, "row"):
+        time.sleep(3)
+
+
+def test_a_row_limit_never_passes_the_part_deadline_with_a_fake_clock() -> None:
+    now = [0.0]
+    deadline = Deadline(200, clock=lambda: now[0])
+    torchao = next(v for v in STEP_VARIANTS if v.name == "diffusers-fp8-compile")
+    assert row_limit(torchao, deadline) == torchao.limit_s  # its own limit, well inside the part
+    now[0] = 150.0
+    assert row_limit(torchao, deadline) == 50  # late in the part: what is left of it
+    eager = next(v for v in STEP_VARIANTS if v.limit_s is None)
+    assert row_limit(eager, deadline) == 50
+
+
+def test_rows_select_by_name_or_group_and_keep_the_reference() -> None:
+    profile = dataclasses.replace(
+        dry_run_profile(), rows=parse_rows("lever,engine:quant=fp8,quant_backend=native")
+    )
+    assert selected(profile, "reference", "headline")
+    assert selected(profile, "engine:quant=fp8,quant_backend=native", "more")
+    assert selected(profile, "anything", "lever") and not selected(profile, "diffusers", "headline")
+    with pytest.raises(ValueError, match="unknown row 'speedy'"):
+        parse_rows("speedy")
+
+
+def test_a_wrapped_overrun_is_still_an_overrun() -> None:
+    try:
+        try:
+            raise RowOverrun("late")
+        except RowOverrun as inner:
+            raise RuntimeError("backend compiler failed") from inner
+    except RuntimeError as outer:
+        assert isinstance(overrun_in(outer), RowOverrun)
+    assert overrun_in(ValueError("x")) is None
+
+
+def test_imports_are_checked_before_anything_with_one_line(tmp_path, monkeypatch, capsys) -> None:
+    assert missing_imports((("json", "json"),)) == []
+    missing = missing_imports((("json", "json"), ("no_such_module_fluxfill", "no-such-wheel")))
+    assert missing == ["no-such-wheel (ModuleNotFoundError: No module named 'no_such_module_fluxfill')"]
+    monkeypatch.setattr(preflight, "REQUIRED_MODULES", (("no_such_module_fluxfill", "no-such-wheel"),))
+    assert run_command(["--dry-run", "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu-run: cannot start") and "no-such-wheel" in err[0]
+    assert not list(tmp_path.iterdir())  # stopped before anything
+
+
+def test_auto_attention_drops_reach_the_results_and_the_table() -> None:
+    def broken(qkv, rope):
+        raise RuntimeError("PassManager::run failed")
+
+    auto = AutoAttention(
+        {"triton": broken, "sdpa": sdpa_attention(False)}, timer=lambda fn, q, r: fn(q, r) and 1.0
+    )
+    auto.dropped["triton"] = "RuntimeError: PassManager::run failed"
+    auto.choices[((1, 5, 2, 16),), "float32", "cpu"] = "sdpa"
+    row = auto_attention_record(auto)
+    assert row["auto_attention_dropped"] == {"triton": "RuntimeError: PassManager::run failed"}
+    record = {
+        "parts": {
+            "latency": {"status": "ok", "items": {"balanced": {"status": "ok", "ms_per_step": 1.0, **row}}}
+        }
+    }
+    assert "auto attention dropped: triton (RuntimeError: PassManager::run failed)" in render_table(record)
+
+
+def test_headline_table_ratios_fractions_drift_and_end_to_end() -> None:
+    def row(ms: float, **extra):
+        return {"status": "ok", "ms_per_step": ms, **extra}
+
+    steps = {
+        "diffusers": row(300.0),
+        "diffusers-compile": row(250.0),
+        "diffusers-fp8-compile": row(
+            200.0,
+            fraction_of_measured_peak=0.31,
+            ceiling="fp8_rowwise_fast_accum",
+            sqnr_vs_reference_db=28.04,
+            fp8_fast_accumulation=True,
+        ),
+        "reference": row(290.0),
+        "balanced:compile_dynamic=0": row(240.0, exact_vs_reference=True),
+        "fast:compile_dynamic=0": row(150.0, sqnr_vs_reference_db=27.5, fp8_fast_accumulation=True),
+        "fast": {"status": "timed_out", "reason": "fast passed its own limit of 110 s and was stopped"},
+    }
+    e2e = {
+        "diffusers": {"status": "ok", "total_s": 9.0, "steps": 28},
+        "fast": {"status": "ok", "total_s": 4.5, "steps": 28},
+    }
+    record = {
+        "mode": "gpu",
+        "parts": {
+            "latency": {"status": "ok", "items": steps, "model": {"width": 1024, "height": 1024}},
+            "e2e": {"status": "ok", "items": e2e},
+        },
+    }
+    lines = render_table(record).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("headline at 1024x1024 (gpu)"))
+    table = {line[:34].strip(): line[34:].split() for line in lines[start + 2 : start + 9]}
+    best = min(300.0, 250.0, 200.0)
+    assert table["diffusers eager"][:3] == ["300.0", "1.00x", f"{best / 300:.2f}x"]
+    assert table["diffusers eager"][-1] == "9.00"
+    assert table["engine fast"][:4] == ["150.0", f"{300 / 150:.2f}x", f"{best / 150:.2f}x", "-"]
+    assert table["engine fast"][-2:] == ["27.5", "4.50"]
+    assert table["diffusers + torchao fp8 + compile"][3:6] == ["31", "fp8_rowwise_fast_accum", "28.0"]
+    assert table["engine balanced"][5] == "exact" and table["engine reference (eager)"][5] == "ref"
+    assert table["engine fast, dynamic shapes"][:2] == ["timed_out:", "fast"]
+    assert lines[-2] == "end to end (28 steps): engine fast 4.50 s, diffusers eager 9.00 s: 2.00x"
+    assert lines[-1] == "fp8 accumulation: engine fp8 fast, torchao fast"
 
 
 def test_deadline_fits_and_nests() -> None:
@@ -139,7 +329,7 @@ def test_deadline_fits_and_nests() -> None:
 
 def test_parse_parts_by_name_or_number_in_run_order() -> None:
     assert parse_parts(None) == list(PARTS)
-    assert parse_parts("e2e,3") == ["latency", "e2e"]
+    assert parse_parts("step_cache,3,latency") == ["latency", "e2e", "step_cache"]
     with pytest.raises(ValueError, match="unknown part 'speed'"):
         parse_parts("speed")
 

@@ -1,13 +1,12 @@
 """Part 2, ``correctness``: the Triton kernels at FLUX shapes against their fp32 references and the
-tolerance table, the native quantized linears against an fp64 matmul, the native library against the
-references, and the kernel test files on the device (the last two as background jobs)."""
+tolerance table, the native quantized linears against an fp64 matmul, the native library (built in
+the background from the run's start, see :class:`.background.NativeBuild`) against the references,
+and the kernel test files on the device (a background job of this part)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,16 +15,10 @@ import torch
 
 from ...metrics import sqnr_db
 from ..measure import tree_environment
-from .background import (
-    Background,
-    kernel_tests_command,
-    kernel_tests_result,
-    native_build_command,
-)
+from .background import Background, kernel_tests_command, kernel_tests_result
 from .budget import Deadline, skipped
 from .record import Run
 
-NATIVE_BUILD_LIMIT_S = 60.0
 EPS = 1e-6  # FLUX's QK RMSNorm epsilon
 # Per-forward SQNR bounds of the quantized linears (the same as tests/optimizations/test_quantization.py's).
 LINEAR_SQNR_BOUND_DB = {"fp8": 25.0, "fp8-weight": 25.0, "int8": 25.0, "int8-weight": 35.0}
@@ -167,32 +160,22 @@ def check_linear(run: Run, mode: str, rows: int, in_features: int, out_features:
     }
 
 
-def check_native(run: Run, build: Background, folder: Path, deadline: Deadline) -> dict[str, Any]:
-    """Wait for the native build (its minute, or ``deadline``), then hold the library's kernels for
-    the run's device to the references."""
+def check_native(run: Run) -> dict[str, Any]:
+    """Hold the library the orchestrator built (``record["native_build"]``) to the references on the
+    run's device; a build that failed or did not finish is this row's outcome."""
     from fluxfill_kernels import native
 
-    if build.process is None:
-        return skipped(build.reason or "not started")
-    code = build.wait(min(NATIVE_BUILD_LIMIT_S - build.elapsed(), deadline.left()))
-    built: dict[str, Any] = {"build_s": build.elapsed()}
-    if code is None:
-        given = f"the {build.elapsed():.0f} s it was given (at most {NATIVE_BUILD_LIMIT_S:.0f})"
-        return {**built, **skipped(f"the build did not finish in {given}; see native-build.log")}
-    library = folder / "_C.so"
-    if code != 0 or not library.is_file():
-        return {
-            **built,
-            "status": "failed",
-            "error": {"type": "BuildError", "log_tail": build.output()[-3000:]},
-        }
-    built["cuda_kernels"] = "CUDA kernels: ON" in build.output()
+    build = run.record.get("native_build") or skipped("not built (the orchestrator builds it first)")
+    built = {key: build[key] for key in ("build_s", "generator", "exit_code") if key in build}
+    if build.get("status") != "ok":
+        return {**built, **{k: v for k, v in build.items() if k in ("status", "reason", "error")}}
+    built["cuda_kernels"] = build.get("cuda_kernels")
     try:
         torch.ops.fluxfill_native.fill_cond  # noqa: B018
         # A library loaded earlier in this process owns the namespace; a second cannot load.
         built["note"] = "fluxfill_native was already loaded (the package's _C.so): checked that library"
     except (AttributeError, RuntimeError):
-        if not native.load(library):
+        if not native.load(Path(build["library"])):
             return {
                 **built,
                 "status": "failed",
@@ -211,17 +194,10 @@ def check_native(run: Run, build: Background, folder: Path, deadline: Deadline) 
 
 
 def part_correctness(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
-    # The native build (CPU) and the kernel tests (their own processes) run in the background while
-    # this process checks the kernels and linears; nothing here is timed, so sharing the GPU is fine.
-    # Both are stopped before the part ends, so they never disturb the timings of later parts.
+    # The kernel tests (their own processes) run in the background while this process checks the
+    # kernels and linears; nothing here is timed, so sharing the GPU is fine. They are stopped before
+    # the part ends, so they never disturb the timings of later parts.
     env = tree_environment()
-    folder = Path(tempfile.mkdtemp(prefix="fluxfill-native-"))
-    build = Background("native build", run.out_dir / "native-build.log")
-    command = native_build_command(folder, env)
-    if isinstance(command, str):
-        build.reason = command
-    else:
-        build.start(command, env)
     tests = Background("kernel tests", run.out_dir / "tests-gpu.txt")
     tests_command = kernel_tests_command(run)
     if tests_command is None:
@@ -230,8 +206,8 @@ def part_correctness(run: Run, deadline: Deadline, record: dict[str, Any]) -> No
         tests.start(tests_command, env)
     else:
         tests.reason = f"needs about 30 s; {deadline.left():.0f} s of the part left"
-    # If this worker is killed, the orchestrator ends these groups (a stopped worker stops them itself).
-    record["background_pids"] = [job.process.pid for job in (build, tests) if job.process is not None]
+    # If this worker is killed, the orchestrator ends this group (a stopped worker stops it itself).
+    record["background_pids"] = [tests.process.pid] if tests.process is not None else []
     try:
         for name in ("bfloat16", "float16"):
             dtype = getattr(torch, name)
@@ -252,14 +228,11 @@ def part_correctness(run: Run, deadline: Deadline, record: dict[str, Any]) -> No
             for shape in run.profile.linear_shapes:
                 key = "linear/{}/{}x{}x{}".format(mode, *shape)
                 run.item(record, key, functools.partial(check_linear, run, mode, *shape))
-        # The native check needs a few seconds after its build; the tests get the rest.
+        run.item(record, "native", lambda: check_native(run))
         run.item(
             record,
             "kernel_tests",
-            lambda: kernel_tests_result(run, tests, deadline.within(deadline.left() - 8.0)),
+            lambda: kernel_tests_result(run, tests, deadline.within(deadline.left() - 3.0)),
         )
-        run.item(record, "native", lambda: check_native(run, build, folder, deadline))
     finally:
         tests.stop()
-        build.stop()
-        shutil.rmtree(folder, ignore_errors=True)  # a loaded library stays mapped after its file goes

@@ -16,9 +16,9 @@ import torch
 from ...metrics import sqnr_db
 from ...testing.step_inputs import StepInputs
 from ..measure import free_memory, median
-from .budget import Deadline, skipped, too_late
-from .machine import measured_peaks
-from .profiles import BATCHED, GUIDANCE, STEP_VARIANTS, TRY_ON_CPU, StepVariant
+from .budget import Deadline, overrun_in, skipped, time_limit, too_late
+from .machine import measured_ceiling
+from .profiles import BATCHED, GUIDANCE, STEP_VARIANTS, TRY_ON_CPU, Profile, StepVariant
 from .record import Run
 
 
@@ -39,6 +39,7 @@ class BuiltStep:
     precision: str  # "bf16" or "fp8": the matmul ceiling that bounds it
     info: dict[str, Any] = field(default_factory=dict)
     holds: list[Any] = field(default_factory=list)  # objects to drop when done (clones, pipelines)
+    after_steps: Callable[[], dict[str, Any]] | None = None  # what the steps decided (auto attention)
 
 
 def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) -> BuiltStep:
@@ -50,10 +51,11 @@ def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) ->
     transformer = shared_clone(base) if variant.clone else base
     if spec.kind == "diffusers":
         precision = "bf16"
+        info: dict[str, Any] = {"kind": "diffusers"}
         if spec.base == "diffusers-fp8-compile":
             from ..runners import torchao_fp8
 
-            torchao_fp8(transformer)
+            info["fp8_fast_accumulation"] = torchao_fp8(transformer)
             precision = "fp8"
         if spec.base in ("diffusers-compile", "diffusers-fp8-compile"):
             transformer.compile_repeated_blocks(fullgraph=True)
@@ -63,7 +65,9 @@ def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) ->
             return transformer(**kwargs)[0]
 
         compiled = spec.base != "diffusers"
-        return BuiltStep(diffusers_step, compiled, precision, {"kind": "diffusers"}, [transformer])
+        if compiled:
+            info["compile"] = "regional (compile_repeated_blocks), fullgraph, static shapes"
+        return BuiltStep(diffusers_step, compiled, precision, info, [transformer])
     assert spec.config is not None
     from ...testing.step_inputs import engine_pipeline
 
@@ -72,21 +76,47 @@ def build_step(run: Run, variant: StepVariant, base: Any, inputs: StepInputs) ->
     fill = pipe.engine_transformer()
     prepared = inputs.prepare(fill, GUIDANCE)
     plan = fill.quant_plan
-    info = {
+    info: dict[str, Any] = {
         "kind": "engine",
         "engine_config": spec.config.describe(),
         "quantization": None if plan is None else dataclasses.asdict(plan),
         "transformer_dtype": str(fill.dtype).replace("torch.", ""),
     }
-    choices = getattr(fill.attention, "choices", None)  # what `auto` picked per shape
-    if choices:
-        info["auto_attention"] = {str(key[0]): name for key, name in choices.items()}
+    if spec.config.compile:
+        shapes = "dynamic" if spec.config.compile_dynamic else "static"
+        info["compile"] = (
+            f"regional (each block), fullgraph, {shapes} shapes, mode {spec.config.compile_mode}"
+        )
+    precision = "fp8" if plan is not None and plan.mode == "fp8" else "bf16"
+    if precision == "fp8" and plan is not None and plan.backend == "native":
+        from ...quantization import FP8_FAST_ACCUM
+
+        info["fp8_fast_accumulation"] = FP8_FAST_ACCUM
 
     def engine_step(index: int) -> torch.Tensor:
         return fill(inputs.latents, index % inputs.timesteps.shape[0], prepared)
 
-    precision = "fp8" if plan is not None and plan.mode == "fp8" else "bf16"
-    return BuiltStep(engine_step, bool(spec.config.compile), precision, info, [pipe, transformer])
+    def after_steps() -> dict[str, Any]:
+        return auto_attention_record(fill.attention)
+
+    return BuiltStep(
+        engine_step, bool(spec.config.compile), precision, info, [pipe, transformer], after_steps
+    )
+
+
+def auto_attention_record(attention: Any) -> dict[str, Any]:
+    """What ``auto`` attention picked per shape, and the candidates it dropped with their reasons
+    (a kernel that failed to compile or launch); empty for any other backend."""
+    from ...attention import AutoAttention
+
+    if not isinstance(attention, AutoAttention):
+        return {}
+    record: dict[str, Any] = {
+        "auto_attention": {str(key[0]): name for key, name in attention.choices.items()}
+    }
+    if attention.dropped:
+        record["auto_attention_dropped"] = dict(attention.dropped)
+    return record
 
 
 def measure_step(
@@ -118,10 +148,11 @@ def measure_step(
             run.memory.reset_peak()
             times = run.timer.call_ms(built.step, profile.repeats)
         ms = median(times)
-        peaks = measured_peaks(run)
+        ceiling = measured_ceiling(run, built.precision)
         tflops = flops / (ms / 1000) / 1e12
         result: dict[str, Any] = {
             **built.info,
+            **(built.after_steps() if built.after_steps else {}),
             "compiled": built.compiled and real_compile,
             "setup_s": setup_s,
             "cold_call_s": cold_s,  # the first call: compilation (if any), autotuning, lazy set-up
@@ -130,10 +161,9 @@ def measure_step(
             "ms_all": times,
             "tflops": tflops,
             "precision": built.precision,
-            "measured_peak_tflops": peaks.get(built.precision),
-            "fraction_of_measured_peak": tflops / peaks[built.precision]
-            if built.precision in peaks
-            else None,
+            "ceiling": None if ceiling is None else ceiling[0],
+            "measured_peak_tflops": None if ceiling is None else ceiling[1],
+            "fraction_of_measured_peak": None if ceiling is None else tflops / ceiling[1],
             "sqnr_vs_reference_db": None if reference is None else sqnr_db(reference, output),
             "exact_vs_reference": None if reference is None else bool(torch.equal(reference, output)),
             "output_finite": bool(torch.isfinite(output).all()),
@@ -158,11 +188,18 @@ def latency_variant(
     outputs: dict[str, torch.Tensor],
     flops: float,
     unavailable: str | None,
+    limit_s: float,
 ) -> dict[str, Any]:
-    """One variant of part 3; keeps the ``reference`` output in ``outputs`` for the others' drift."""
+    """One variant of part 3, stopped at ``limit_s`` (its own limit, or what is left of the part);
+    keeps the ``reference`` output in ``outputs`` for the others' drift."""
     try:
-        result, output = measure_step(run, variant, base, inputs, outputs.get("reference"), flops)
+        with time_limit(limit_s, variant.name):
+            result, output = measure_step(run, variant, base, inputs, outputs.get("reference"), flops)
     except Exception as error:  # noqa: BLE001
+        overrun = overrun_in(error)
+        if overrun is not None:
+            free_memory(run.device, compiled=True)
+            return {"status": "timed_out", "reason": str(overrun), "limit_s": limit_s}
         if unavailable is None:
             raise
         # The dry run builds what a CPU cannot run as far as it gets; stopping there is expected.
@@ -173,6 +210,16 @@ def latency_variant(
         outputs["reference"] = output
         result["note"] = "the drift reference"
     return result
+
+
+def selected(profile: Profile, name: str, group: str) -> bool:
+    """Whether ``--rows`` selects a row (by its name or its group); the drift reference always runs."""
+    return profile.rows is None or name == "reference" or name in profile.rows or group in profile.rows
+
+
+def row_limit(variant: StepVariant, deadline: Deadline) -> float:
+    """A row's own limit: its ``limit_s``, never past the part's deadline."""
+    return min(variant.limit_s if variant.limit_s is not None else float("inf"), deadline.left())
 
 
 def batched_variant(
@@ -211,6 +258,8 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
     flops = transformer_flops(config, inputs.latents.shape[1], profile.text_tokens)
     record["model"] = {
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "width": profile.width,
+        "height": profile.height,
         "image_tokens": inputs.latents.shape[1],
         "text_tokens": profile.text_tokens,
         "dtype": str(profile.dtype).replace("torch.", ""),
@@ -226,6 +275,8 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
     outputs: dict[str, torch.Tensor] = {}  # the reference's output, once it has run
     for variant in STEP_VARIANTS:
         spec = parse_variant(variant.name)  # a wrong name fails here, in the dry run too
+        if not selected(profile, variant.name, variant.group):
+            continue
         reason = unavailable_reason(spec, run.device)
         tries_anyway = profile.dry_run and variant.name in TRY_ON_CPU
         if reason is not None and not tries_anyway:
@@ -237,10 +288,22 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
         run.item(
             record,
             variant.name,
-            functools.partial(latency_variant, run, variant, base, inputs, outputs, flops.total, reason),
+            functools.partial(
+                latency_variant,
+                run,
+                variant,
+                base,
+                inputs,
+                outputs,
+                flops.total,
+                reason,
+                row_limit(variant, deadline),
+            ),
         )
     for size in profile.batch_sizes:
         name = f"{BATCHED.name}:batch={size}"
+        if not selected(profile, name, BATCHED.group):
+            continue
         estimate_s = BATCHED.estimate_s * size
         if not deadline.fits(estimate_s):
             record["items"][name] = too_late(name, estimate_s, deadline)

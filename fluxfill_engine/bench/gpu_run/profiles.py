@@ -3,12 +3,12 @@ variants its latency part measures."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .budget import DEFAULT_BUDGET_S, GPU_SHARES
+from .budget import DEFAULT_BUDGET_S, GPU_SHARES, PART_MINIMUMS
 
 GUIDANCE = 30.0
 
@@ -20,6 +20,12 @@ class StepVariant:
     name: str
     clone: bool  # works on a weight-sharing clone (it changes weights or installs compiled blocks)
     estimate_s: float  # seconds on an H100 with the real model, compile included (budget only)
+    # Its own deadline: stopped (and recorded as such) past this many seconds, so one expensive row
+    # cannot eat the rows and parts after it. None: only the part's deadline.
+    limit_s: float | None = None
+    # Which rows a run selects (``--rows``): "headline" (against diffusers), "more" (what explains the
+    # presets), "lever" (the next optimizations to measure).
+    group: str = "more"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class Profile:
     # torch.compiler.set_stance("force_eager"). None: all compile.
     real_compile: frozenset[str] | None = None
     notes: tuple[str, ...] = ()
+    minimums: dict[str, float] = field(default_factory=dict)  # what a part keeps after earlier overruns
+    rows: tuple[str, ...] | None = None  # the latency rows to run (names or ROW_GROUPS); None: all
 
     @property
     def dry_run(self) -> bool:
@@ -97,6 +105,7 @@ def gpu_profile(budget_s: float = DEFAULT_BUDGET_S) -> Profile:
         batch_sizes=(2, 4),
         shares=dict(GPU_SHARES),
         budget_s=budget_s,
+        minimums=dict(PART_MINIMUMS),
     )
 
 
@@ -131,12 +140,13 @@ def dry_run_profile(budget_s: float = 900.0) -> Profile:
         step_cache_steps=5,
         batch_sizes=(2, 4),
         shares={part: share * budget_s / sum(GPU_SHARES.values()) for part, share in GPU_SHARES.items()},
+        minimums={part: floor * budget_s / sum(GPU_SHARES.values()) for part, floor in PART_MINIMUMS.items()},
         budget_s=budget_s,
         # Three compiled variants compile for real: diffusers' regional compile, and the engine's
         # balanced and fast (quantized linears, fused kernels and compile together). torchao's cannot
         # run on a CPU, and the end-to-end `fast` call runs its compiled blocks eagerly: compiling it
         # again would only add time (about a minute of the dry run's budget on 2 cores is compile).
-        real_compile=frozenset({"diffusers-compile", "balanced", "fast"}),
+        real_compile=frozenset({"diffusers-compile", "balanced:compile_dynamic=0", "fast:compile_dynamic=0"}),
         notes=(
             "dry run: tiny model on the CPU; timings say nothing about a GPU",
             "Triton kernels run in the interpreter (TRITON_INTERPRET=1), bf16 only on a GPU",
@@ -144,25 +154,41 @@ def dry_run_profile(budget_s: float = 900.0) -> Profile:
     )
 
 
-# In run order: the eager ones (seconds each), then the compiled ones (a cold compile each). When time
-# runs short the last are skipped, so the engine's compiled presets come before torchao's baseline.
-# `balanced` works on the base transformer (it changes no weight); everything that does, or installs
-# compiled diffusers blocks, gets a weight-sharing clone.
+# In run order, most valuable first. The headline rows answer "how fast against diffusers": the drift
+# reference, diffusers eager, the engine's compiled presets, diffusers' compiled baselines. Compiled
+# rows at the benchmark's one size compile statically (compile_dynamic=0), as diffusers' regional
+# compile does; the presets as served (dynamic shapes) are a row of their own, later. Then the rows that
+# explain the presets (one switch at a time, eager), then the levers. Each compiled row has its own
+# limit. Everything that changes weights, or compiles or installs blocks, gets a weight-sharing clone.
 STEP_VARIANTS: tuple[StepVariant, ...] = (
-    StepVariant("reference", clone=False, estimate_s=6),  # first: the drift reference
-    StepVariant("diffusers", clone=False, estimate_s=5),
+    StepVariant("reference", clone=False, estimate_s=6, group="headline"),  # first: the drift reference
+    StepVariant("diffusers", clone=False, estimate_s=5, group="headline"),
+    StepVariant("balanced:compile_dynamic=0", clone=True, estimate_s=45, limit_s=120, group="headline"),
+    StepVariant("fast:compile_dynamic=0", clone=True, estimate_s=50, limit_s=120, group="headline"),
+    StepVariant("diffusers-compile", clone=True, estimate_s=40, limit_s=110, group="headline"),
+    # torchao's quantize_ of ~500 linears and a fullgraph compile: 40-100 s (estimate).
+    StepVariant("diffusers-fp8-compile", clone=True, estimate_s=80, limit_s=130, group="headline"),
     StepVariant("engine:attention=triton", clone=False, estimate_s=6),
     StepVariant("engine:attention=xformers", clone=False, estimate_s=5),
     StepVariant("engine:fused_kernels=1", clone=False, estimate_s=5),
     StepVariant("engine:attention=auto", clone=False, estimate_s=6),
     StepVariant("engine:quant=fp8,quant_backend=native", clone=True, estimate_s=10),
-    StepVariant("diffusers-compile", clone=True, estimate_s=40),
-    StepVariant("balanced", clone=False, estimate_s=45),
-    StepVariant("fast", clone=True, estimate_s=45),
-    StepVariant("diffusers-fp8-compile", clone=True, estimate_s=60),
+    StepVariant("fast", clone=True, estimate_s=55, limit_s=110),  # dynamic shapes, as served
+)
+# The table's headline rows, by what a reader asks: (label, variant name). Ratios are against
+# "diffusers eager" and the fastest diffusers row.
+HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
+    ("diffusers eager", "diffusers"),
+    ("diffusers compiled", "diffusers-compile"),
+    ("diffusers + torchao fp8 + compile", "diffusers-fp8-compile"),
+    ("engine reference (eager)", "reference"),
+    ("engine balanced", "balanced:compile_dynamic=0"),
+    ("engine fast", "fast:compile_dynamic=0"),
+    ("engine fast, dynamic shapes", "fast"),
 )
 # The batched steps of the latency part: the engine's eager reference path (the server batches requests
 # of one size; eager, so a batch size costs no compile). Its estimate is per image of the batch.
 BATCHED = StepVariant("reference", clone=False, estimate_s=2.5)
 # What a CPU cannot run but should still build as far as it gets, in the dry run.
 TRY_ON_CPU = frozenset({"diffusers-fp8-compile"})
+ROW_GROUPS = ("headline", "more", "lever")

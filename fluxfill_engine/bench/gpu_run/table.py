@@ -1,11 +1,14 @@
-"""The GPU run's summary table, printed last (the device tool returns the output's tail); every
-number in it is in the JSON."""
+"""The GPU run's summary, printed last (the device tool returns the output's tail): each part's
+details, then the headline table (ms per step and end-to-end seconds of diffusers' rows and the
+engine's presets, their ratios, fractions of the measured ceilings and drift). Every number in it is in
+the JSON."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .budget import PARTS
+from .profiles import HEADLINE_ROWS
 
 
 def _num(value: Any, fmt: str = ".3g") -> str:
@@ -79,7 +82,11 @@ def render_table(record: dict[str, Any]) -> str:
             )
         native = checks.get("native", {})
         if native:
-            built = f"built in {_num(native.get('build_s'), '.0f')} s, " if "build_s" in native else ""
+            built = (
+                f"built in {_num(native.get('build_s'), '.0f')} s ({native.get('generator', '-')}), "
+                if "build_s" in native
+                else ""
+            )
             lines.append(
                 f"native library: {built}{_why(native, 60) if native.get('status') != 'ok' else 'checks within tolerance: ' + _num(native.get('within_tolerance'))}"
             )
@@ -109,6 +116,16 @@ def render_table(record: dict[str, Any]) -> str:
                 f"{key:<38}{_num(item.get('ms_per_step'), '.1f'):>8}{_num(item.get('tflops'), '.1f'):>9}"
                 f"{_num(None if fraction is None else 100 * fraction, '.0f'):>7}{drift:>7}"
                 f"{_num(item.get('peak_during_steps_gib'), '.1f'):>6}{_num(item.get('cold_call_s'), '.1f'):>8}"
+            )
+        dropped = {
+            name: why
+            for item in steps.values()
+            for name, why in item.get("auto_attention_dropped", {}).items()
+        }
+        if dropped:
+            lines.append(
+                "auto attention dropped: "
+                + "; ".join(f"{name} ({why[:80]})" for name, why in dropped.items())
             )
         batched = [item for item in steps.values() if item.get("status") == "ok" and "batch_size" in item]
         if batched:
@@ -144,4 +161,80 @@ def render_table(record: dict[str, Any]) -> str:
         )
     elif cache:
         lines.append(f"step cache: {_why(cache, 90)}")
+    lines += headline_table(record)
     return "\n".join(lines)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    """``numerator / denominator`` as a speed-up (``2.10x``), ``-`` when either is missing."""
+    if not numerator or not denominator:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def headline_table(record: dict[str, Any]) -> list[str]:
+    """The table a reader takes in at a glance: per headline row, ms per transformer step, the speed-up
+    against diffusers eager and against diffusers' fastest row, the fraction of the measured ceiling
+    (bf16, or fp8 row-wise with fast accumulation), drift against the engine reference (SQNR dB), and
+    the end-to-end seconds where the e2e part ran that row."""
+    parts = record.get("parts", {})
+    steps = parts.get("latency", {}).get("items", {})
+    e2e = parts.get("e2e", {}).get("items", {})
+    model = parts.get("latency", {}).get("model", {})
+    size = f"{model['width']}x{model['height']}" if "width" in model else "the profile's size"
+
+    def ms(name: str) -> float | None:
+        item = steps.get(name, {})
+        return item.get("ms_per_step") if item.get("status") == "ok" else None
+
+    eager = ms("diffusers")
+    diffusers_ms = [
+        m for m in (ms(n) for n in ("diffusers", "diffusers-compile", "diffusers-fp8-compile")) if m
+    ]
+    best = min(diffusers_ms) if diffusers_ms else None
+    end_to_end = {"diffusers eager": e2e.get("diffusers", {}), "engine fast": e2e.get("fast", {})}
+    lines = [
+        f"headline at {size} ({record.get('mode')}): ms per transformer step; speed-up = diffusers' ms / row's ms",
+        f"{'row':<34}{'ms/step':>9}{'vs eager':>9}{'vs best':>9}{'%ceil':>7} {'ceiling':<23}{'SQNR dB':>8}{'e2e s':>8}",
+    ]
+    for label, name in HEADLINE_ROWS:
+        item = steps.get(name)
+        call = end_to_end.get(label, {})
+        total = _num(call.get("total_s"), ".2f") if call.get("status") == "ok" else "-"
+        if item is None:
+            lines.append(f"{label:<34}{'not run':>9}{'':>50}{total:>8}")
+            continue
+        if item.get("status") != "ok":
+            lines.append(f"{label:<34}{_why(item, 62)}")
+            continue
+        fraction = item.get("fraction_of_measured_peak")
+        drift = (
+            "ref"
+            if name == "reference"
+            else "exact"
+            if item.get("exact_vs_reference")
+            else _num(item.get("sqnr_vs_reference_db"), ".1f")
+        )
+        lines.append(
+            f"{label:<34}{_num(item['ms_per_step'], '.1f'):>9}{_ratio(eager, item['ms_per_step']):>9}"
+            f"{_ratio(best, item['ms_per_step']):>9}{_num(None if fraction is None else 100 * fraction, '.0f'):>7} "
+            f"{_num(item.get('ceiling')):<23}{drift:>8}{total:>8}"
+        )
+    fast, slow = end_to_end["engine fast"], end_to_end["diffusers eager"]
+    if fast.get("status") == "ok" and slow.get("status") == "ok":
+        lines.append(
+            f"end to end ({_num(fast.get('steps'))} steps): engine fast {_num(fast['total_s'], '.2f')} s, "
+            f"diffusers eager {_num(slow['total_s'], '.2f')} s: {_ratio(slow['total_s'], fast['total_s'])}"
+        )
+    accumulation = {
+        label: steps.get(name, {}).get("fp8_fast_accumulation")
+        for label, name in (("engine fp8", "fast:compile_dynamic=0"), ("torchao", "diffusers-fp8-compile"))
+    }
+    said = [
+        f"{label} {'fast' if fast_accum else 'full'}"
+        for label, fast_accum in accumulation.items()
+        if fast_accum is not None
+    ]
+    if said:
+        lines.append(f"fp8 accumulation: {', '.join(said)}")
+    return lines
