@@ -169,6 +169,7 @@ class FluxFillEngine:
         engine = cls(pipeline, config=config, device=device, progress=progress)
         engine.start_report.source = source
         engine.start_report.seconds = {"read_weights": read_weights, **engine.start_report.seconds}
+        logger.info("engine loaded: %s", engine.start_report.line())
         return engine
 
     def save(self, directory: str | Path) -> dict[str, Any]:
@@ -210,6 +211,7 @@ class FluxFillEngine:
                     self.run(dataclasses.replace(request, loras=loras))
                     self.run(request)
                 seconds[f"{width}x{height}"] = time.perf_counter() - start
+        logger.info("engine warmed up: %s", self.start_report.line())
         saved = None
         if self.config.compile and self.config.compile_cache_dir is not None:
             saved = self.pipeline.save_compile_cache()

@@ -41,6 +41,9 @@ async def healthz(service: Service, config: Config) -> JSONResponse:
         "replicas": service.replicas,
         "warmup_seconds": service.warmup,
     }
+    start_report = getattr(engine, "start_report", None)  # where the start went (fluxfill_engine.startup)
+    if start_report is not None:
+        body["start"] = start_report.as_dict()
     if service.load_error:
         body["error"] = service.load_error
     return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
