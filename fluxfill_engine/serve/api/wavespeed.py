@@ -54,7 +54,9 @@ async def prediction_result(task_id: str, request: Request, service: Service) ->
     return _answer(owned_task(service, task_id, owner_of(request)), request, service)
 
 
-@unknown_router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+@unknown_router.api_route(
+    "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False
+)
 async def unknown_model(path: str) -> JSONResponse:
     """Any other path under ``/api/v3/``: a model this server does not serve (404, WaveSpeed's shape)."""
     raise ApiError(404, f"no model or endpoint {path!r} on this server; it serves {WAVESPEED_MODEL}", "model")
