@@ -508,3 +508,74 @@ def main(args: argparse.Namespace) -> int:
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
         args.out.with_suffix(".md").write_text(markdown)
     return 0 if summary["every_accepted_task_ended_once"] and not summary["other_status"] else 1
+
+
+def sigterm_to_exit(
+    url: str, process: subprocess.Popen, grace_s: float, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """SIGTERM to a spawned server (started with ``--shutdown-grace-s grace_s``) while a long task runs,
+    with an event stream on it and a sync-mode WaveSpeed request waiting behind it: the seconds from the
+    signal to the process's exit, and how each client was answered (issue 23: a bounded grace, then the
+    running task canceled with its closing event and every connection closed)."""
+    import signal
+
+    import httpx
+
+    headers = headers or {}
+    image, mask = _png_data_url(512, 512, False, 0), _png_data_url(512, 512, True, 0)
+    # Long enough on the tiny model to still run after the grace.
+    long = {
+        "prompt": "bench",
+        "image": image,
+        "mask": mask,
+        "num_inference_steps": 100,
+        "max_megapixels": 1.0,
+    }
+    submitted = httpx.post(f"{url}/v1/tasks", json=long, headers=headers, timeout=60)
+    if submitted.status_code != 201:
+        raise BenchError(f"the long task was refused: {submitted.status_code} {submitted.text[:200]}")
+    task = submitted.json()
+    answers: dict[str, Any] = {"stream_events": []}
+
+    def stream() -> None:
+        try:
+            with httpx.stream(
+                "GET", f"{url}/v1/tasks/{task['id']}/events", headers=headers, timeout=None
+            ) as s:
+                answers["stream_events"] = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
+        except httpx.HTTPError as err:
+            answers["stream_error"] = type(err).__name__
+
+    def sync_request() -> None:
+        payload = {**long, "num_inference_steps": 2, "enable_sync_mode": True}
+        try:
+            answer = httpx.post(
+                f"{url}/api/v3/wavespeed-ai/flux-fill-dev", json=payload, headers=headers, timeout=None
+            )
+            answers["sync_answer"] = f"{answer.status_code} {answer.json()['data']['status']}"
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
+            answers["sync_answer"] = type(err).__name__
+
+    clients = [threading.Thread(target=stream), threading.Thread(target=sync_request)]
+    for client in clients:
+        client.start()
+    deadline = time.monotonic() + 120
+    while "task_output" not in answers["stream_events"] and time.monotonic() < deadline:
+        status = httpx.get(f"{url}/v1/tasks/{task['id']}", headers=headers).json()["status"]
+        if status == "running":
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)  # both clients connected and waiting
+    signaled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    process.wait(grace_s + 120)
+    seconds = time.perf_counter() - signaled
+    for client in clients:
+        client.join(30)
+    events = answers["stream_events"]
+    return {
+        "grace_s": grace_s,
+        "sigterm_to_exit_s": round(seconds, 2),
+        "stream_last_event": events[-1] if events else answers.get("stream_error"),
+        "sync_answer": answers.get("sync_answer"),
+    }

@@ -223,12 +223,14 @@ def test_api_keys(tmp_path, shared_engine):
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert httpx.post(f"{base}/api/v3/wavespeed-ai/flux-fill-dev", json=body()).json()["code"] == 401
         task = httpx.post(f"{base}/v1/tasks", json=body(), headers={"Authorization": "Bearer key-two"}).json()
-        events = sse_events(base, task["id"], headers={"Authorization": "Bearer key-one"})
+        events = sse_events(base, task["id"], headers={"Authorization": "Bearer key-two"})
         assert events[-1][0] == "task_postprocess_end"
-        by_query = httpx.get(f"{base}/v1/tasks/{task['id']}/events?token=key-one")  # EventSource's way
+        by_query = httpx.get(f"{base}/v1/tasks/{task['id']}/events?token=key-two")  # EventSource's way
         assert by_query.status_code == 200 and "task_postprocess_end" in by_query.text
+        # A task is its key's: another key is answered as if it did not exist (test_serve_hostile.py).
+        assert httpx.get(f"{base}/v1/tasks/{task['id']}/events?token=key-one").status_code == 404
         assert (
-            httpx.get(f"{base}/v1/tasks/{task['id']}?token=key-one").status_code == 401
+            httpx.get(f"{base}/v1/tasks/{task['id']}?token=key-two").status_code == 401
         )  # headers elsewhere
 
         async def socket_refused() -> bool:
@@ -572,6 +574,8 @@ def test_warm_up_runs_before_ready(tmp_path, shared_engine):
         (["--api-key", " "], "--api-key"),
         (["--model", "/no/such/model"], "--model"),
         (["--task-retention-days", "0"], "--task-retention-days"),
+        (["--admin-key", ""], "--admin-key"),
+        (["--shutdown-grace-s", "-1"], "--shutdown-grace-s"),
     ],
 )
 def test_serve_flags_are_checked_before_anything_loads(flags, message, capsys):
