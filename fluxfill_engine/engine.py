@@ -123,7 +123,7 @@ class FluxFillEngine:
             )
         self.config = config or EngineConfig.preset("reference")
         self.pipeline = pipeline
-        if device is not None:
+        if device is not None and self.pipeline.place(self.config, device) is None:  # a memory plan places
             self.pipeline.to(device)
         build_start = time.perf_counter()
         self.pipeline.configure(self.config)
@@ -221,8 +221,25 @@ class FluxFillEngine:
         """Bytes of weights per component, before and after quantization (see the pipeline's)."""
         return self.pipeline.memory_report()
 
+    def memory_estimate(self, width: int = 1024, height: int = 1024, batch: int = 1) -> dict[str, Any]:
+        """The device-memory estimate of this engine's memory plan for one request at ``width`` x
+        ``height`` (:func:`~.memory_plan.estimate_config`, counted on the meta device for this model's
+        architecture), and where the components are placed; for checking against measured peaks."""
+        from .memory_plan import ModelConfigs, estimate_config
+
+        dtype = self.config.dtype or str(self.pipeline.transformer.dtype).replace("torch.", "")
+        config = dataclasses.replace(self.config, dtype=dtype)
+        placement = self.pipeline.memory_placement
+        where = {"placement": None if placement is None else placement.describe()}
+        try:
+            estimate = estimate_config(config, width, height, batch, ModelConfigs.of_pipeline(self.pipeline))
+        except (ValueError, TypeError, RuntimeError) as err:  # a model the estimate cannot rebuild on meta
+            return {"error": f"no estimate: {type(err).__name__}: {err}", **where}
+        return {**estimate.describe(), **where}
+
     def describe(self) -> dict[str, Any]:
-        """What is running: the configuration, device, dtypes and model sizes."""
+        """What is running: the configuration, device, dtypes and model sizes, and the memory plan's
+        estimated peak at 1024x1024 (``memory``)."""
         from fluxfill_kernels import native
 
         from .attention import AutoAttention
@@ -246,6 +263,7 @@ class FluxFillEngine:
             "fused_kernels": self.config.fused_kernels,
             "native_kernels_loaded": native.available("fill_cond", "cpu"),
             "native_kernels_unavailable": native.unavailable_reason(),
+            "memory": self.memory_estimate(),
         }
         if isinstance(fill.attention, AutoAttention):
             info["auto_attention_choices"] = {str(k): v for k, v in fill.attention.choices.items()}

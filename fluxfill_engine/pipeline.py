@@ -42,6 +42,7 @@ from .limits import MAX_CALL_BATCH
 from .lora.adapters import AdapterSet
 from .lora.spec import LoraSpec
 from .model import FillTransformer
+from .offload import MemoryPlacement, place_components, uses_memory_plan
 from .quantization import quantize_text_encoder as quantize_text_encoder_linears
 from .quantization import resolve, weight_bytes
 from .runtime import TransformerRuntime, execution_device, runtime_of
@@ -91,6 +92,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         self.compile_cache: dict[str, Any] | None = None  # what load_compile_cache loaded, if anything
         self.last_stats: PipelineStats | None = None  # the drop-in's convenience: the last call's stats
         self._text_encoder_bytes: int | None = None  # T5's weight bytes before it was quantized
+        self.memory_placement: MemoryPlacement | None = None  # set by a memory plan (see .offload)
 
     # ---- configuration and the engine transformer --------------------------------------------------
 
@@ -111,7 +113,31 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
     def engine_transformer(self) -> FillTransformer:
         """The engine transformer for the current configuration, built, quantized and compiled for the
         device the transformer runs on (under model CPU offload, the offload's execution device)."""
-        return self.runtime.get(self._engine_config, execution_device(self.transformer))
+        placement = self.memory_placement
+        if placement is None:
+            return self.runtime.get(self._engine_config, execution_device(self.transformer))
+        fill = self.runtime.get(self._engine_config, placement.device)
+        placement.attach(fill)  # block streaming: its blocks' weights come from host memory
+        return fill
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """Where the pipeline computes: a memory plan's device, else diffusers' answer."""
+        placement = getattr(self, "memory_placement", None)
+        return super()._execution_device if placement is None else placement.device
+
+    def place(self, config: EngineConfig, device: str | torch.device | None = None) -> MemoryPlacement | None:
+        """Put the components where ``config``'s memory fields say, for running on ``device`` (default:
+        the current execution device); ``None`` when the configuration keeps everything on the device
+        and no plan was placed before (then nothing moves)."""
+        if self.memory_placement is None and not uses_memory_plan(config):
+            return None
+        device = self._execution_device if device is None else torch.device(device)
+        placement = self.memory_placement
+        wanted = (device, config.cpu_offload, config.text_encoders_on_cpu, config.block_streaming)
+        if placement is not None and placement.key == wanted:
+            return placement
+        return place_components(self, config, device)
 
     def configure(self, config: EngineConfig) -> FluxFillPipeline:
         """Apply an :class:`EngineConfig` (returns the pipeline, for chaining)."""
@@ -126,6 +152,7 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if dtype is not None and self.transformer.dtype != dtype:
             self.runtime.release()  # a merged LoRA set leaves the weights before they are cast
             self.transformer.to(dtype)
+        self.place(config)
         if config.quantize_text_encoder and self._text_encoder_bytes is None:
             plan = resolve(config.text_encoder_quant, "native", self._execution_device)
             self._text_encoder_bytes = weight_bytes([self.text_encoder_2])
@@ -187,6 +214,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         transformer = getattr(self, "transformer", None)
         if transformer is not None:
             self.runtime.release()
+        if self.memory_placement is not None:  # everything goes where it is sent: the plan is off
+            self.memory_placement.remove()
+            self.memory_placement = None
         self.prompt_cache.clear()
         super().to(*args, **kwargs)
         if transformer is not None and transformer.device.type != "cpu":  # offload parks weights on the CPU
