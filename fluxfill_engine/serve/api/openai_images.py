@@ -197,6 +197,8 @@ async def edit_image(request: Request, service: Service, options: Options) -> JS
     if not task.finished:
         with contextlib.suppress(AlreadyFinished):  # it ended meanwhile: canceled or not, it is not sent
             await run_in_threadpool(service.cancel, task.id)
+        if service.hub.closed:
+            raise ApiError(503, "the server is stopping; the edit was canceled", None, no_retry)
         raise ApiError(504, f"the edit took over {EDIT_TIMEOUT:g} s; it was canceled", None, no_retry)
     if task.status != COMPLETED:
         raise ApiError(500, f"the edit failed: {task.error or task.status}", None, no_retry)

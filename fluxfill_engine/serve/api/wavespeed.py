@@ -45,7 +45,8 @@ async def submit_prediction(request: Request, service: Service, options: Options
     task = await wait_finished(service, task.id, SYNC_MODE_TIMEOUT)
     if task.finished:
         return _answer(task, request, service)
-    error = f"Sync mode timed out after {SYNC_MODE_TIMEOUT:g} s; the task goes on: query its result later"
+    waited = "the server is stopping" if service.hub.closed else f"after {SYNC_MODE_TIMEOUT:g} s"
+    error = f"Sync mode timed out ({waited}); the task goes on: query its result later"
     return _answer(task, request, service, code=SYNC_TIMEOUT_CODE, error=error)
 
 
