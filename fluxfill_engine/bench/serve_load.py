@@ -334,11 +334,18 @@ def large_input_queue(
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     image, mask = _png_data_url(side, side, False, 0, flat=True), _png_data_url(side, side, True, 0)
-    small = _png_data_url(256, 256, False, 0), _png_data_url(256, 256, True, 0)
+    blocker_image = _png_data_url(1024, 1024, False, 1), _png_data_url(1024, 1024, True, 1)
     with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
+        # A long first task (the most steps, four images) keeps the worker busy: the next ones wait.
         blocker = client.post(
             "/v1/tasks",
-            json={"prompt": "blocker", "image": small[0], "mask": small[1], "num_inference_steps": 50},
+            json={
+                "prompt": "blocker",
+                "image": blocker_image[0],
+                "mask": blocker_image[1],
+                "num_inference_steps": 100,
+                "num_images": 4,
+            },
         ).json()
         accepted: list[str] = []
         statuses: list[int] = []
@@ -354,6 +361,7 @@ def large_input_queue(
                 else:
                     messages.add(answer.json().get("error", ""))
             queued_rss = rss_bytes(pid) if pid is not None else 0
+            blocker_status = client.get(f"/v1/tasks/{blocker['id']}").json()["status"]
             for task_id in [*accepted, blocker["id"]]:
                 client.post(f"/v1/tasks/{task_id}/cancel")
             time.sleep(1.0)
@@ -363,9 +371,156 @@ def large_input_queue(
         "answers": statuses,
         "accepted": len(accepted),
         "refusals": sorted(messages),
+        "first_task_still_running": blocker_status == "running",  # else a large one ran: its pixels count
         **(_memory_fields(memory) if memory is not None else {}),
         **({"server_rss_queued_mib": queued_rss / 2**20} if pid is not None else {}),
     }
+
+
+@contextlib.contextmanager
+def _spawned(flags: list[str]) -> Any:
+    """A ``fluxfill serve`` subprocess on the tiny model: ``(url, process, health)``."""
+    import socket
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = _spawn_server(Path(data_dir), port, flags)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            yield url, process, wait_ready(url, process)
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def run_hostile(args: argparse.Namespace) -> int:
+    """``--hostile``: the cases of issue 23 that have a figure, each against a spawned tiny-model server
+    with ``--server-flags``: twenty unauthenticated 60 MiB uploads at once (then the same with the key,
+    bodies read under ``--max-inflight-mb``), and a queue filled with 36-megapixel inputs of eight images
+    each. 1 when an unauthenticated upload was answered other than 401."""
+    from .arguments import command_line
+
+    flags = args.server_flags.split()
+    key = "bench-key"
+    with _spawned([*flags, "--api-key", key]) as (url, process, health):
+        unread = refused_unread_uploads(url, process.pid, uploads=20, declared_mb=60.0)
+        with MemoryPeak(process.pid) as memory:
+            keyed = _keyed_uploads(url, key, uploads=20, declared_mb=60.0)
+        keyed.update(_memory_fields(memory))
+    with _spawned(flags) as (url, process, _):
+        queue = large_input_queue(url, process.pid, side=6000, num_images=8, submissions=8)
+    with _spawned([*flags, "--max-queue-megapixels", "4096"]) as (url, process, _):  # all eight queue
+        whole_queue = large_input_queue(url, process.pid, side=6000, num_images=8, submissions=8)
+    record = {
+        "unauthenticated_uploads": unread,
+        "authenticated_uploads": keyed,
+        "large_input_queue": queue,
+        "large_input_queue_4096": whole_queue,
+        "server": health,
+        "flags": " ".join(flags),
+        "command": command_line(args),
+        "machine": _machine(),
+    }
+    markdown = hostile_markdown(record)
+    print(markdown)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        args.out.with_suffix(".md").write_text(markdown)
+    return 0 if unread["answered_401"] == unread["uploads"] else 1
+
+
+def _keyed_uploads(url: str, key: str, uploads: int, declared_mb: float) -> dict[str, Any]:
+    """The same uploads with the key: their bodies (not JSON) read whole, under the in-flight bound."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    declared = int(declared_mb * 2**20)
+    headers = {"Authorization": f"Bearer {key}"}
+    with ThreadPoolExecutor(uploads) as pool:
+        results = list(
+            pool.map(
+                lambda _: unread_upload(url, "/v1/tasks", declared, headers, timeout=120), range(uploads)
+            )
+        )
+    return {
+        "uploads": uploads,
+        "declared_mib_each": declared_mb,
+        "answers": sorted(str(r.status) for r in results),
+        "answer_max_s": max(r.seconds for r in results),
+    }
+
+
+def _machine() -> str:
+    import os
+
+    cores = os.cpu_count()
+    return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()}, CPU only"
+
+
+def hostile_markdown(record: dict[str, Any]) -> str:
+    """The ``--hostile`` figures as a markdown page."""
+    unread, keyed = record["unauthenticated_uploads"], record["authenticated_uploads"]
+
+    keyed_answers = keyed["answers"]
+
+    def mib(value: float) -> str:
+        return f"{value:.0f}"
+
+    rows = [
+        (
+            f"{unread['uploads']} unauthenticated uploads of {unread['declared_mib_each']:g} MiB at once",
+            f"answers {', '.join(unread['answers'])}; p50 {unread['answer_p50_s']:.3f} s, "
+            f"max {unread['answer_max_s']:.3f} s; at most {unread['client_sent_mib_max']:.1f} MiB of one "
+            "got into the connection",
+        ),
+        (
+            "server memory (VmRSS) before / peak / after",
+            f"{mib(unread['server_rss_before_mib'])} / {mib(unread['server_rss_peak_mib'])} / "
+            f"{mib(unread['server_rss_after_mib'])} MiB",
+        ),
+        (
+            "the same uploads with the key (bodies read, not JSON)",
+            ", ".join(f"{keyed_answers.count(a)}x {a}" for a in sorted(set(keyed_answers)))
+            + f"; max {keyed['answer_max_s']:.1f} s",
+        ),
+        (
+            "server memory with the key, before / peak / after",
+            f"{mib(keyed['server_rss_before_mib'])} / {mib(keyed['server_rss_peak_mib'])} / "
+            f"{mib(keyed['server_rss_after_mib'])} MiB",
+        ),
+    ]
+    for name, flag in (("large_input_queue", "default"), ("large_input_queue_4096", "4096")):
+        queue = record[name]
+        rows += [
+            (
+                f"queue of large inputs (--max-queue-megapixels {flag}): {queue['submissions']} submissions "
+                f"of {queue['input']}",
+                f"{queue['accepted']} accepted; answers {queue['answers']}; first task still running "
+                f"throughout: {'yes' if queue['first_task_still_running'] else 'no'}",
+            ),
+            ("refusals", "; ".join(queue["refusals"]) or "-"),
+            (
+                "server memory: before / peak while submitting / queued / after canceling",
+                f"{mib(queue['server_rss_before_mib'])} / {mib(queue['server_rss_peak_mib'])} / "
+                f"{mib(queue['server_rss_queued_mib'])} / {mib(queue['server_rss_after_mib'])} MiB",
+            ),
+        ]
+    lines = [
+        "# `fluxfill serve` against hostile and careless clients",
+        "",
+        f"Server: {record['server'].get('model')} model on {record['server'].get('device')}, "
+        f"{record['flags'] or 'default flags'}. Machine: {record['machine']}.",
+        "",
+        "Command: `" + record["command"] + "`",
+        "",
+        "| case | result |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in rows),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def serve_command(data_dir: Path, port: int, flags: Sequence[str] = ()) -> list[str]:
@@ -453,6 +608,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server-flags", default="--max-queue 32", help="flags for the spawned server (default: %(default)r)"
     )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--hostile",
+        action="store_true",
+        help="instead of the load: unauthenticated uploads refused unread, and a queue of large inputs, "
+        "each against a spawned server (its memory from /proc)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -462,6 +623,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.requests < 1 or args.rate <= 0:
         raise BenchError("--requests must be >= 1 and --rate > 0")
+    if args.hostile:
+        return run_hostile(args)
     process = None
     with tempfile.TemporaryDirectory() as data_dir:
         url = args.url

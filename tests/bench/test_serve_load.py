@@ -4,6 +4,7 @@ or refused with 429, and every accepted task ends exactly once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from fluxfill_engine import EngineConfig
@@ -30,3 +31,52 @@ def test_summary_flags_a_task_that_did_not_end_once():
     fine = Outcome(2, 0.0, 201, "c", ["task_postprocess_end"], "completed", 2.0)
     summary = summarize([twice, never, fine], 1.0)
     assert not summary["every_accepted_task_ended_once"] and summary["not_ended_once"] == [0, 1]
+
+
+def test_refused_unread_uploads_against_a_keyed_server(tmp_path):
+    from fluxfill_engine.bench.serve_load import refused_unread_uploads
+    from tests.support.serve import InstantEngine
+
+    with server_in_thread(make_app(tmp_path, InstantEngine(), api_keys=("k",))) as base:
+        figures = refused_unread_uploads(base, os.getpid(), uploads=3, declared_mb=20.0)
+    assert figures["answers"] == ["401"] and figures["answered_401"] == 3
+    assert figures["client_sent_mib_max"] < 20.0 and figures["answer_max_s"] < 10
+    assert figures["server_rss_before_mib"] <= figures["server_rss_peak_mib"]
+
+
+def test_large_input_queue_reports_what_the_queue_took(tmp_path):
+    from fluxfill_engine.bench.serve_load import hostile_markdown, large_input_queue
+    from tests.support.serve import InstantEngine
+
+    app = make_app(tmp_path, InstantEngine(), max_queue_megapixels=5.0)
+    with server_in_thread(app) as base:
+        queue = large_input_queue(base, None, side=1024, num_images=2, submissions=4)
+    assert queue["submissions"] == 4 and len(queue["answers"]) == 4
+    assert set(queue["answers"]) <= {201, 429}  # 2.1 megapixels x images each: two fit at most
+    assert queue["accepted"] == queue["answers"].count(201) >= 1
+    assert all("--max-queue-megapixels" in message for message in queue["refusals"])
+    memory = {f"server_rss_{when}_mib": 100.0 for when in ("before", "peak", "after", "queued")}
+    unread = {
+        "uploads": 2,
+        "declared_mib_each": 1.0,
+        "answers": ["401"],
+        "answered_401": 2,
+        "answer_p50_s": 0.01,
+        "answer_max_s": 0.02,
+        "client_sent_mib_max": 0.1,
+        **memory,
+    }
+    keyed = {"answers": ["400", "503"], "answer_max_s": 1.0, **memory}
+    queued = {**queue, **memory}
+    record = {
+        "unauthenticated_uploads": unread,
+        "authenticated_uploads": keyed,
+        "large_input_queue": queued,
+        "large_input_queue_4096": queued,
+        "server": {"model": "tiny", "device": "cpu"},
+        "flags": "",
+        "command": "fluxfill bench serve-load --hostile",
+        "machine": "test",
+    }
+    page = hostile_markdown(record)
+    assert "2 unauthenticated uploads of 1 MiB" in page and "1x 400, 1x 503" in page

@@ -9,8 +9,10 @@ rest of the body (the connection is then closed):
    parse anything. A route without the key (an upload ticket's PUT, whose URL's token is its
    permission) has its body read under the limits below, then checks its own permission;
 2. a declared ``Content-Length`` over ``--max-request-mb`` (413);
-3. the bytes of all bodies in flight together (``--max-inflight-mb``): a body that would take them over
-   answers 503 with ``Retry-After``;
+3. the bytes of all bodies in flight together (``--max-inflight-mb``): a body whose declared length
+   would take them over answers 503 with ``Retry-After`` (a declared length is reserved whole at once,
+   so that concurrent bodies are admitted or refused whole, not all cut off halfway); a body without
+   a length is counted as it arrives and refused (503) at the byte that would take them over;
 4. the body read under a deadline (``--body-timeout-s``, from its first byte asked to its last): a
    client that sends it too slowly (slowloris) gets 408.
 
@@ -70,7 +72,7 @@ class BodyLimit:
         config = getattr(getattr(scope.get("app"), "state", None), "config", None)
         headers = Headers(scope=scope)
         try:
-            self._check_headers(config, headers, scope)
+            declared = self._check_headers(config, headers, scope)
         except _Refused as refusal:
             self.refused_unread += 1
             await self._answer(scope, receive, send, refusal)
@@ -78,6 +80,8 @@ class BodyLimit:
         timeout = float(getattr(config, "body_timeout_s", BODY_TIMEOUT_S))
         bound = int(getattr(config, "max_inflight_bytes", MAX_INFLIGHT_BYTES))
         held = _Held()
+        held.bytes = declared  # reserved now, before any await: concurrent requests see it
+        self.inflight += declared
         try:
             try:
                 body = await asyncio.wait_for(self._read(receive, bound, held), timeout)
@@ -103,7 +107,8 @@ class BodyLimit:
         finally:
             self.inflight -= held.bytes
 
-    def _check_headers(self, config: Any, headers: Headers, scope: Scope) -> None:
+    def _check_headers(self, config: Any, headers: Headers, scope: Scope) -> int:
+        """The declared body length (0 when none is declared), once the headers pass; else raises."""
         keys = getattr(config, "api_keys", ())
         if keys and self._needs_key(scope) and not key_is_valid(keys, headers, None):
             raise _Refused(
@@ -115,8 +120,10 @@ class BodyLimit:
                 413, f"the request body is over the limit of {self.limit} bytes (--max-request-mb)"
             )
         bound = int(getattr(config, "max_inflight_bytes", MAX_INFLIGHT_BYTES))
-        if declared is not None and declared.isdigit() and self.inflight + int(declared) > bound:
+        length = int(declared) if declared is not None and declared.isdigit() else 0
+        if self.inflight + length > bound:
             raise self._busy(bound)
+        return length
 
     def _needs_key(self, scope: Scope) -> bool:
         """Whether the route ``scope`` goes to checks the key (a path no route serves: as if it did)."""
@@ -154,8 +161,8 @@ class BodyLimit:
         )
 
     async def _read(self, receive: Receive, bound: int, held: _Held) -> bytes:
-        """The whole body, each chunk counted in flight as it arrives (in ``held`` too, for the caller
-        to give back)."""
+        """The whole body; bytes beyond what ``held`` reserved (a body without Content-Length) are counted
+        in flight as they arrive, in ``held`` too, for the caller to give back."""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -167,10 +174,12 @@ class BodyLimit:
                 raise _Refused(
                     413, f"the request body is over the limit of {self.limit} bytes (--max-request-mb)"
                 )
-            if self.inflight + len(chunk) > bound:
-                raise self._busy(bound)
-            self.inflight += len(chunk)
-            held.bytes += len(chunk)
+            extra = size - held.bytes
+            if extra > 0:
+                if self.inflight + extra > bound:
+                    raise self._busy(bound)
+                self.inflight += extra
+                held.bytes = size
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
