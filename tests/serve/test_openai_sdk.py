@@ -122,3 +122,13 @@ def test_edit_errors_are_the_sdks_exceptions(server):
     with pytest.raises(openai.BadRequestError, match="the image's size") as wrong_size:
         client(server).images.edit(image=image, mask=small_mask, prompt=PROMPT)
     assert wrong_size.value.param == "mask"
+
+
+def test_a_full_queue_is_the_sdks_rate_limit_error(tmp_path, shared_engine):
+    app = make_app(tmp_path, shared_engine, api_keys=(KEY,), max_queue=0)  # no room, ever
+    with server_in_thread(app) as base:
+        image, mask = files()
+        with pytest.raises(openai.RateLimitError) as full:
+            client(base).images.edit(image=image, mask=mask, prompt=PROMPT, extra_body=FAST)
+        assert full.value.status_code == 429 and full.value.code == "rate_limit_exceeded"
+        assert int(full.value.response.headers["Retry-After"]) >= 1
