@@ -5,6 +5,7 @@ module trees; quantized in both trees at once. :class:`~.model.FillTransformer` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -147,6 +148,10 @@ class DoubleStreamBlock(SharedLinearsBlock):
         self._share("txt_mlp_in", (block.ff_context.net[0], "proj"))
         self._share("txt_mlp_out", (block.ff_context.net, "2"))
 
+    def modulation(self, temb_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The AdaLN vectors ``(img [N, 6D], txt [N, 6D])`` for ``temb_act = silu(temb) [N, D]``."""
+        return self.img_mod(temb_act), self.txt_mod(temb_act)
+
     def _qkv(self, x: torch.Tensor, proj: LinearLayer) -> tuple[torch.Tensor, ...]:
         return proj(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
 
@@ -157,13 +162,12 @@ class DoubleStreamBlock(SharedLinearsBlock):
         temb_act: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention: AttentionFn,
+        modulation: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_shift, img_scale, img_gate, img_mlp_shift, img_mlp_scale, img_mlp_gate = self.img_mod(
-            temb_act
-        ).chunk(6, dim=1)
-        txt_shift, txt_scale, txt_gate, txt_mlp_shift, txt_mlp_scale, txt_mlp_gate = self.txt_mod(
-            temb_act
-        ).chunk(6, dim=1)
+        """``modulation``: this step's ``(img_mod(temb_act), txt_mod(temb_act))`` when computed ahead."""
+        img_mod, txt_mod = self.modulation(temb_act) if modulation is None else modulation
+        img_shift, img_scale, img_gate, img_mlp_shift, img_mlp_scale, img_mlp_gate = img_mod.chunk(6, dim=1)
+        txt_shift, txt_scale, txt_gate, txt_mlp_shift, txt_mlp_scale, txt_mlp_gate = txt_mod.chunk(6, dim=1)
 
         img_q, img_k, img_v = self._qkv(modulate(layer_norm(img), img_shift, img_scale), self.img_qkv)
         txt_q, txt_k, txt_v = self._qkv(modulate(layer_norm(txt), txt_shift, txt_scale), self.txt_qkv)
@@ -205,14 +209,21 @@ class SingleStreamBlock(SharedLinearsBlock):
         self.q_norm, self.k_norm = attn.norm_q.weight, attn.norm_k.weight
         self._share("out", (block, "proj_out"))
 
+    def modulation(self, temb_act: torch.Tensor) -> tuple[torch.Tensor]:
+        """The AdaLN vector ``([N, 3D],)`` for ``temb_act = silu(temb) [N, D]``."""
+        return (self.mod(temb_act),)
+
     def forward(
         self,
         x: torch.Tensor,
         temb_act: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention: AttentionFn,
+        modulation: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        shift, scale, gate = self.mod(temb_act).chunk(3, dim=1)
+        """``modulation``: this step's ``(mod(temb_act),)`` when computed ahead."""
+        (mod,) = self.modulation(temb_act) if modulation is None else modulation
+        shift, scale, gate = mod.chunk(3, dim=1)
         qkv, mlp = self.qkv_mlp(modulate(layer_norm(x), shift, scale)).split(
             [3 * self.width, self.qkv_mlp.out_features - 3 * self.width], dim=-1
         )

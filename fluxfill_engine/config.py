@@ -130,6 +130,10 @@ class EngineConfig:
             copied to the device on a side stream while the one before it runs; blocks run eagerly
             (``compile=False``). :func:`fluxfill_engine.memory_plan.choose_memory_plan` picks these
             three fields (and ``quantize_text_encoder``) for a memory budget.
+        precompute_modulation: compute every block's AdaLN modulation vectors (the M=batch products of
+            the conditioning vector with ~3.2B parameters on FLUX.1) for all steps of a request at once,
+            in ``prepare``, instead of every step. Equal up to the matmuls' batching; not with
+            ``block_streaming`` (the blocks' weights are on the device only while each runs).
     """
 
     dtype: str | None = None
@@ -157,6 +161,7 @@ class EngineConfig:
     cpu_offload: bool = False
     text_encoders_on_cpu: bool = False
     block_streaming: bool = False
+    precompute_modulation: bool = False
 
     def __post_init__(self) -> None:
         check_dtype_name(self.dtype, "EngineConfig.dtype")
@@ -182,6 +187,7 @@ class EngineConfig:
             "cpu_offload",
             "text_encoders_on_cpu",
             "block_streaming",
+            "precompute_modulation",
         )
         for name in names:
             if not isinstance(getattr(self, name), bool):
@@ -190,6 +196,11 @@ class EngineConfig:
             raise ValueError(
                 "EngineConfig.block_streaming runs the blocks eagerly on one device: set compile=False "
                 "and context_parallel=1 with it"
+            )
+        if self.block_streaming and self.precompute_modulation:
+            raise ValueError(
+                "EngineConfig.precompute_modulation reads every block's weights in prepare, which "
+                "block_streaming keeps on the host: set one of them to False"
             )
         if self.quant not in QUANT_MODES:
             raise ValueError(f"EngineConfig.quant must be one of {list(QUANT_MODES)}, got {self.quant!r}")

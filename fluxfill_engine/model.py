@@ -79,6 +79,9 @@ class RequestInputs:
     attention functions are :class:`~.parallel.UlyssesAttention` wrappers; ``txt`` stays whole (a step
     callback may replace it) and is split every step. ``fingerprint`` of the request's inputs is
     compared across ranks at the first step.
+
+    ``modulation`` (with ``precompute_modulation``): every block's AdaLN vectors for every step, one
+    tuple per block in :meth:`FillTransformer.blocks` order, each tensor ``[num_steps, B, k*D]``.
     """
 
     cond_proj: torch.Tensor
@@ -89,6 +92,11 @@ class RequestInputs:
     single_attention: AttentionFn
     shard: SequenceShard | None = None
     fingerprint: torch.Tensor | None = None
+    modulation: list[tuple[torch.Tensor, ...]] | None = None
+
+
+# One step's AdaLN vectors, a tuple per block (see RequestInputs.modulation).
+StepModulation = list[tuple[torch.Tensor, ...]]
 
 
 def _engine_blocks(blocks: nn.ModuleList) -> list[DoubleStreamBlock | SingleStreamBlock]:
@@ -155,6 +163,8 @@ class FillTransformer(nn.Module):
         self._quant_plan: QuantPlan | None = None
         self._compile_settings: tuple[str, bool] | None = None
         self.context_parallel: ContextParallel | None = None
+        # Compute every block's modulation vectors for all steps in prepare (EngineConfig field).
+        self.precompute_modulation = False
         self._ulysses: dict[tuple[AttentionFn, SequenceShard], UlyssesAttention] = {}
         self.set_attention(attention, fused_kernels)
         self.lora = LoraController(self._lora_slots(transformer))
@@ -336,6 +346,7 @@ class FillTransformer(nn.Module):
             guidance_t = torch.full([steps * batch], guidance, device=cond.device, dtype=torch.float32)
             guidance_t = guidance_t.to(dtype) * 1000
         temb = self.time_embedding(step_t, guidance_t, pooled).unflatten(0, (steps, batch))
+        modulation = self.modulation_for_steps(temb) if self.precompute_modulation else None
         rope = rope_table(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
         num_heads = self.blocks()[0].num_heads
         head_dim = txt.shape[-1] // num_heads
@@ -349,14 +360,27 @@ class FillTransformer(nn.Module):
         double = resolve([text_len, image_len])
         single = resolve([text_len + image_len])
         if parallel is None:
-            return RequestInputs(cond_proj, txt, temb, rope, double, single)
+            return RequestInputs(cond_proj, txt, temb, rope, double, single, modulation=modulation)
         shard = parallel.shard(text_len, image_len)
         double = self._ulysses_attention(parallel.agree_on_backend(self.attention, double), shard)
         single = self._ulysses_attention(parallel.agree_on_backend(self.attention, single), shard)
         inputs_print = fingerprint(cond, prompt_embeds, pooled_prompt_embeds, timesteps)
         return RequestInputs(
-            shard.split_image(cond_proj), txt, temb, rope, double, single, shard, inputs_print
+            shard.split_image(cond_proj), txt, temb, rope, double, single, shard, inputs_print, modulation
         )
+
+    def modulation_for_steps(self, temb: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's AdaLN vectors for ``temb [num_steps, B, D]``: one matmul per linear over all steps.
+
+        They depend only on the timestep, guidance and pooled text, so the per-step M=B products over the
+        blocks' modulation weights (~3.2B parameters on FLUX.1) become one M=num_steps*B product each.
+        """
+        steps, batch = temb.shape[:2]
+        temb_act = F.silu(temb).flatten(0, 1)
+        return [
+            tuple(vector.unflatten(0, (steps, batch)) for vector in block.modulation(temb_act))
+            for block in self.blocks()
+        ]
 
     def text_embedding(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         return self.context_embedder(prompt_embeds.to(self.dtype))
@@ -371,21 +395,36 @@ class FillTransformer(nn.Module):
         return img
 
     def first_block(
-        self, img: torch.Tensor, txt: torch.Tensor, temb_act: torch.Tensor, inputs: RequestInputs
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb_act: torch.Tensor,
+        inputs: RequestInputs,
+        modulation: StepModulation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first double-stream block; ``temb_act`` is ``silu(temb)``."""
-        return self.double_blocks[0](img, txt, temb_act, inputs.rope, inputs.double_attention)
+        """The first double-stream block; ``temb_act`` is ``silu(temb)``; ``modulation``: this step's
+        precomputed vectors (all blocks), or ``None`` to compute them from ``temb_act``."""
+        mod = None if modulation is None else modulation[0]
+        return self.double_blocks[0](img, txt, temb_act, inputs.rope, inputs.double_attention, mod)
 
     def remaining_blocks(
-        self, img: torch.Tensor, txt: torch.Tensor, temb_act: torch.Tensor, inputs: RequestInputs
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb_act: torch.Tensor,
+        inputs: RequestInputs,
+        modulation: StepModulation | None = None,
     ) -> torch.Tensor:
         """Double-stream blocks 1.. and all single-stream blocks; returns the image tokens."""
-        for block in self.double_blocks[1:]:
-            img, txt = block(img, txt, temb_act, inputs.rope, inputs.double_attention)
+        doubles = len(self.double_blocks)
+        for index, block in enumerate(self.double_blocks[1:], start=1):
+            mod = None if modulation is None else modulation[index]
+            img, txt = block(img, txt, temb_act, inputs.rope, inputs.double_attention, mod)
         text_len = txt.shape[1]
         joint = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            joint = block(joint, temb_act, inputs.rope, inputs.single_attention)
+        for index, block in enumerate(self.single_blocks, start=doubles):
+            mod = None if modulation is None else modulation[index]
+            joint = block(joint, temb_act, inputs.rope, inputs.single_attention, mod)
         return joint[:, text_len:]
 
     def final(self, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -422,16 +461,24 @@ class FillTransformer(nn.Module):
             latents, txt = shard.split_image(latents), shard.split_text(txt)
         temb = inputs.temb[step]
         temb_act = F.silu(temb)
+        modulation = None
+        if inputs.modulation is not None:
+            modulation = [tuple(vector[step] for vector in block) for block in inputs.modulation]
         img = self.embed(latents, inputs.cond_proj)
-        first_img, txt = self.first_block(img, txt, temb_act, inputs)
+        first_img, txt = self.first_block(img, txt, temb_act, inputs, modulation)
         if cache is None:
-            out = self.remaining_blocks(first_img, txt, temb_act, inputs)
+            out = self.remaining_blocks(first_img, txt, temb_act, inputs, modulation)
         else:
 
             def remaining(rows: torch.Tensor | None) -> torch.Tensor:
                 if rows is None:
-                    return self.remaining_blocks(first_img, txt, temb_act, inputs)
-                return self.remaining_blocks(first_img[rows], txt[rows], temb_act[rows], inputs)
+                    return self.remaining_blocks(first_img, txt, temb_act, inputs, modulation)
+                rows_modulation = None
+                if modulation is not None:
+                    rows_modulation = [tuple(vector[rows] for vector in block) for block in modulation]
+                return self.remaining_blocks(
+                    first_img[rows], txt[rows], temb_act[rows], inputs, rows_modulation
+                )
 
             out = cache.apply(step, img, first_img, remaining, shard)
         velocity = self.final(out, temb)
