@@ -489,7 +489,7 @@ class TaskService:
                 end["replica"] = result.stats["replica"]
             self._emit([task_id], ev.TASK_END, end, timings=timings)
             self._emit([task_id], ev.TASK_POSTPROCESS_START)
-            images, nsfw = result.images, [False] * len(result.images)
+            images, nsfw = result.images, []  # no flags where no check ran: [False] would claim one
             if spec.safety_checker:
                 images, nsfw = self.safety_checker.check(images)
             names = self.files.save_outputs(task_id, images, spec.output_format)
@@ -534,6 +534,7 @@ class TaskService:
         ``cleanup_every_s``, busy or idle."""
         settings = self.settings
         delete_expired(self.store, self.files, settings.retention_hours, settings.task_retention_days)
+        delete_expired_uploads(settings.data_dir / "uploads", settings.retention_hours)  # kept as outputs are
 
 
 def _error_message(err: BaseException) -> str:
