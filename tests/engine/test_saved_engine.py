@@ -29,7 +29,7 @@ def pixels(engine: FluxFillEngine) -> np.ndarray:
 def small_images(engine: FluxFillEngine) -> np.ndarray:
     """The drop-in call at the tests' small size (the engine's request path needs 256 pixels)."""
     engine.pipeline.set_progress_bar_config(disable=True)
-    return engine.pipeline(**helpers.call_kwargs(seed=3)).images
+    return helpers.as_array(engine.pipeline(**helpers.call_kwargs(seed=3))[0])
 
 
 @pytest.fixture(scope="module")
