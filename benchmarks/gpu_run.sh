@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The whole GPU run as one prepared command: `fluxfill bench gpu-run`'s five parts in about 7 minutes
-# on one H100 (see benchmarks/README.md, "The GPU run").
+# The whole GPU run as one prepared command: `fluxfill bench gpu-run`'s five parts in at most 8.5
+# minutes on one H200 (see benchmarks/README.md, "The GPU run").
 #
 #   bash benchmarks/gpu_run.sh wheels            here, once: the wheels the device image lacks, into .whl
 #   bash benchmarks/gpu_run.sh [run] [ARGS...]   device: install .whl, run gpu-run --out "$OUT" ARGS
 #   bash benchmarks/gpu_run.sh dry-run [ARGS...] anywhere: the same code on the CPU at a tiny size
 #
-# The device tool call (its 15 minutes hold one start, this run and a rerun):
+# The device tool calls (15 minutes of device time: a start of up to 2, this call, the optional second):
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=540)
-# A rerun of some parts: run(command="bash benchmarks/gpu_run.sh run --parts latency,e2e", carry=[".whl"],
-# timeout_s=540). ARGS go to gpu-run (--parts, --budget-s; see fluxfill bench gpu-run --help).
+#   then at once, if the reply's lease.budget_left_s is 200 or more (the levers, on the warm machine):
+#   run(command="bash benchmarks/gpu_run.sh run --parts latency --rows lever --budget-s 110",
+#       carry=[".whl"], timeout_s=180), then give_back().
+# ARGS go to gpu-run (--parts, --rows, --budget-s; see fluxfill bench gpu-run --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +53,7 @@ device_run() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
     else
         echo "gpu_run.sh: no wheels in .whl (bash benchmarks/gpu_run.sh wheels, then carry .whl);" \
-            "diffusers, torchao and optimum-quanto must then be installed already" >&2
+            "the run stops at once if diffusers, torchao or optimum-quanto does not import" >&2
     fi
     # Run from the tree: the device cannot fetch the build backend for `pip install -e .`.
     export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

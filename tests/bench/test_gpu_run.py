@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -416,7 +417,59 @@ def test_shell_prints_usage_and_exits_2(args: list[str]) -> None:
     assert 'run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=540)' in done.stdout
 
 
+def test_the_plan_of_calls_fits_the_device_time() -> None:
+    """The shell's header names the device calls; with a start of up to 2 minutes and the transfers,
+    they fit the 15 minutes of device time, and each call's budget ends inside its timeout."""
+    header = SHELL.read_text().split("set -euo pipefail")[0]
+    timeouts = [int(t) for t in re.findall(r"timeout_s=(\d+)", header)]
+    budgets = [float(b) for b in re.findall(r"--budget-s (\d+)", header)]
+    assert len(timeouts) == 2 and len(budgets) == 1
+    start_s, transfers_s, install_s = 120, 2 * 15, 15
+    assert start_s + sum(timeouts) + transfers_s <= 15 * 60
+    for budget, timeout in zip([DEFAULT_BUDGET_S, *budgets], timeouts, strict=True):
+        assert install_s + budget + WORKER_KILL_GRACE_S <= timeout
+
+
 def test_shell_run_needs_the_out_folder() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     done = subprocess.run(["bash", str(SHELL), "run"], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "OUT must name the folder" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_native_build_costs_its_row_never_the_part(tmp_path) -> None:
+    """The dry run with a cmake that fails: the build's outcome (its log's tail, its seconds) is the
+    native row, and every other check of the part still runs."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "cmake"
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = --version ]; then echo "cmake version 99.0.0"; exit 0; fi\n'
+        'echo "CMake Error: a planted configure failure"; exit 1\n'
+    )
+    fake.chmod(0o755)
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["PATH"] = f"{tools}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH")) if p
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [*COMMAND, "--dry-run", "--parts", "correctness", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    record = json.loads((out / "gpu_run.json").read_text())
+    build = record["native_build"]
+    assert build["status"] == "failed" and build["exit_code"] == 1, build
+    assert "a planted configure failure" in build["error"]["log_tail"]
+    assert "a planted configure failure" in (out / "native-build.log").read_text()
+    part = record["parts"]["correctness"]
+    assert part["status"] == "partial" and part["failed_items"] == ["native"], part
+    assert part["items"]["native"]["status"] == "failed"
+    assert part["items"]["fill_cond/float16"]["status"] == "ok"  # the rest of the part ran
+    assert done.returncode == 1 and "native library: " in done.stdout
