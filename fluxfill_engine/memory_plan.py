@@ -31,6 +31,7 @@ import re
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -250,13 +251,37 @@ class ModelConfigs:
         )
 
     @classmethod
+    def from_folder(cls, folder: str | Path) -> ModelConfigs:
+        """A diffusers FLUX.1 Fill folder's component configs (``<component>/config.json``), read
+        without loading any weights."""
+        parts = {}
+        for field, component in (
+            ("transformer", "transformer"),
+            ("t5", "text_encoder_2"),
+            ("clip", "text_encoder"),
+            ("vae", "vae"),
+        ):
+            path = Path(folder) / component / "config.json"
+            if not path.is_file():
+                raise ValueError(
+                    f"no {component}/config.json in {str(folder)!r}: not a diffusers FLUX.1 Fill folder"
+                )
+            parts[field] = _frozen(json.loads(path.read_text()))
+        return cls(**parts)
+
+    @classmethod
     def of_pipeline(cls, pipe: Any) -> ModelConfigs:
         """A loaded pipeline's components (a tiny test model gets a tiny estimate)."""
+        return cls.of_components(pipe.components)
+
+    @classmethod
+    def of_components(cls, components: Mapping[str, Any]) -> ModelConfigs:
+        """Pipeline components by name (``transformer``, ``text_encoder_2``, ``text_encoder``, ``vae``)."""
         return cls(
-            _frozen(dict(pipe.transformer.config)),
-            _frozen(pipe.text_encoder_2.config.to_dict()),
-            _frozen(pipe.text_encoder.config.to_dict()),
-            _frozen(dict(pipe.vae.config)),
+            _frozen(dict(components["transformer"].config)),
+            _frozen(components["text_encoder_2"].config.to_dict()),
+            _frozen(components["text_encoder"].config.to_dict()),
+            _frozen(dict(components["vae"].config)),
         )
 
 

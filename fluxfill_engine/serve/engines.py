@@ -45,6 +45,7 @@ class EngineSpec:
     device: str = "cpu"
     dtype: str = "float32"
     warmup_sizes: tuple[tuple[int, int], ...] = ()
+    memory_plan: str | None = None  # a name in fluxfill_engine.memory_plan.PLANS (--max-vram's choice)
 
 
 def build_engine(spec: EngineSpec) -> FluxFillEngine:
@@ -53,6 +54,10 @@ def build_engine(spec: EngineSpec) -> FluxFillEngine:
     from ..testing.demo import tiny_engine
 
     config = EngineConfig.preset(spec.preset, dtype=spec.dtype)
+    if spec.memory_plan is not None:
+        from ..memory_plan import PLANS_BY_NAME
+
+        config = PLANS_BY_NAME[spec.memory_plan].apply(config)
     if spec.model is None:
         engine = tiny_engine(config, device=spec.device)
     else:

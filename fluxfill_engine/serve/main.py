@@ -31,6 +31,7 @@ def start_server(args: argparse.Namespace, device: str, dtype: str) -> None:
         device=device,
         dtype=dtype,
         warmup_sizes=tuple(args.warmup) if args.ray else (),  # replicas warm up themselves
+        memory_plan=getattr(args, "memory_plan", None),
     )
 
     def engine_factory() -> Any:
