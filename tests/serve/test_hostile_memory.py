@@ -384,3 +384,38 @@ def test_slow_url_downloads_do_not_delay_an_ordinary_submission(tmp_path, files)
         assert ordinary.status_code == 201 and waited < 2.0, waited
         files.hold.set()
         assert {future.result().status_code for future in pending} == {201}
+
+
+# ---- the flags ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--body-timeout-s", "--max-inflight-mb", "--max-queue-megapixels", "--url-fetches", "--lora-cache-mb"],
+)
+def test_the_limits_flags_must_be_positive(flag, capsys):
+    from fluxfill_engine.cli import main
+
+    assert main(["serve", flag, "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and flag in error and "Traceback" not in error
+
+
+def test_the_limits_flags_reach_the_server(monkeypatch):
+    """``fluxfill serve``'s limits flags, as the app gets them (uvicorn not started)."""
+    from fluxfill_engine.cli import main
+    from fluxfill_engine.serve import main as serve_main
+
+    seen: dict[str, Any] = {}
+
+    def capture(config: Any, factory: Any, **addons: Any) -> Any:
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(serve_main, "create_app", capture)
+    flags = ["--body-timeout-s", "7", "--max-inflight-mb", "3", "--max-queue-megapixels", "50"]
+    with pytest.raises(SystemExit):
+        main(["serve", *flags, "--url-fetches", "2", "--lora-cache-mb", "5"])
+    config = seen["config"]
+    assert config.body_timeout_s == 7 and config.max_inflight_bytes == 3 * 2**20 and config.url_fetches == 2
+    assert config.service.max_queue_megapixels == 50 and config.options.lora_cache_bytes == 5 * 2**20
