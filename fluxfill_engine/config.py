@@ -130,6 +130,10 @@ class EngineConfig:
             copied to the device on a side stream while the one before it runs; blocks run eagerly
             (``compile=False``). :func:`fluxfill_engine.memory_plan.choose_memory_plan` picks these
             three fields (and ``quantize_text_encoder``) for a memory budget.
+        quantize_on_cpu: with ``quant`` (and ``quantize_text_encoder``), quantize the weights in host
+            memory and move only the quantized ones to the device: the device never holds the bf16
+            weights (what a card smaller than them needs); the start pays the CPU's quantization time.
+            The memory plans set it.
         precompute_modulation: compute every block's AdaLN modulation vectors (the M=batch products of
             the conditioning vector with ~3.2B parameters on FLUX.1) for all steps of a request at once,
             in ``prepare``, instead of every step. Equal up to the matmuls' batching; not with
