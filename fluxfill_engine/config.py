@@ -166,6 +166,7 @@ class EngineConfig:
     text_encoders_on_cpu: bool = False
     block_streaming: bool = False
     precompute_modulation: bool = False
+    quantize_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         check_dtype_name(self.dtype, "EngineConfig.dtype")
@@ -191,6 +192,7 @@ class EngineConfig:
             "cpu_offload",
             "text_encoders_on_cpu",
             "block_streaming",
+            "quantize_on_cpu",
             "precompute_modulation",
         )
         for name in names:
