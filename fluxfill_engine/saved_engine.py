@@ -201,6 +201,15 @@ def load_saved_engine(
     ``attention``, ``compile`` or the step cache may differ). ``ValueError`` naming what differs."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    known = {field.name for field in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(manifest["config"]) - known)
+    if unknown:
+        raise InputError(
+            f"`model`: the saved engine {str(directory)!r} was saved with configuration fields this "
+            f"fluxfill-engine does not have ({', '.join(unknown)}): load it with the version that saved it "
+            f"({manifest['versions'].get('fluxfill_engine')}) or prepare it again",
+            "model",
+        )
     saved = EngineConfig(**manifest["config"])
     asked = config or saved
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -215,7 +224,8 @@ def load_saved_engine(
         raise InputError(
             f"`model`: the saved engine {str(directory)!r} does not match what is asked ("
             + "; ".join(differences)
-            + "): prepare it again (fluxfill prepare) for this configuration and device",
+            + "): load it with the configuration it was saved with (no config; on the command line the "
+            "same --preset and --dtype as `fluxfill prepare`), or prepare it again for this one and this device",
             "model",
         )
     if (
