@@ -73,9 +73,11 @@ class MemoryPlan:
         }
 
     def apply(self, config: EngineConfig) -> EngineConfig:
-        """``config`` with this plan's fields (block streaming runs eagerly: ``compile`` off)."""
+        """``config`` with this plan's fields, quantizing in host memory (``quantize_on_cpu``: the
+        device never holds the bf16 weights); block streaming runs the blocks eagerly and reads them
+        one at a time (``compile`` and ``precompute_modulation`` off)."""
         extra = {"compile": False, "precompute_modulation": False} if self.block_streaming else {}
-        return dataclasses.replace(config, **self.fields(), **extra)
+        return dataclasses.replace(config, **self.fields(), quantize_on_cpu=True, **extra)
 
 
 # Fastest first. Resident plans move nothing; offload moves T5 (quantized: ~6 GB on the real model)

@@ -5,6 +5,9 @@ The :class:`~.config.EngineConfig` fields (chosen by :mod:`.memory_plan`):
 - ``cpu_offload``: the text encoders and the VAE live in host memory and are copied to the device only
   for their forward passes (the VAE's encoder and decoder separately): :class:`OffloadedModule`.
 - ``text_encoders_on_cpu``: CLIP and T5 stay on the CPU and run there; their outputs move to the device.
+- ``quantize_on_cpu``: the transformer (with ``quant``) and T5 (with ``quantize_text_encoder``) wait in
+  host memory until they are quantized, then move (:meth:`MemoryPlacement.settle`): the device never
+  holds their bf16 weights.
 - ``block_streaming``: the transformer's blocks live in host memory (pinned when CUDA is available) and
   each is copied to the device on a side stream while the block before it runs: :class:`BlockStreamer`.
   The layers outside the blocks (embedders, final layer: about 1% of the weights) stay on the device.
@@ -211,13 +214,21 @@ class MemoryPlacement:
     cpu_offload: bool
     text_encoders_on_cpu: bool
     block_streaming: bool
+    quantize_on_cpu: bool
     offloaded: list[OffloadedModule] = dataclasses.field(default_factory=list)
     streamed: list[FillTransformer] = dataclasses.field(default_factory=list)
+    deferred: list[nn.Module] = dataclasses.field(default_factory=list)  # to the device once quantized
     pinned_bytes: int = 0
 
     @property
-    def key(self) -> tuple[torch.device, bool, bool, bool]:
-        return (self.device, self.cpu_offload, self.text_encoders_on_cpu, self.block_streaming)
+    def key(self) -> tuple[torch.device, bool, bool, bool, bool]:
+        return (
+            self.device,
+            self.cpu_offload,
+            self.text_encoders_on_cpu,
+            self.block_streaming,
+            self.quantize_on_cpu,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -243,6 +254,13 @@ class MemoryPlacement:
         fill.__dict__[STREAMER_ATTR] = BlockStreamer(fill, self.device)
         self.streamed.append(fill)
 
+    def settle(self) -> None:
+        """Move the modules that waited in host memory to be quantized to the device (call once they
+        are: a quantized engine transformer moves with its module and stays in sync)."""
+        for module in self.deferred:
+            module.to(self.device)
+        self.deferred.clear()
+
     def remove(self) -> None:
         """Take the hooks off: the modules run where their weights are."""
         for offloaded in self.offloaded:
@@ -257,7 +275,9 @@ class MemoryPlacement:
 
 def uses_memory_plan(config: EngineConfig) -> bool:
     """Whether ``config`` places components anywhere but all on the device."""
-    return config.cpu_offload or config.text_encoders_on_cpu or config.block_streaming
+    return (
+        config.cpu_offload or config.text_encoders_on_cpu or config.block_streaming or config.quantize_on_cpu
+    )
 
 
 def place_components(pipe: Any, config: EngineConfig, device: str | torch.device) -> MemoryPlacement:
@@ -271,7 +291,11 @@ def place_components(pipe: Any, config: EngineConfig, device: str | torch.device
     if previous is not None:
         previous.remove()
     placement = MemoryPlacement(
-        device, config.cpu_offload, config.text_encoders_on_cpu, config.block_streaming
+        device,
+        config.cpu_offload,
+        config.text_encoders_on_cpu,
+        config.block_streaming,
+        config.quantize_on_cpu,
     )
     cpu = torch.device("cpu")
     transformer = pipe.transformer
@@ -280,6 +304,9 @@ def place_components(pipe: Any, config: EngineConfig, device: str | torch.device
         transformer.to(cpu)
         for module in _outer_modules(transformer):
             module.to(device)
+    elif config.quantize_on_cpu and config.quant != "none" and pipe.runtime.quant_plan is None:
+        transformer.to(cpu)
+        placement.deferred.append(transformer)
     else:
         transformer.to(device)
     for name in ("text_encoder", "text_encoder_2"):
@@ -291,6 +318,9 @@ def place_components(pipe: Any, config: EngineConfig, device: str | torch.device
         elif config.cpu_offload:
             encoder.to(cpu)
             placement.offloaded.append(OffloadedModule(encoder, device))
+        elif name == "text_encoder_2" and config.quantize_on_cpu and config.quantize_text_encoder:
+            encoder.to(cpu)  # quantized by configure if it is not yet (once quantized, moving is cheap)
+            placement.deferred.append(encoder)
         else:
             encoder.to(device)
     vae = pipe.vae

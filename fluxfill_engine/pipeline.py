@@ -116,8 +116,9 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         placement = self.memory_placement
         if placement is None:
             return self.runtime.get(self._engine_config, execution_device(self.transformer))
-        fill = self.runtime.get(self._engine_config, placement.device)
+        fill = self.runtime.get(self._engine_config, placement.device)  # quantized in host memory
         placement.attach(fill)  # block streaming: its blocks' weights come from host memory
+        placement.settle()  # quantize_on_cpu: now the quantized weights move
         return fill
 
     @property
@@ -134,7 +135,13 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             return None
         device = self._execution_device if device is None else torch.device(device)
         placement = self.memory_placement
-        wanted = (device, config.cpu_offload, config.text_encoders_on_cpu, config.block_streaming)
+        wanted = (
+            device,
+            config.cpu_offload,
+            config.text_encoders_on_cpu,
+            config.block_streaming,
+            config.quantize_on_cpu,
+        )
         if placement is not None and placement.key == wanted:
             return placement
         return place_components(self, config, device)
@@ -161,6 +168,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
             self.compile_cache = load_compile_cache(config.compile_cache_dir)
         if config.quant != "none" or config.compile or config.context_parallel > 1:
             self.engine_transformer()  # quantize/compile/join the ranks now: errors surface here
+        if self.memory_placement is not None:
+            self.memory_placement.settle()  # quantize_on_cpu: T5 quantized above moves now
         return self
 
     # ---- the engine's own LoRAs ----------------------------------------------------------------------

@@ -26,7 +26,14 @@ from fluxfill_engine.memory_plan import (
     weight_bytes,
 )
 from fluxfill_engine.metrics import sqnr_db
-from fluxfill_engine.offload import STREAMER_ATTR, OffloadedModule, module_tensors, repoint_storages
+from fluxfill_engine.offload import (
+    STREAMER_ATTR,
+    MemoryPlacement,
+    OffloadedModule,
+    module_tensors,
+    repoint_storages,
+)
+from fluxfill_engine.quantization import QuantizedLinear
 from fluxfill_engine.quantization import weight_bytes as real_weight_bytes
 from fluxfill_engine.testing.tiny import tiny_components
 from tests.engine.test_engine import request
@@ -147,6 +154,26 @@ def test_offloaded_module_runs_on_copies_and_restores_even_after_an_error():
     offloaded.remove()
     layer(torch.ones(1, 4))
     assert during[-1] == host
+
+
+@pytest.mark.slow
+def test_quantize_on_cpu_moves_only_quantized_weights(monkeypatch):
+    """The transformer and T5 wait in host memory until quantized; the images are the usual ones."""
+    moved = []
+    settle = MemoryPlacement.settle
+
+    def spy(placement: MemoryPlacement) -> None:
+        for module in placement.deferred:
+            moved.append(any(isinstance(m, QuantizedLinear) for m in module.modules()))
+        settle(placement)
+
+    monkeypatch.setattr(MemoryPlacement, "settle", spy)
+    fields = dict(quant="int8-weight", quantize_text_encoder=True)
+    on_host = engine(**fields, quantize_on_cpu=True)
+    assert moved == [True, True] and on_host.pipeline.memory_placement is not None
+    assert not on_host.pipeline.memory_placement.deferred
+    usual = engine(**fields)
+    np.testing.assert_array_equal(images(on_host.run(request()))[0], images(usual.run(request()))[0])
 
 
 @pytest.mark.slow
