@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -141,7 +142,7 @@ class SafetyChecker:
     def device(self) -> Any:
         return self.model.device
 
-    def check(self, images: list[PIL.Image.Image]) -> tuple[list[PIL.Image.Image], list[bool]]:
+    def check(self, images: Sequence[PIL.Image.Image]) -> tuple[list[PIL.Image.Image], list[bool]]:
         """``(images, has_nsfw_contents)``: the images with each flagged one replaced by a black image
         of its size, and one flag per image. The images given are not modified."""
         images = list(images)
