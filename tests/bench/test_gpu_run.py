@@ -38,7 +38,14 @@ from fluxfill_engine.bench.gpu_run.latency import auto_attention_record, row_lim
 from fluxfill_engine.bench.gpu_run.main import parse_parts, parse_rows
 from fluxfill_engine.bench.gpu_run.main import run as run_command
 from fluxfill_engine.bench.gpu_run.preflight import missing_imports
-from fluxfill_engine.bench.gpu_run.profiles import BATCHED, HEADLINE_ROWS, STEP_VARIANTS, dry_run_profile
+from fluxfill_engine.bench.gpu_run.profiles import (
+    BATCHED,
+    HEADLINE_ROWS,
+    STEP_VARIANTS,
+    StepVariant,
+    dry_run_profile,
+    rows_in_run_order,
+)
 from fluxfill_engine.bench.gpu_run.record import SCHEMA
 from fluxfill_engine.bench.gpu_run.table import render_table
 from fluxfill_engine.bench.gpu_run.workers import WORKER_KILL_GRACE_S
@@ -128,7 +135,8 @@ def test_dry_run_runs_every_part_and_variant(dry_run) -> None:
     # The native library was built first, in the background, and checked in the correctness part.
     build = record["native_build"]
     assert build["status"] == "ok" and build["build_s"] > 0 and (out / "native-build.log").is_file()
-    assert build["generator"] == ("Ninja" if shutil.which("ninja") else "default")
+    ninja = shutil.which("ninja") or (Path(sys.executable).parent / "ninja").exists()
+    assert build["generator"] == ("Ninja" if ninja else "default")
     assert checks["native"]["status"] == "ok" and checks["native"]["within_tolerance"], checks["native"]
     for name in ("diffusers", "fast"):
         stages = parts["e2e"]["items"][name]
@@ -171,6 +179,10 @@ def test_parts_and_rows_run_by_value() -> None:
     headline = [variant.name for variant in STEP_VARIANTS if variant.group == "headline"]
     assert groups[: len(headline)] == ["headline"] * len(headline)  # the headline rows come first
     assert STEP_VARIANTS[0].name == "reference"  # the drift reference before any other row
+    # A row appended for a lever (group left at its default) runs before the rows that only explain.
+    lever = StepVariant("engine:compile_mode=max-autotune", clone=True, estimate_s=60)
+    order = [v.name for v in rows_in_run_order((*STEP_VARIANTS, lever))]
+    assert order[: len(headline) + 1] == [*headline, lever.name]
     names = {variant.name for variant in STEP_VARIANTS}
     assert {name for _, name in HEADLINE_ROWS} <= names
     # Every compiled headline row has its own limit.

@@ -15,6 +15,7 @@ from ...testing.pictures import picture_and_mask
 from ...testing.random_models import ComponentConfigs, full_configs, random_components, reduced_configs
 from ..measure import ForwardIntervals, free_memory
 from .budget import Deadline, overrun_in, time_limit, too_late
+from .latency import auto_attention_record
 from .profiles import GUIDANCE, Profile
 from .record import Run
 
@@ -136,6 +137,7 @@ def part_e2e(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
             "warmup_note": "the warm-up call includes compiling the blocks",
             "quantization": None if plan is None else dataclasses.asdict(plan),
             "peak_gib": run.memory.peak_gib(),
+            **auto_attention_record(fill.attention),
         }
         if "diffusers" in images:
             out["image_psnr_vs_diffusers_db"] = psnr_db(images["diffusers"], images["fast"])

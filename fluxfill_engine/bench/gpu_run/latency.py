@@ -18,7 +18,7 @@ from ...testing.step_inputs import StepInputs
 from ..measure import free_memory, median
 from .budget import Deadline, overrun_in, skipped, time_limit, too_late
 from .machine import measured_ceiling
-from .profiles import BATCHED, GUIDANCE, STEP_VARIANTS, TRY_ON_CPU, Profile, StepVariant
+from .profiles import BATCHED, GUIDANCE, TRY_ON_CPU, Profile, StepVariant, rows_in_run_order
 from .record import Run
 
 
@@ -273,7 +273,7 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
     record["model"]["weights_gib"] = run.memory.allocated_gib()
     run.save()
     outputs: dict[str, torch.Tensor] = {}  # the reference's output, once it has run
-    for variant in STEP_VARIANTS:
+    for variant in rows_in_run_order():
         spec = parse_variant(variant.name)  # a wrong name fails here, in the dry run too
         if not selected(profile, variant.name, variant.group):
             continue

@@ -24,8 +24,9 @@ class StepVariant:
     # cannot eat the rows and parts after it. None: only the part's deadline.
     limit_s: float | None = None
     # Which rows a run selects (``--rows``): "headline" (against diffusers), "more" (what explains the
-    # presets), "lever" (the next optimizations to measure).
-    group: str = "more"
+    # presets), "lever" (the next optimizations to measure: the default, so a row appended for a new
+    # lever is one).
+    group: str = "lever"
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,12 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
     StepVariant("diffusers-compile", clone=True, estimate_s=40, limit_s=110, group="headline"),
     # torchao's quantize_ of ~500 linears and a fullgraph compile: 40-100 s (estimate).
     StepVariant("diffusers-fp8-compile", clone=True, estimate_s=80, limit_s=130, group="headline"),
-    StepVariant("engine:attention=triton", clone=False, estimate_s=6),
-    StepVariant("engine:attention=xformers", clone=False, estimate_s=5),
-    StepVariant("engine:fused_kernels=1", clone=False, estimate_s=5),
-    StepVariant("engine:attention=auto", clone=False, estimate_s=6),
-    StepVariant("engine:quant=fp8,quant_backend=native", clone=True, estimate_s=10),
-    StepVariant("fast", clone=True, estimate_s=55, limit_s=110),  # dynamic shapes, as served
+    StepVariant("engine:attention=triton", clone=False, estimate_s=6, group="more"),
+    StepVariant("engine:attention=xformers", clone=False, estimate_s=5, group="more"),
+    StepVariant("engine:fused_kernels=1", clone=False, estimate_s=5, group="more"),
+    StepVariant("engine:attention=auto", clone=False, estimate_s=6, group="more"),
+    StepVariant("engine:quant=fp8,quant_backend=native", clone=True, estimate_s=10, group="more"),
+    StepVariant("fast", clone=True, estimate_s=55, limit_s=110, group="more"),  # dynamic shapes, as served
 )
 # The table's headline rows, by what a reader asks: (label, variant name). Ratios are against
 # "diffusers eager" and the fastest diffusers row.
@@ -188,7 +189,13 @@ HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
 )
 # The batched steps of the latency part: the engine's eager reference path (the server batches requests
 # of one size; eager, so a batch size costs no compile). Its estimate is per image of the batch.
-BATCHED = StepVariant("reference", clone=False, estimate_s=2.5)
+BATCHED = StepVariant("reference", clone=False, estimate_s=2.5, group="more")
 # What a CPU cannot run but should still build as far as it gets, in the dry run.
 TRY_ON_CPU = frozenset({"diffusers-fp8-compile"})
-ROW_GROUPS = ("headline", "more", "lever")
+# The groups in run order: the levers (what to make the default next) before the rows that only explain.
+ROW_GROUPS = ("headline", "lever", "more")
+
+
+def rows_in_run_order(variants: tuple[StepVariant, ...] = STEP_VARIANTS) -> list[StepVariant]:
+    """The latency rows by value: by group (:data:`ROW_GROUPS`), in the tuple's order within each."""
+    return sorted(variants, key=lambda variant: ROW_GROUPS.index(variant.group))
