@@ -139,3 +139,15 @@ def test_a_compiled_engine_saves_its_compile_cache_and_loads_it(base, tmp_path):
     assert manifest["compile_cache"] is not None and manifest["compile_cache"]["bytes"] > 0
     assert loaded.pipeline.compile_cache is not None  # loaded before compiling
     assert np.array_equal(pixels(loaded), before)
+
+
+def test_fluxfill_prepare_writes_a_saved_engine(tmp_path, capsys):
+    from fluxfill_engine.cli import main
+
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--out", str(out), "--preset", "reference", "--device", "cpu"]) == 0
+    assert f"saved engine: {out}" in capsys.readouterr().out
+    engine = FluxFillEngine.from_pretrained(out)
+    assert engine.start_report.source == "saved engine" and engine.config.dtype == "float32"
+    assert main(["prepare", "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
