@@ -42,6 +42,11 @@ from tests.support.serve import (
 KEY = {"Authorization": "Bearer key-one"}
 
 
+def post(url: str, timeout: float = 60.0, **fields: Any) -> httpx.Response:
+    """``httpx.post`` with room for a loaded machine (a server's first request imports the engine)."""
+    return httpx.post(url, timeout=timeout, **fields)
+
+
 class GatedEngine(InstantEngine):
     """:class:`InstantEngine` whose passes wait for ``gate`` (set: they run at once)."""
 
@@ -108,7 +113,7 @@ def test_a_wrong_or_missing_key_is_refused_from_the_headers_before_any_body(tmp_
         status, raw, _ = answer_of(wavespeed)
         assert status == 401 and b'"code":401' in raw  # in WaveSpeed's shape
         # With the key, the same headers get their body read: a request that sends it is answered.
-        task = httpx.post(f"{base}/v1/tasks", json=body(), headers=KEY)
+        task = post(f"{base}/v1/tasks", json=body(), headers=KEY)
         assert task.status_code == 201
 
 
@@ -126,7 +131,7 @@ def test_a_half_sent_body_is_cut_off_with_408_after_the_deadline(tmp_path):
         waited = time.perf_counter() - start
         assert status == 408 and b"--body-timeout-s" in raw and closed
         assert 0.5 <= waited < 3.0, waited
-        assert httpx.post(f"{base}/v1/tasks", json=body()).status_code == 201  # the server is fine
+        assert post(f"{base}/v1/tasks", json=body()).status_code == 201  # the server is fine
 
 
 def test_bodies_in_flight_together_are_bounded(tmp_path):
@@ -140,7 +145,7 @@ def test_bodies_in_flight_together_are_bounded(tmp_path):
         assert answer_of(first)[0] == 400  # read whole and answered: a list is not a request
         again = raw_post(base, "/v1/tasks", {"Content-Type": "application/json"}, 500, b"x" * 500)
         assert answer_of(again)[0] == 400  # the bytes of the first were given back
-        unsized = httpx.post(f"{base}/v1/tasks", content=iter([b" " * 600] * 3))  # chunked: counted as read
+        unsized = post(f"{base}/v1/tasks", content=iter([b" " * 600] * 3))  # chunked: counted as read
         assert unsized.status_code == 503 and "--max-inflight-mb" in unsized.json()["error"]
 
 
@@ -176,7 +181,7 @@ def _large_body(side: int, num_images: int = 1, **fields: Any) -> dict[str, Any]
 
 def _block_worker(base: str) -> dict[str, Any]:
     """A first task that holds the gated engine, so that the next ones wait in the queue."""
-    first = httpx.post(f"{base}/v1/tasks", json=body(prompt="first")).json()
+    first = post(f"{base}/v1/tasks", json=body(prompt="first")).json()
     wait_status(base, first["id"], {"running"})
     return first
 
@@ -187,19 +192,18 @@ def test_a_queue_of_large_inputs_holds_files_not_pixels_and_cancel_deletes_them(
     with server_in_thread(make_app(tmp_path, gated, max_queue_megapixels=1e6)) as base:
         _block_worker(base)
         payload = _large_body(side)
-        httpx.post(f"{base}/v1/tasks", json=payload).raise_for_status()  # warm: the decoders' first use
+        post(
+            f"{base}/v1/tasks", json=payload, timeout=120
+        ).raise_for_status()  # warm: the decoders' first use
         with MemoryPeak(_own_pid()) as memory:
-            queued = [httpx.post(f"{base}/v1/tasks", json=payload, timeout=120).json() for _ in range(tasks)]
+            queued = [post(f"{base}/v1/tasks", json=payload, timeout=120).json() for _ in range(tasks)]
         held_if_decoded = tasks * side * side * 4
         assert all(task["status"] == "queued" for task in queued)
-        print(
-            f"RSS {memory.before / 2**20:.0f} -> {memory.after / 2**20:.0f} MiB, peak {memory.peak / 2**20:.0f}"
-        )
         assert memory.after - memory.before < held_if_decoded / 3, (memory.before, memory.after)
         folders = {path.name for path in (tmp_path / "inputs").iterdir()}
         assert {task["id"] for task in queued} <= folders
         for task in queued:
-            assert httpx.post(f"{base}/v1/tasks/{task['id']}/cancel").json()["status"] == "canceled"
+            assert post(f"{base}/v1/tasks/{task['id']}/cancel").json()["status"] == "canceled"
         assert not {task["id"] for task in queued} & {path.name for path in (tmp_path / "inputs").iterdir()}
         gated.gate.set()
 
@@ -215,17 +219,17 @@ def test_admission_weighs_megapixels_times_images_and_names_the_limit(tmp_path, 
     limit = 3.5 * image_mp * 2  # three tasks of two images fit, a fourth does not
     with server_in_thread(make_app(tmp_path, gated, max_queue_megapixels=limit)) as base:
         _block_worker(base)  # running: no longer in the queue's weight
-        alone = httpx.post(f"{base}/v1/tasks", json=_large_body(1024))
+        alone = post(f"{base}/v1/tasks", json=_large_body(1024))
         assert alone.status_code == 413 and "--max-queue-megapixels" in alone.json()["error"]
         assert alone.json()["field"] == "num_images"
-        fitting = [httpx.post(f"{base}/v1/tasks", json=body(num_images=2)) for _ in range(3)]
+        fitting = [post(f"{base}/v1/tasks", json=body(num_images=2)) for _ in range(3)]
         assert [answer.status_code for answer in fitting] == [201, 201, 201]
-        full = httpx.post(f"{base}/v1/tasks", json=body(num_images=2))
+        full = post(f"{base}/v1/tasks", json=body(num_images=2))
         assert full.status_code == 429 and "--max-queue-megapixels" in full.json()["error"]
         assert int(full.headers["Retry-After"]) >= 1
-        assert httpx.post(f"{base}/v1/tasks", json=body(num_images=1)).status_code == 201  # what still fits
-        httpx.post(f"{base}/v1/tasks/{fitting[0].json()['id']}/cancel")
-        assert httpx.post(f"{base}/v1/tasks", json=body(num_images=2)).status_code == 201  # room again
+        assert post(f"{base}/v1/tasks", json=body(num_images=1)).status_code == 201  # what still fits
+        post(f"{base}/v1/tasks/{fitting[0].json()['id']}/cancel")
+        assert post(f"{base}/v1/tasks", json=body(num_images=2)).status_code == 201  # room again
         gated.gate.set()
         for answer in fitting[1:]:
             assert wait_status(base, answer.json()["id"], {"completed", "failed"})["status"] == "completed"
@@ -303,19 +307,19 @@ def test_lora_urls_are_downloaded_only_for_requests_that_run(tmp_path, gated, fi
     app = make_app(tmp_path, gated, options=_url_options(), max_queue=1)
     with server_in_thread(app) as base:
         refused = [
-            httpx.post(f"{base}/v1/tasks", json=body(loras=lora, num_inference_steps=0)),
-            httpx.post(f"{base}/v1/tasks", json=body(loras=lora, image="bm90IGFuIGltYWdl")),
-            httpx.post(f"{base}/v1/tasks", json=body(loras=lora, guidance_scale="strong")),
+            post(f"{base}/v1/tasks", json=body(loras=lora, num_inference_steps=0)),
+            post(f"{base}/v1/tasks", json=body(loras=lora, image="bm90IGFuIGltYWdl")),
+            post(f"{base}/v1/tasks", json=body(loras=lora, guidance_scale="strong")),
         ]
         assert [answer.status_code for answer in refused] == [422, 400, 422]
         assert files.gets == {}
         _block_worker(base)
-        queued = httpx.post(f"{base}/v1/tasks", json=body(loras=lora))
+        queued = post(f"{base}/v1/tasks", json=body(loras=lora))
         assert queued.status_code == 201 and files.gets == {"/style.safetensors": 1}
-        full = httpx.post(f"{base}/v1/tasks", json=body(loras=[{"path": files.url("/other.safetensors")}]))
+        full = post(f"{base}/v1/tasks", json=body(loras=[{"path": files.url("/other.safetensors")}]))
         assert full.status_code == 429 and "/other.safetensors" not in files.gets
-        httpx.post(f"{base}/v1/tasks/{queued.json()['id']}/cancel")
-        again = httpx.post(f"{base}/v1/tasks", json=body(loras=lora))
+        post(f"{base}/v1/tasks/{queued.json()['id']}/cancel")
+        again = post(f"{base}/v1/tasks", json=body(loras=lora))
         assert again.status_code == 201 and files.gets == {"/style.safetensors": 1}  # from the cache
         assert _metric(base, "fluxfill_lora_cache_bytes") == len(lora_bytes)
         assert _metric(base, "fluxfill_lora_downloads") == 1
@@ -331,7 +335,7 @@ def test_the_lora_cache_keeps_its_bound_least_recently_used_out(tmp_path, files,
 
         def run(name: str) -> None:
             request = body(loras=[{"path": files.url(f"/{name}.safetensors")}])
-            task = httpx.post(f"{base}/v1/tasks", json=request).json()
+            task = post(f"{base}/v1/tasks", json=request).json()
             assert wait_status(base, task["id"], {"completed", "failed"})["status"] == "completed"
 
         for name in ("a", "b", "a", "c"):  # b is then the least recently used: out, a and c kept
@@ -379,7 +383,7 @@ def test_slow_url_downloads_do_not_delay_an_ordinary_submission(tmp_path, files)
         time.sleep(0.5)  # every slow request has reached the server by now
         assert files.gets["/image.png"] == 4  # at most url_fetches fetch at once; the others wait
         start = time.perf_counter()
-        ordinary = httpx.post(f"{base}/v1/tasks", json=body(), timeout=30)
+        ordinary = post(f"{base}/v1/tasks", json=body(), timeout=30)
         waited = time.perf_counter() - start
         assert ordinary.status_code == 201 and waited < 2.0, waited
         files.hold.set()
