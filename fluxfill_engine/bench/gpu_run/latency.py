@@ -217,9 +217,11 @@ def selected(profile: Profile, name: str, group: str) -> bool:
     return profile.rows is None or name == "reference" or name in profile.rows or group in profile.rows
 
 
-def row_limit(variant: StepVariant, deadline: Deadline) -> float:
-    """A row's own limit: its ``limit_s``, never past the part's deadline."""
-    return min(variant.limit_s if variant.limit_s is not None else float("inf"), deadline.left())
+def row_limit(variant: StepVariant, deadline: Deadline, own_limits: bool = True) -> float:
+    """A row's own limit: its ``limit_s`` (with ``own_limits``: they are set for a GPU), never past the
+    part's deadline."""
+    own = variant.limit_s if own_limits and variant.limit_s is not None else float("inf")
+    return min(own, deadline.left())
 
 
 def batched_variant(
@@ -297,7 +299,7 @@ def part_latency(run: Run, deadline: Deadline, record: dict[str, Any]) -> None:
                 outputs,
                 flops.total,
                 reason,
-                row_limit(variant, deadline),
+                row_limit(variant, deadline, own_limits=not profile.dry_run),
             ),
         )
     for size in profile.batch_sizes:
