@@ -55,14 +55,14 @@ class TaskFiles:
         them when the task runs."""
         import PIL.Image
 
+        def header(path: Path) -> PIL.Image.Image:
+            stand_in = PIL.Image.open(path)
+            stand_in.close()  # the file closed, the size kept; pixels raise "Operation on closed image"
+            return stand_in
+
         folder = self.inputs_dir / task_id
-        with PIL.Image.open(folder / "image.png") as image:
-            pass
         mask_file = folder / "mask.png"
-        if not mask_file.exists():
-            return image, None
-        with PIL.Image.open(mask_file) as mask:
-            return image, mask
+        return header(folder / "image.png"), header(mask_file) if mask_file.exists() else None
 
     def delete_inputs(self, task_id: str) -> None:
         shutil.rmtree(self.inputs_dir / task_id, ignore_errors=True)
