@@ -97,7 +97,7 @@ def answer_of(sock: socket.socket) -> tuple[int, bytes, bool]:
     except (ConnectionResetError, TimeoutError):
         closed = True
     sock.close()
-    return int(head.split()[1]), data, closed
+    return int(head.split()[1]), head + b"\r\n\r\n" + rest, closed
 
 
 # ---- item 1: the key before the body, a deadline on it, a bound on bodies in flight ---------------------
