@@ -7,8 +7,8 @@
 # pinned to the device image's torch 2.11.0 (PyPI's CUDA build, which runs on a CPU), triton 3.6.0,
 # transformers 5.17.0 and accelerate 1.15.0, and to the wheels the run carries there (diffusers 0.42.1,
 # torchao 0.17.0, optimum-quanto 0.2.7), with pytest, cmake and ninja. Reused when its versions match;
-# otherwise created (about 5 GB: torch's CUDA wheels) or given the pinned versions (nothing is deleted). The project itself is not installed: it
-# runs from the tree, as on the device.
+# otherwise created (about 5 GB: torch's CUDA wheels) or given the pinned versions (nothing is
+# deleted). The project itself is not installed: it runs from the tree, as on the device.
 #
 # Then, each timed, all run even when one fails (the exit status says whether any did):
 #   1. the GPU run's dry run (fluxfill bench gpu-run --dry-run): every part and every variant, the

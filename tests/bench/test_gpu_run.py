@@ -55,6 +55,7 @@ from fluxfill_engine.compilation import compile_unavailable_reason
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = [sys.executable, "-m", "fluxfill_engine", "bench", "gpu-run"]
 SHELL = ROOT / "benchmarks" / "gpu_run.sh"
+REHEARSAL = ROOT / "benchmarks" / "rehearse_gpu_versions.sh"
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +182,9 @@ def test_parts_and_rows_run_by_value() -> None:
     assert STEP_VARIANTS[0].name == "reference"  # the drift reference before any other row
     # A row appended for a lever (group left at its default) runs before the rows that only explain.
     lever = StepVariant("engine:compile_mode=max-autotune", clone=True, estimate_s=60)
+    levers = [v.name for v in (*STEP_VARIANTS, lever) if v.group == "lever"]
     order = [v.name for v in rows_in_run_order((*STEP_VARIANTS, lever))]
-    assert order[: len(headline) + 1] == [*headline, lever.name]
+    assert order[: len(headline) + len(levers)] == [*headline, *levers]
     names = {variant.name for variant in STEP_VARIANTS}
     assert {name for _, name in HEADLINE_ROWS} <= names
     # Every compiled headline row has its own limit.
@@ -488,3 +490,21 @@ def test_a_failed_native_build_costs_its_row_never_the_part(tmp_path) -> None:
     assert part["items"]["native"]["status"] == "failed"
     assert part["items"]["fill_cond/float16"]["status"] == "ok"  # the rest of the part ran
     assert done.returncode == 1 and "native library: " in done.stdout
+
+
+def test_the_rehearsal_pins_what_the_device_runs_and_what_the_run_carries() -> None:
+    pins = dict(re.findall(r'"([a-z-]+)==([0-9.]+)"', REHEARSAL.read_text()))
+    assert {"torch", "triton", "transformers", "accelerate"} <= set(pins)
+    shell = SHELL.read_text()
+    for package, variable in (
+        ("diffusers", "DIFFUSERS_VERSION"),
+        ("torchao", "TORCHAO_VERSION"),
+        ("optimum-quanto", "QUANTO_VERSION"),
+    ):
+        carried = re.search(rf'{variable}="\$\{{{variable}:-([0-9.]+)\}}"', shell)
+        assert carried is not None and pins[package] == carried.group(1), package
+
+
+def test_the_rehearsal_prints_its_usage() -> None:
+    done = subprocess.run(["bash", str(REHEARSAL), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "under the GPU machine's versions" in done.stdout
