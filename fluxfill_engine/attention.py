@@ -8,7 +8,8 @@ A block hands its raw projections over as :class:`JointQKV` (one entry per strea
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA, ``pip install xformers``), norm and
   RoPE as for ``sdpa``.
 - ``triton``: ``fluxfill::fused_attention``, norm and RoPE in the flash kernel's prologue (on CPU
-  tensors the op runs its pure-torch reference).
+  tensors the op runs its pure-torch reference); with ``fp8``, ``fluxfill::fused_attention_fp8``: both
+  products in float8 e4m3 (q, k, v and the probabilities rounded; CPU: the reference that rounds alike).
 - ``auto``: on CUDA, the fastest available backend for each shape, timed once and remembered; on CPU
   ``sdpa``.
 """
@@ -101,13 +102,15 @@ def xformers_attention(fused_kernels: bool) -> AttentionFn:
     return attend
 
 
-def triton_attention(fused_kernels: bool) -> AttentionFn:
-    import fluxfill_kernels.fused_attention  # noqa: F401  (registers the op)
+def triton_attention(fused_kernels: bool, fp8: bool = False) -> AttentionFn:
+    import fluxfill_kernels.fused_attention  # noqa: F401  (registers the ops)
+
+    op = torch.ops.fluxfill.fused_attention_fp8 if fp8 else torch.ops.fluxfill.fused_attention
 
     def attend(qkv: JointQKV, rope: Rope) -> torch.Tensor:
         q, k, v, q_w, k_w, txt_len = qkv.joined()
         cos, sin = rope
-        return torch.ops.fluxfill.fused_attention(q, k, v, q_w, k_w, cos, sin, txt_len, qkv.eps)
+        return op(q, k, v, q_w, k_w, cos, sin, txt_len, qkv.eps)
 
     return attend
 
@@ -215,13 +218,20 @@ def available_backends(device: torch.device) -> list[str]:
 _FACTORIES = {"sdpa": sdpa_attention, "xformers": xformers_attention, "triton": triton_attention}
 
 
-def make_attention(name: str, device: torch.device, fused_kernels: bool = False) -> AttentionFn:
-    """The attention function for backend ``name`` on ``device``.
+def make_attention(
+    name: str, device: torch.device, fused_kernels: bool = False, fp8: bool = False
+) -> AttentionFn:
+    """The attention function for backend ``name`` on ``device`` (``fp8``: the ``triton`` backend's
+    float8 products).
 
     Raises ``ValueError`` naming why the backend is unavailable and listing the available ones.
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {list(ATTENTION_BACKENDS)}")
+    if fp8 and name != "triton":
+        raise ValueError(f"fp8 attention runs on the 'triton' attention backend, not {name!r}")
+    if fp8:
+        return triton_attention(fused_kernels, fp8=True)
     reason = backend_unavailable_reason(name, device)
     if reason is not None:
         raise ValueError(

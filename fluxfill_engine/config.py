@@ -138,6 +138,10 @@ class EngineConfig:
             the conditioning vector with ~3.2B parameters on FLUX.1) for all steps of a request at once,
             in ``prepare``, instead of every step. Equal up to the matmuls' batching; not with
             ``block_streaming`` (the blocks' weights are on the device only while each runs).
+        attention_fp8: with ``attention="triton"``, both attention products in float8 e4m3 (q and k
+            scaled from their norm weights, v per head, the probabilities unscaled): about 25 dB SQNR
+            against the exact kernel on random inputs. CUDA needs fp8 tensor cores (compute
+            capability 8.9+); on CPU the op runs a reference that rounds the same way.
     """
 
     dtype: str | None = None
@@ -166,6 +170,7 @@ class EngineConfig:
     text_encoders_on_cpu: bool = False
     block_streaming: bool = False
     precompute_modulation: bool = False
+    attention_fp8: bool = False
     quantize_on_cpu: bool = False
 
     def __post_init__(self) -> None:
@@ -194,6 +199,7 @@ class EngineConfig:
             "block_streaming",
             "quantize_on_cpu",
             "precompute_modulation",
+            "attention_fp8",
         )
         for name in names:
             if not isinstance(getattr(self, name), bool):
@@ -202,6 +208,10 @@ class EngineConfig:
             raise ValueError(
                 "EngineConfig.block_streaming runs the blocks eagerly on one device: set compile=False "
                 "and context_parallel=1 with it"
+            )
+        if self.attention_fp8 and self.attention != "triton":
+            raise ValueError(
+                f"EngineConfig.attention_fp8 runs on attention='triton', got attention={self.attention!r}"
             )
         if self.block_streaming and self.precompute_modulation:
             raise ValueError(

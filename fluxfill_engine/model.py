@@ -213,15 +213,15 @@ class FillTransformer(nn.Module):
         return cls(transformer, attention, fused_kernels).eval().requires_grad_(False)
 
     def set_attention(
-        self, name: str, fused_kernels: bool = False, device: torch.device | None = None
+        self, name: str, fused_kernels: bool = False, device: torch.device | None = None, fp8: bool = False
     ) -> None:
         """Switch the attention backend (see :mod:`.attention`) for ``device`` (default: where the
         weights are; under model CPU offload the hook's execution device); no-op when nothing changes."""
         device = self.proj_out.weight.device if device is None else device
-        if getattr(self, "attention_choice", None) == (name, fused_kernels, device):
+        if getattr(self, "attention_choice", None) == (name, fused_kernels, device, fp8):
             return
-        self.attention = make_attention(name, device, fused_kernels)
-        self.attention_choice = (name, fused_kernels, device)
+        self.attention = make_attention(name, device, fused_kernels, fp8)
+        self.attention_choice = (name, fused_kernels, device, fp8)
 
     @property
     def dtype(self) -> torch.dtype:

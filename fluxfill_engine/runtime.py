@@ -102,7 +102,7 @@ class TransformerRuntime:
             self.unquantized_bytes = weight_bytes([self.transformer])
             fill.quantize(plan)
         fill.set_compile((config.compile_mode, config.compile_dynamic) if config.compile else None, device)
-        fill.set_attention(config.attention, config.fused_kernels, device)
+        fill.set_attention(config.attention, config.fused_kernels, device, config.attention_fp8)
         fill.set_context_parallel(resolve_context_parallel(config.context_parallel, self.transformer))
         fill.precompute_modulation = config.precompute_modulation
         resolve_strategy(config.lora_strategy, fill.quant_plan)

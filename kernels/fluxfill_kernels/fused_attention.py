@@ -42,12 +42,19 @@ import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
-__all__ = ["fused_attention", "fused_attention_ref", "fused_attention_triton"]
+__all__ = [
+    "fused_attention",
+    "fused_attention_fp8",
+    "fused_attention_fp8_ref",
+    "fused_attention_ref",
+    "fused_attention_triton",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_HEAD_DIMS = (16, 32, 64, 128)
 _K_PROLOGUES = ("prepass", "fused")
 _LOG2E = 1.4426950408889634
+_FP8_MAX = 448.0  # the largest float8 e4m3fn value
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -161,6 +168,48 @@ def fused_attention_ref(
     return out.transpose(1, 2).reshape(batch, seq_len, heads * head_dim).to(q.dtype).contiguous()
 
 
+def _fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to float8 e4m3fn (saturating at +-448), back in fp32."""
+    return x.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).float()
+
+
+def _fp8_multiplier_ref(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``448 / (sqrt(D) * max|w|)``, as the kernels compute it (see ``_fp8_multiplier``)."""
+    return _FP8_MAX / (math.sqrt(head_dim) * weight.float().abs().max().clamp_min(1e-12))
+
+
+def fused_attention_fp8_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_w: torch.Tensor,
+    k_norm_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    txt_len: int,
+    eps: float,
+) -> torch.Tensor:
+    """What the fp8 kernel computes, in fp32 torch ops: :func:`fused_attention_ref` with q, k, v and the
+    softmax probabilities rounded to float8 e4m3 on the way into the two products.
+
+    Scales: q and k by ``448 / (sqrt(D) * max|w|)`` of their norm weight (every element of
+    ``rope(rmsnorm(x) * w)`` is within ``sqrt(D) * max|w|``), v by ``448 / max|v|`` per (batch, head);
+    the probabilities ``exp(s - rowmax)`` lie in [0, 1] and are rounded unscaled. The row sums use the
+    unrounded probabilities. Holds the ``[B, H, L, L]`` scores: for tests and CPU-sized inputs.
+    """
+    _check_inputs(q, k, v, q_norm_w, k_norm_w, cos, sin, txt_len)
+    batch, seq_len, heads, head_dim = q.shape
+    q_mul, k_mul = _fp8_multiplier_ref(q_norm_w, head_dim), _fp8_multiplier_ref(k_norm_w, head_dim)
+    queries = _fp8_round(_norm_rope_ref(q, q_norm_w, cos, sin, txt_len, eps) * q_mul).transpose(1, 2)
+    keys = _fp8_round(_norm_rope_ref(k, k_norm_w, cos, sin, txt_len, eps) * k_mul).transpose(1, 2)
+    v_scale = _v_scale(v)[:, :, None, None]
+    values = _fp8_round(v.float().transpose(1, 2) / v_scale)
+    scores = queries @ keys.transpose(-1, -2) * (head_dim**-0.5 / (q_mul * k_mul))
+    probs = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    out = _fp8_round(probs) @ values / probs.sum(dim=-1, keepdim=True) * v_scale
+    return out.transpose(1, 2).reshape(batch, seq_len, heads * head_dim).to(q.dtype).contiguous()
+
+
 # ---- Triton kernels ------------------------------------------------------------------------------
 
 if HAS_TRITON:
@@ -186,6 +235,19 @@ if HAS_TRITON:
         return x * cos + partner * sin
 
     @triton.jit
+    def _fp8_multiplier(w_ptr, w_row_stride, D: tl.constexpr):
+        """``448 / (sqrt(D) * max|w|)``: ``rope(rmsnorm(x) * w)`` times this lies in e4m3's range.
+
+        Each RMS-normalised row has squared norm D, so every rotated pair, and each of its elements, is
+        at most ``sqrt(D) * max|w|`` in magnitude: a scale from the weights alone, no pass over the data.
+        """
+        offs_d = tl.arange(0, D)
+        w_txt = tl.abs(tl.load(w_ptr + offs_d).to(tl.float32))
+        w_img = tl.abs(tl.load(w_ptr + w_row_stride + offs_d).to(tl.float32))
+        w_max = tl.maximum(tl.max(tl.maximum(w_txt, w_img), axis=0), 1e-12)
+        return 448.0 / (tl.sqrt(D * 1.0) * w_max)
+
+    @triton.jit
     def _qk_prepass_kernel(
         q_ptr,
         k_ptr,
@@ -207,16 +269,29 @@ if HAS_TRITON:
         q_w_row_stride,
         k_w_row_stride,
         rope_row_stride,
+        v_ptr,
+        v_out_ptr,
+        v_scale_ptr,
+        stride_vb,
+        stride_vl,
+        stride_vh,
+        stride_vob,
+        stride_voh,
+        stride_vod,
         seq_len,
         txt_len,
         eps,
         qk_scale,
         D: tl.constexpr,
         BLOCK_L: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         """``q_out[b, h, l] = rope(rmsnorm(q[b, l, h])) * qk_scale``, ``k_out[b, h, l] = rope(rmsnorm(k))``.
 
-        One program per (block of tokens, head, batch); q and k share the rope rows it loads.
+        One program per (block of tokens, head, batch); q and k share the rope rows it loads. With
+        ``FP8`` q and k are stored as float8 e4m3 scaled by :func:`_fp8_multiplier` (q without
+        ``qk_scale``: the attention kernel folds it into its descale), and ``v / v_scale[b, h]`` too,
+        D-strided (``v_out[b, h, d, l]``: the layout fp8 tensor cores read for ``P V``).
         """
         head = tl.program_id(1)
         batch = tl.program_id(2).to(tl.int64)
@@ -231,7 +306,11 @@ if HAS_TRITON:
         q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
         q_w_txt = tl.load(q_w_ptr + offs_d).to(tl.float32)
         q_w_img = tl.load(q_w_ptr + q_w_row_stride + offs_d).to(tl.float32)
-        q = _norm_rope(q, is_txt, q_w_txt, q_w_img, cos, sin, eps, D) * qk_scale
+        q = _norm_rope(q, is_txt, q_w_txt, q_w_img, cos, sin, eps, D)
+        if FP8:  # noqa: SIM108 (a constexpr branch: Triton compiles one side only)
+            q = tl.clamp(q * _fp8_multiplier(q_w_ptr, q_w_row_stride, D), -448.0, 448.0)
+        else:
+            q = q * qk_scale
         tl.store(q_out_ptr + out_offsets, q.to(q_out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
         k_offsets = batch * stride_kb + head * stride_kh + rows[:, None] * stride_kl + offs_d[None, :]
@@ -239,7 +318,16 @@ if HAS_TRITON:
         k_w_txt = tl.load(k_w_ptr + offs_d).to(tl.float32)
         k_w_img = tl.load(k_w_ptr + k_w_row_stride + offs_d).to(tl.float32)
         k = _norm_rope(k, is_txt, k_w_txt, k_w_img, cos, sin, eps, D)
+        if FP8:
+            k = tl.clamp(k * _fp8_multiplier(k_w_ptr, k_w_row_stride, D), -448.0, 448.0)
         tl.store(k_out_ptr + out_offsets, k.to(k_out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+        if FP8:
+            v_offsets = batch * stride_vb + head * stride_vh + rows[:, None] * stride_vl + offs_d[None, :]
+            v = tl.load(v_ptr + v_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            v = tl.clamp(v / tl.load(v_scale_ptr + batch * tl.num_programs(1) + head), -448.0, 448.0)
+            v_out = batch * stride_vob + head * stride_voh + offs_d[None, :] * stride_vod + rows[:, None]
+            tl.store(v_out_ptr + v_out, v.to(v_out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
     @triton.jit
     def _attend_tile(
@@ -251,6 +339,7 @@ if HAS_TRITON:
         v_base,
         stride_kl,
         stride_vl,
+        stride_vd,
         start_n,
         seq_len,
         txt_len,
@@ -265,18 +354,23 @@ if HAS_TRITON:
         NORM_ROPE_K: tl.constexpr,
         MASK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        FP8: tl.constexpr,
+        qk_descale,
     ):
         """One online-softmax step over the key/value tile starting at ``start_n``."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         n_mask = offs_n < seq_len
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v_offsets = offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+        v = tl.load(v_base + v_offsets, mask=n_mask[:, None], other=0.0)
         if NORM_ROPE_K:
             cos, sin = _load_rope_table(cos_ptr, sin_ptr, offs_n, n_mask, rope_row_stride, D)
             k = _norm_rope(k.to(tl.float32), offs_n < txt_len, k_w_txt, k_w_img, cos, sin, eps, D)
             k = k.to(v.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if FP8:
+            scores = scores * qk_descale
         if MASK_N:
             scores = tl.where(n_mask[None, :], scores, float("-inf"))
         # Scores are already in log2 units (the scale and log2(e) were folded into q).
@@ -307,11 +401,13 @@ if HAS_TRITON:
         stride_vb,
         stride_vl,
         stride_vh,
+        stride_vd,
         stride_ob,
         stride_ol,
         q_w_row_stride,
         k_w_row_stride,
         rope_row_stride,
+        v_scale_ptr,
         seq_len,
         txt_len,
         num_heads,
@@ -323,10 +419,13 @@ if HAS_TRITON:
         NORM_ROPE_Q: tl.constexpr,
         NORM_ROPE_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         """``out[b, m-tile, h*D:(h+1)*D]`` for program ``(m-tile, b * H + h)``.
 
-        Without ``NORM_ROPE_Q``, q arrives normalised, rotated and scaled (the pre-pass's output).
+        Without ``NORM_ROPE_Q``, q arrives normalised, rotated and scaled (the pre-pass's output). With
+        ``FP8`` (pre-pass only), q, k and v arrive as float8 e4m3 (see :func:`_fp8_multiplier`), v laid out
+        with D strided, and ``v_scale_ptr`` holds each (batch, head)'s v scale.
         """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -350,6 +449,11 @@ if HAS_TRITON:
         k_base = k_ptr + batch * stride_kb + head * stride_kh
         v_base = v_ptr + batch * stride_vb + head * stride_vh
 
+        qk_descale = 1.0
+        if FP8:
+            q_mul = _fp8_multiplier(q_w_ptr, q_w_row_stride, D)
+            k_mul = _fp8_multiplier(k_w_ptr, k_w_row_stride, D)
+            qk_descale = qk_scale / (q_mul * k_mul)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -357,18 +461,20 @@ if HAS_TRITON:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k_base, v_base, stride_kl, stride_vl, start_n, seq_len, txt_len,
+                acc, m_i, l_i, q, k_base, v_base, stride_kl, stride_vl, stride_vd, start_n, seq_len, txt_len,
                 k_w_txt, k_w_img, cos_ptr, sin_ptr, rope_row_stride, eps,
-                D, BLOCK_N, NORM_ROPE_K, False, DOT_PRECISION,  # pyright: ignore[reportArgumentType]
+                D, BLOCK_N, NORM_ROPE_K, False, DOT_PRECISION, FP8, qk_descale,  # pyright: ignore[reportArgumentType]
             )  # fmt: skip
         if full_end < seq_len:
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k_base, v_base, stride_kl, stride_vl, full_end, seq_len, txt_len,
+                acc, m_i, l_i, q, k_base, v_base, stride_kl, stride_vl, stride_vd, full_end, seq_len, txt_len,
                 k_w_txt, k_w_img, cos_ptr, sin_ptr, rope_row_stride, eps,
-                D, BLOCK_N, NORM_ROPE_K, True, DOT_PRECISION,  # pyright: ignore[reportArgumentType]
+                D, BLOCK_N, NORM_ROPE_K, True, DOT_PRECISION, FP8, qk_descale,  # pyright: ignore[reportArgumentType]
             )  # fmt: skip
 
         out = acc / l_i[:, None]
+        if FP8:
+            out = out * tl.load(v_scale_ptr + pid_bh)
         out_offsets = batch * stride_ob + offs_m[:, None] * stride_ol + head * D + offs_d[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
@@ -417,6 +523,26 @@ def _attention_config(head_dim: int, dtype: torch.dtype, interpreted: bool, in_l
 _PREPASS_CONFIG = {"BLOCK_L": 16, "num_warps": 4, "num_stages": 1}
 
 
+def _check_fp8(q: torch.Tensor, k_prologue: str, interpreted: bool) -> None:
+    """Raise ``ValueError`` where the fp8 path cannot run."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"fused_attention_triton: fp8 takes float16 or bfloat16 inputs, got {q.dtype}")
+    if k_prologue != "prepass":
+        raise ValueError("fused_attention_triton: fp8 needs k_prologue='prepass'")
+    if interpreted:
+        raise ValueError(
+            "fused_attention_triton: fp8 does not run in the Triton interpreter (its fp8 dot is wrong)"
+        )
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise ValueError("fused_attention_triton: fp8 needs fp8 tensor cores (compute capability 8.9+)")
+
+
+def _v_scale(v: torch.Tensor) -> torch.Tensor:
+    """Each (batch, head)'s ``max|v| / 448`` (1 where v is all zeros): ``[B, H]`` fp32, contiguous."""
+    amax = v.abs().amax(dim=(1, 3)).float()
+    return torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax)).contiguous()
+
+
 def _weight_row_stride(weight: torch.Tensor) -> int:
     """Offset from the text row to the image row: 0 for a single ``[D]`` weight."""
     return weight.stride(0) if weight.dim() == 2 else 0
@@ -434,6 +560,7 @@ def fused_attention_triton(
     eps: float,
     *,
     k_prologue: Literal["prepass", "fused"] = "prepass",
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Launch the Triton kernel(s); same arguments and result as :func:`fused_attention_ref`.
 
@@ -443,6 +570,10 @@ def fused_attention_triton(
 
     ``k_prologue``: ``"prepass"`` normalises and rotates k once in a separate kernel (default, see the
     module docstring for why), ``"fused"`` does it per key tile inside the attention loop.
+
+    ``fp8``: both dots in float8 e4m3 (q, k, v and the probabilities; :func:`fused_attention_fp8_ref`
+    is what this computes, up to the online softmax's running max). fp16/bf16 inputs, the pre-pass, a
+    GPU with fp8 tensor cores (compute capability 8.9+); not in the interpreter, whose fp8 dot is wrong.
     """
     require_triton("fused_attention")
     _check_inputs(q, k, v, q_norm_w, k_norm_w, cos, sin, txt_len)
@@ -461,6 +592,8 @@ def fused_attention_triton(
         )
     if interpreted and q.dtype == torch.bfloat16:
         raise ValueError("fused_attention_triton: bfloat16 is not supported by the Triton interpreter")
+    if fp8:
+        _check_fp8(q, k_prologue, interpreted)
 
     out = torch.empty(batch, seq_len, heads * head_dim, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -471,7 +604,7 @@ def fused_attention_triton(
 
     # Triton launches on the current CUDA device, which need not be q's.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch(q, k, v, out, q_norm_w, k_norm_w, cos, sin, txt_len, eps, k_prologue, interpreted)
+        _launch(q, k, v, out, q_norm_w, k_norm_w, cos, sin, txt_len, eps, k_prologue, interpreted, fp8)
     return out
 
 
@@ -488,14 +621,21 @@ def _launch(
     eps: float,
     k_prologue: str,
     interpreted: bool,
+    fp8: bool = False,
 ) -> None:
     """Run the kernel(s) writing ``out [B, L, H*D]``; inputs already validated."""
     batch, seq_len, heads, head_dim = q.shape
     qk_scale = _LOG2E / math.sqrt(head_dim)
     in_loop = k_prologue == "fused"
+    # Stand-ins for the fp8-only arguments (the kernels compile those branches out).
+    v_ready, v_scale = k, cos
     if not in_loop:
-        q_ready = torch.empty(batch, heads, seq_len, head_dim, dtype=q.dtype, device=q.device)
+        ready_dtype = torch.float8_e4m3fn if fp8 else q.dtype
+        q_ready = torch.empty(batch, heads, seq_len, head_dim, dtype=ready_dtype, device=q.device)
         k_ready = torch.empty_like(q_ready)
+        if fp8:
+            v_scale = _v_scale(v)
+            v_ready = torch.empty(batch, heads, head_dim, seq_len, dtype=ready_dtype, device=q.device)
         # pyright cannot type Triton launches: it counts no *stride() spreads, knows no launch options
         # (num_warps), and takes plain values for tl.constexpr parameters; hence the ignores below.
         _qk_prepass_kernel[(triton.cdiv(seq_len, _PREPASS_CONFIG["BLOCK_L"]), heads, batch)](
@@ -504,11 +644,16 @@ def _launch(
             k.stride(0), k.stride(1), k.stride(2),
             q_ready.stride(0), q_ready.stride(1), q_ready.stride(2),
             _weight_row_stride(q_norm_w), _weight_row_stride(k_norm_w), cos.stride(0),
+            v, v_ready, v_scale,
+            v.stride(0), v.stride(1), v.stride(2),
+            v_ready.stride(0), v_ready.stride(1), v_ready.stride(2) if fp8 else 0,
             seq_len, txt_len, eps, qk_scale,
-            D=head_dim, **_PREPASS_CONFIG,  # pyright: ignore[reportCallIssue, reportArgumentType]
+            D=head_dim, FP8=fp8, **_PREPASS_CONFIG,  # pyright: ignore[reportCallIssue, reportArgumentType]
         )  # fmt: skip
         # [B, H, L, D] seen as [B, L, H, D]: the attention kernel only needs the strides.
         q, k = q_ready.transpose(1, 2), k_ready.transpose(1, 2)
+        if fp8:
+            v = v_ready.permute(0, 3, 1, 2)  # [B, H, D, L] seen as [B, L, H, D]
 
     config = _attention_config(head_dim, q.dtype, interpreted, in_loop)
     grid = (triton.cdiv(seq_len, config["BLOCK_M"]), batch * heads)
@@ -516,11 +661,11 @@ def _launch(
         q, k, v, out, q_norm_w, k_norm_w, cos, sin,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1),
-        _weight_row_stride(q_norm_w), _weight_row_stride(k_norm_w), cos.stride(0),
+        _weight_row_stride(q_norm_w), _weight_row_stride(k_norm_w), cos.stride(0), v_scale,
         seq_len, txt_len, heads, eps, qk_scale,
-        D=head_dim, NORM_ROPE_Q=in_loop, NORM_ROPE_K=in_loop,  # pyright: ignore[reportArgumentType]
+        D=head_dim, NORM_ROPE_Q=in_loop, NORM_ROPE_K=in_loop, FP8=fp8,  # pyright: ignore[reportArgumentType]
         # fp32 must not silently drop to tf32 (the table holds fp32 to 1e-5).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # pyright: ignore[reportArgumentType]
         **config,  # pyright: ignore[reportArgumentType]
@@ -568,3 +713,24 @@ def _fused_attention_fake(
     _check_inputs(q, k, v, q_norm_w, k_norm_w, cos, sin, txt_len)
     batch, seq_len, heads, head_dim = q.shape
     return q.new_empty(batch, seq_len, heads * head_dim)
+
+
+@torch.library.custom_op("fluxfill::fused_attention_fp8", mutates_args=(), device_types="cuda")
+def fused_attention_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_w: torch.Tensor,
+    k_norm_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    txt_len: int,
+    eps: float,
+) -> torch.Tensor:
+    """:func:`fused_attention` with both products in float8 e4m3 (CUDA: the Triton kernel, fp8 tensor
+    cores needed; CPU: :func:`fused_attention_fp8_ref`)."""
+    return fused_attention_triton(q, k, v, q_norm_w, k_norm_w, cos, sin, txt_len, eps, fp8=True)
+
+
+fused_attention_fp8.register_kernel("cpu")(fused_attention_fp8_ref)
+fused_attention_fp8.register_fake(_fused_attention_fake)

@@ -21,7 +21,9 @@ pytest.importorskip("triton")
 KERNELS = {
     "_fused_attention_kernel[prepass]",
     "_fused_attention_kernel[fused-k]",
+    "_fused_attention_kernel[fp8]",
     "_qk_prepass_kernel",
+    "_qk_prepass_kernel[fp8]",
     "_qk_norm_rope_kernel",
     "_fill_cond_kernel",
 }

@@ -27,7 +27,17 @@ from fluxfill_kernels import fill_cond, fused_attention, qk_norm_rope
 HOPPER_CAPABILITY = 90
 HOPPER = GPUTarget("cuda", HOPPER_CAPABILITY, 32)
 SCALARS_FP32 = {"eps", "qk_scale"}
-POINTERS_FP32 = {"cos_ptr", "sin_ptr", "q_w_ptr", "k_w_ptr", "w_ptr", "qw_ptr", "kw_ptr", "mask_ptr"}
+POINTERS_FP32 = {
+    "cos_ptr",
+    "sin_ptr",
+    "q_w_ptr",
+    "k_w_ptr",
+    "w_ptr",
+    "qw_ptr",
+    "kw_ptr",
+    "mask_ptr",
+    "v_scale_ptr",
+}
 SHARED_MEMORY_PER_BLOCK = 227 * 1024
 HEAD_DIM, HEADS, SEQ_LEN, BATCH = 128, 24, 4096 + 512, 1
 
@@ -63,14 +73,24 @@ def ptxas_figures(ptx: str) -> dict[str, int]:
 
 
 def compile_for_hopper(
-    kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, ctas: int, label: str = ""
+    kernel,
+    dtype: str,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    ctas: int,
+    label: str = "",
+    fp8_pointers: frozenset[str] = frozenset(),
 ) -> dict:
-    """Compile ``kernel`` for sm_90 and return its figures (``ctas``: programs launched at FLUX shapes)."""
+    """Compile ``kernel`` for sm_90 and return its figures (``ctas``: programs launched at FLUX shapes;
+    ``fp8_pointers``: pointer arguments to float8 e4m3 data)."""
     names = [param.name for param in kernel.params]
     signature = {}
     for name in names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in fp8_pointers:
+            signature[name] = "*fp8e4nv"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in POINTERS_FP32 else f"*{dtype}"
         else:
@@ -102,7 +122,7 @@ def main(dtype: str) -> None:
     for label, in_loop in (("prepass", False), ("fused-k", True)):
         config = fused_attention._attention_config(HEAD_DIM, torch_dtype, interpreted=False, in_loop=in_loop)
         constexprs = {"D": HEAD_DIM, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
-        constexprs |= {"NORM_ROPE_Q": in_loop, "NORM_ROPE_K": in_loop, "DOT_PRECISION": "tf32"}
+        constexprs |= {"NORM_ROPE_Q": in_loop, "NORM_ROPE_K": in_loop, "DOT_PRECISION": "tf32", "FP8": False}
         compile_for_hopper(
             fused_attention._fused_attention_kernel,
             dtype,
@@ -112,15 +132,31 @@ def main(dtype: str) -> None:
             ctas=triton.cdiv(SEQ_LEN, config["BLOCK_M"]) * BATCH * HEADS,
             label=label,
         )
-    prepass = fused_attention._PREPASS_CONFIG
+    config = fused_attention._attention_config(HEAD_DIM, torch_dtype, interpreted=False, in_loop=False)
+    constexprs = {"D": HEAD_DIM, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+    constexprs |= {"NORM_ROPE_Q": False, "NORM_ROPE_K": False, "DOT_PRECISION": "tf32", "FP8": True}
     compile_for_hopper(
-        fused_attention._qk_prepass_kernel,
+        fused_attention._fused_attention_kernel,
         dtype,
-        {"D": HEAD_DIM, "BLOCK_L": prepass["BLOCK_L"]},
-        prepass["num_warps"],
-        prepass["num_stages"],
-        ctas=triton.cdiv(SEQ_LEN, prepass["BLOCK_L"]) * HEADS * BATCH,
+        constexprs,
+        config["num_warps"],
+        config["num_stages"],
+        ctas=triton.cdiv(SEQ_LEN, config["BLOCK_M"]) * BATCH * HEADS,
+        label="fp8",
+        fp8_pointers=frozenset({"q_ptr", "k_ptr", "v_ptr"}),
     )
+    prepass = fused_attention._PREPASS_CONFIG
+    for fp8 in (False, True):
+        compile_for_hopper(
+            fused_attention._qk_prepass_kernel,
+            dtype,
+            {"D": HEAD_DIM, "BLOCK_L": prepass["BLOCK_L"], "FP8": fp8},
+            prepass["num_warps"],
+            prepass["num_stages"],
+            ctas=triton.cdiv(SEQ_LEN, prepass["BLOCK_L"]) * HEADS * BATCH,
+            label="fp8" if fp8 else "",
+            fp8_pointers=frozenset({"q_out_ptr", "k_out_ptr", "v_out_ptr"} if fp8 else ()),
+        )
     block_l, block_d = qk_norm_rope._block_sizes(SEQ_LEN, HEAD_DIM)
     compile_for_hopper(
         qk_norm_rope._qk_norm_rope_kernel,
