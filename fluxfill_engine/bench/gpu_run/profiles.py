@@ -175,6 +175,15 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
     StepVariant("engine:attention=auto", clone=False, estimate_s=6, group="more"),
     StepVariant("engine:quant=fp8,quant_backend=native", clone=True, estimate_s=10, group="more"),
     StepVariant("fast", clone=True, estimate_s=55, limit_s=110, group="more"),  # dynamic shapes, as served
+    # Levers (issue 22 item 8), each against the row it changes: the modulation vectors once per request
+    # (against `reference` eagerly and `fast:compile_dynamic=0` compiled), CUDA graphs (reduce-overhead,
+    # against `balanced:compile_dynamic=0`), fp8 attention (against `engine:attention=triton`).
+    StepVariant("engine:precompute_modulation=1", clone=False, estimate_s=6),
+    StepVariant("fast:compile_dynamic=0,precompute_modulation=1", clone=True, estimate_s=50, limit_s=120),
+    StepVariant(
+        "balanced:compile_dynamic=0,compile_mode=reduce-overhead", clone=True, estimate_s=60, limit_s=150
+    ),
+    StepVariant("engine:attention=triton,attention_fp8=1", clone=False, estimate_s=6),
 )
 # The table's headline rows, by what a reader asks: (label, variant name). Ratios are against
 # "diffusers eager" and the fastest diffusers row.
