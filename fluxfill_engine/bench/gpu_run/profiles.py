@@ -140,8 +140,14 @@ def dry_run_profile(budget_s: float = 900.0) -> Profile:
         e2e_warmup_steps=1,
         step_cache_steps=5,
         batch_sizes=(2, 4),
-        shares={part: share * budget_s / sum(GPU_SHARES.values()) for part, share in GPU_SHARES.items()},
-        minimums={part: floor * budget_s / sum(GPU_SHARES.values()) for part, floor in PART_MINIMUMS.items()},
+        # The shares fill 60% of the budget: the rest is slack that any part may use (a busy CI machine
+        # can make even the machine part's tiny products take a minute).
+        shares={
+            part: share * 0.6 * budget_s / sum(GPU_SHARES.values()) for part, share in GPU_SHARES.items()
+        },
+        minimums={
+            part: floor * 0.6 * budget_s / sum(GPU_SHARES.values()) for part, floor in PART_MINIMUMS.items()
+        },
         budget_s=budget_s,
         # Three compiled variants compile for real: diffusers' regional compile, and the engine's
         # balanced and fast (quantized linears, fused kernels and compile together). torchao's cannot
