@@ -7,7 +7,7 @@ import pytest
 
 from fluxfill_engine import FillRequest
 from fluxfill_engine.errors import InputError
-from fluxfill_engine.serve.inputs import RequestError, ServerOptions, parse_task
+from fluxfill_engine.serve.inputs import RequestError, ServerOptions, checked_loras, parse_task
 from tests.support.serve import body
 
 
@@ -86,7 +86,7 @@ def test_lora_urls_are_fetched_last_and_only_once_admitted(tmp_path):
     assert fetched == ["https://loras.example.com/style.safetensors"]
     (local,) = spec.public["lora_files"]
     assert local["scale"] == 0.5 and local["path"].startswith(str(tmp_path / "cache"))
-    assert str(spec.request.loras[0].path) == local["path"]
+    assert [str(lora.path) for lora in checked_loras(spec.request)] == [local["path"]]
     assert spec.cost == pytest.approx(3 * 256 * 256 / 1e6)
 
 
