@@ -192,6 +192,19 @@ def test_the_mapping_works_at_another_width_and_depth(tmp_path):
     assert sqnr_db(exact, velocity(engine, OTHER_CONFIG)) > 25
 
 
+def test_fp8_without_fp8_tensor_cores_runs_the_files_bytes_weight_only(tmp_path):
+    from fluxfill_engine.quantization import has_fp8_tensor_cores
+
+    base = base_folder(tmp_path, TINY_TRANSFORMER_CONFIG)
+    path = tmp_path / "f.safetensors"
+    write_fp8_file(path, exact_state(TINY_TRANSFORMER_CONFIG), "comfy")
+    engine = FluxFillEngine.from_pretrained(path, base=base, config=EngineConfig(quant="fp8"))
+    plan = engine.pipeline.engine_transformer().quant_plan
+    assert plan is not None
+    # auto would run int8 weights here; the file's fp8 bytes are kept instead.
+    assert plan.mode == ("fp8" if has_fp8_tensor_cores(engine.device) else "fp8-weight")
+
+
 def test_what_cannot_load_is_refused_by_name(tmp_path):
     base = base_folder(tmp_path, TINY_TRANSFORMER_CONFIG)
     path = tmp_path / "f.safetensors"
