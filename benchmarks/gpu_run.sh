@@ -9,8 +9,8 @@
 # The device tool calls (15 minutes of device time: a start of up to 2, this call, the optional second):
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=540)
 #   then at once, if the reply's lease.budget_left_s is 200 or more (the levers, on the warm machine):
-#   run(command="bash benchmarks/gpu_run.sh run --parts latency --rows lever --budget-s 110",
-#       carry=[".whl"], timeout_s=180), then give_back().
+#   run(command="bash benchmarks/gpu_run.sh run --parts latency --rows lever --budget-s 130",
+#       carry=[".whl"], timeout_s=190), then give_back().
 # ARGS go to gpu-run (--parts, --rows, --budget-s; see fluxfill bench gpu-run --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
