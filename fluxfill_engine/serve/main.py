@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from ..config import EngineConfig
+from .allocator import return_large_blocks
 from .app import ServerConfig, create_app
 from .engines import EngineSpec, build_engine
 from .inputs import ServerOptions
@@ -90,6 +91,7 @@ def start_server(args: argparse.Namespace, device: str, dtype: str) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_keys or args.admin_keys):
         print(f"warning: listening on {args.host} with no --api-key: anyone who reaches it can use it")
     print(f"fluxfill serve: http://{args.host}:{args.port}/ (data in {args.data_dir})", flush=True)
+    return_large_blocks()  # large inputs' memory given back once freed (see .allocator)
     app = create_app(config, engine_factory, **addons)
     # uvicorn's own graceful stop waits on open connections without end: ours (the drain, then every
     # stream closed) comes first, uvicorn's timeout only backs it up.

@@ -423,3 +423,12 @@ def test_the_limits_flags_reach_the_server(monkeypatch):
     config = seen["config"]
     assert config.body_timeout_s == 7 and config.max_inflight_bytes == 3 * 2**20 and config.url_fetches == 2
     assert config.service.max_queue_megapixels == 50 and config.options.lora_cache_bytes == 5 * 2**20
+
+
+def test_the_allocator_gives_large_blocks_back_on_glibc():
+    import platform
+
+    from fluxfill_engine.serve.allocator import return_large_blocks
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert return_large_blocks() == glibc
