@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .model import FillTransformer
-from .quantization import FP8, QuantizedLinear, QuantPlan, quantize_rows
+from .quantization import FP8, QuantPlan, quantize_rows
 
 # Prefixes community files put before BFL's keys (ComfyUI's full checkpoints, some re-uploads).
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -346,8 +346,3 @@ def materialise(transformer: nn.Module, fill: FillTransformer, state: Mapping[st
         raise RuntimeError(f"tensors of the transformer were not loaded: {left[:5]}")
     # The engine checks that both trees still hold the parameter objects it was built with; they are new.
     fill._source_params = FillTransformer._parameter_ids(transformer)
-
-
-def quantized_layers(fill: FillTransformer) -> list[QuantizedLinear]:
-    """The engine's native quantized linears (empty when unquantized or another backend)."""
-    return [module for module in fill.modules() if isinstance(module, QuantizedLinear)]

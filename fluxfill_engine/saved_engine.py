@@ -48,7 +48,7 @@ from .compilation import CACHE_FILE, save_compile_cache
 from .config import EngineConfig, parse_dtype
 from .errors import InputError, InputFileNotFound
 from .pipeline import FluxFillPipeline
-from .quantization import QuantPlan, resolve, weight_bytes
+from .quantization import QuantPlan, resolve
 from .runtime import runtime_of
 
 logger = logging.getLogger(__name__)
@@ -329,8 +329,3 @@ def load_prepared(
             config = dataclasses.replace(config, dtype=str(parse_dtype(torch_dtype)).replace("torch.", ""))
         return load_fp8_checkpoint(model, base, config, device)
     return None
-
-
-def transformer_bytes(pipeline: FluxFillPipeline) -> int:
-    """Bytes of the transformer's weights as they are held (each storage once)."""
-    return weight_bytes([pipeline.transformer])
