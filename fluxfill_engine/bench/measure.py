@@ -277,12 +277,23 @@ def _page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_compiler() -> None:
+    """``torch.compiler.reset()``, again when a compile backend's own reset added a backend while torch
+    iterated over them ("dictionary changed size during iteration", seen after a reduce-overhead row)."""
+    try:
+        torch.compiler.reset()
+    except RuntimeError as error:
+        if "dictionary changed size" not in str(error):
+            raise
+        torch.compiler.reset()
+
+
 def free_memory(device: torch.device, compiled: bool = False) -> None:
     """Drop what the last run held, so the next one's peak starts from a floor: compiled graphs (which
     may reference modules) when ``compiled``, garbage, the allocator's cached blocks (CUDA) or the
     freed heap pages (CPU)."""
     if compiled:
-        torch.compiler.reset()
+        _reset_compiler()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
