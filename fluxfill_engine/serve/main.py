@@ -37,7 +37,10 @@ def start_server(args: argparse.Namespace, device: str, dtype: str) -> None:
 
     def engine_factory() -> Any:
         if not args.ray:
-            return build_engine(spec)
+            engine = build_engine(spec)
+            # Where the start went (fluxfill_engine.startup); the warm-up follows, /healthz's `start` has it.
+            print(f"fluxfill serve: {engine.start_report.line()}", flush=True)
+            return engine
         from .ray_backend import deploy
 
         limits = {
