@@ -540,6 +540,8 @@ class FluxFillPipeline(diffusers.FluxFillPipeline):
         if hook is not None:
             hook.pre_forward(self.transformer)  # model CPU offload: bring the transformer onto the device
         fill, lora_stats = self.denoisers.choose(self.transformer, self._engine_config, call)
+        if self.memory_placement is not None and isinstance(fill, FillTransformer):
+            self.memory_placement.attach(fill)  # an engine transformer rebuilt since configure streams too
         device = latents.device
         guidance = call.guidance_scale if self.transformer.config.guidance_embeds else None
         timesteps = schedule.timesteps.to(device)
