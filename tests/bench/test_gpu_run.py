@@ -35,6 +35,7 @@ from fluxfill_engine.bench.gpu_run.budget import (
     time_limit,
 )
 from fluxfill_engine.bench.gpu_run.latency import auto_attention_record, row_limit, selected
+from fluxfill_engine.bench.gpu_run.machine import measured_ceiling
 from fluxfill_engine.bench.gpu_run.main import parse_parts, parse_rows
 from fluxfill_engine.bench.gpu_run.main import run as run_command
 from fluxfill_engine.bench.gpu_run.preflight import missing_imports
@@ -508,3 +509,43 @@ def test_the_rehearsal_pins_what_the_device_runs_and_what_the_run_carries() -> N
 def test_the_rehearsal_prints_its_usage() -> None:
     done = subprocess.run(["bash", str(REHEARSAL), "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "under the GPU machine's versions" in done.stdout
+
+
+def test_fp8_rows_are_held_to_the_rowwise_fast_accumulation_ceiling() -> None:
+    class FakeRun:
+        def __init__(self, matmul: dict) -> None:
+            self.record = {"parts": {"machine": {"items": {"matmul": matmul}}}}
+
+    matmul = {
+        "bf16": {"tflops": 780.0},
+        "fp8": {"tflops": 1500.0},  # tensor-wise: faster, and not how any fp8 row multiplies
+        "fp8_rowwise": {"tflops": 1100.0},
+        "fp8_rowwise_fast_accum": {"tflops": 1300.0},
+    }
+    assert measured_ceiling(FakeRun(matmul), "fp8") == ("fp8_rowwise_fast_accum", 1300.0)
+    assert measured_ceiling(FakeRun(matmul), "bf16") == ("bf16", 780.0)
+    del matmul["fp8_rowwise_fast_accum"]
+    assert measured_ceiling(FakeRun(matmul), "fp8") == ("fp8_rowwise", 1100.0)
+    assert measured_ceiling(FakeRun({}), "fp8") is None
+
+
+def test_native_fp8_linears_accumulate_fast_as_torchao_does(monkeypatch) -> None:
+    from torch import nn
+
+    from fluxfill_engine import quantization
+
+    calls: list[dict] = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    linear = nn.Linear(32, 16, dtype=torch.bfloat16).requires_grad_(False)
+    layer = quantization.QuantizedLinear(linear, "fp8")
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    try:
+        layer(torch.randn(4, 32, dtype=torch.bfloat16))
+    except (RuntimeError, NotImplementedError) as error:  # a CPU build without fp8 _scaled_mm
+        pytest.skip(f"this torch has no fp8 _scaled_mm on the CPU: {error}")
+    assert quantization.FP8_FAST_ACCUM is True and calls and calls[0]["use_fast_accum"] is True
