@@ -3,6 +3,7 @@ to the engine that saved it, the weights read as they run, a mismatched manifest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -151,3 +152,20 @@ def test_fluxfill_prepare_writes_a_saved_engine(tmp_path, capsys):
     assert engine.start_report.source == "saved engine" and engine.config.dtype == "float32"
     assert main(["prepare", "--out", str(out)]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "int8"])  # a merged LoRA, a side-path LoRA
+def test_a_saved_engine_runs_loras_as_the_engine_that_saved_it(base, tmp_path, quant):
+    from tests.support.lora import kohya_lora
+
+    lora = kohya_lora(tmp_path / "lora.safetensors", seed=1)
+    with_lora = dataclasses.replace(request(), loras=[{"path": str(lora), "scale": 0.8}])
+    engine = FluxFillEngine.from_pretrained(base, config=EngineConfig(quant=quant))
+    before = np.asarray(engine.run(with_lora).images[0])
+    engine.save(tmp_path / "saved")  # the merged set is taken out of the saved weights
+    loaded = FluxFillEngine.from_pretrained(tmp_path / "saved")
+    assert np.array_equal(np.asarray(loaded.run(with_lora).images[0]), before)
+    assert np.array_equal(
+        pixels(loaded), pixels(FluxFillEngine.from_pretrained(base, config=EngineConfig(quant=quant)))
+    )
