@@ -3,7 +3,8 @@
 This runs the whole GPU compilation pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) for the FLUX
 shapes' constexprs and each launcher's own launch configuration, in bf16 and fp16, so a kernel that the
 interpreter accepts but the GPU compiler rejects (layouts, shared memory, dtype rules) fails here, on CPU
-CI, and so does one whose registers spill to local memory (ptxas' ``-v`` figures, printed per kernel).
+CI, and so does one whose registers spill to local memory (ptxas' ``-v`` figures, printed per kernel) or
+an attention kernel whose products miss Hopper's warpgroup MMA (its SASS).
 """
 
 import json
@@ -47,3 +48,8 @@ def test_triton_kernels_compile_for_hopper_without_spills(dtype):
         assert record["shared_bytes"] <= record["shared_limit"], record
         assert record["spill_stores"] == 0 and record["spill_loads"] == 0, f"registers spill: {record}"
         assert record["stack_frame"] == 0, f"local-memory stack frame: {record}"
+        assert record["sass"]["LDL"] == record["sass"]["STL"] == 0, f"local memory in SASS: {record}"
+        if record["kernel"].startswith("_fused_attention_kernel"):
+            # Hopper's warpgroup MMA (wgmma): QGMMA for fp8 operands, HGMMA for 16-bit ones.
+            mma = "QGMMA" if record["kernel"].endswith("[fp8]") else "HGMMA"
+            assert record["sass"][mma] > 0 and record["sass"]["HMMA"] == 0, f"not on wgmma: {record}"

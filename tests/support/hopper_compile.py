@@ -4,7 +4,8 @@ Run by test_kernels_compile_for_hopper.py in a process without TRITON_INTERPRET 
 kernels cannot be compiled). Each kernel is compiled with the launch configuration its launcher picks at
 FLUX's shapes (head dim 128, 24 heads, 4096 image + 512 text tokens, batch 1), then its PTX is assembled
 again by the ptxas bundled with Triton, with ``-v``, for the register, spill and stack figures (Triton
-keeps them only once a GPU loads the binary). One JSON line per kernel goes to stdout.
+keeps them only once a GPU loads the binary), and its SASS is disassembled for the matrix and local-memory
+instructions it uses. One JSON line per kernel goes to stdout.
 """
 
 from __future__ import annotations
@@ -72,6 +73,23 @@ def ptxas_figures(ptx: str) -> dict[str, int]:
     return figures
 
 
+_SASS_OPS = re.compile(r"\b(HGMMA|QGMMA|HMMA|LDL|STL)\b")
+
+
+def sass_op_counts(cubin: bytes) -> dict[str, int]:
+    """How often the cubin's SASS uses warpgroup MMA (HGMMA; QGMMA for fp8), the older warp MMA (HMMA)
+    and local-memory loads and stores (LDL/STL), from the nvdisasm bundled with Triton."""
+    nvdisasm = Path(get_ptxas(HOPPER_CAPABILITY).path).with_name("nvdisasm")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(nvdisasm), str(path)], capture_output=True, text=True, check=True).stdout
+    counts = dict.fromkeys(("HGMMA", "QGMMA", "HMMA", "LDL", "STL"), 0)
+    for op in _SASS_OPS.findall(sass):
+        counts[op] += 1
+    return counts
+
+
 def compile_for_hopper(
     kernel,
     dtype: str,
@@ -113,6 +131,7 @@ def compile_for_hopper(
         "shared_limit": SHARED_MEMORY_PER_BLOCK,
     }
     record |= ptxas_figures(compiled.asm["ptx"])
+    record["sass"] = sass_op_counts(compiled.asm["cubin"])
     print(json.dumps(record), flush=True)
     return record
 
