@@ -40,7 +40,7 @@ def count_calls(layers: list[nn.Module]) -> list[int]:
 
 def run_steps(fill: FillTransformer, inputs: StepInputs, cache=None) -> list[torch.Tensor]:
     prepared = inputs.prepare(fill, GUIDANCE)
-    return [fill(inputs.latents, step, prepared, cache) for step in range(STEPS)]
+    return [fill(inputs.latents, step, prepared, cache) for step in range(inputs.timesteps.shape[0])]
 
 
 @pytest.fixture
@@ -110,3 +110,17 @@ def test_option_is_validated() -> None:
 def test_pipeline_default_is_off() -> None:
     pipe = FluxFillPipeline(**tiny_components(0))
     assert pipe.engine_config.precompute_modulation is False
+
+
+@pytest.mark.slow
+def test_compiled_blocks_take_the_precomputed_vectors(fill: FillTransformer) -> None:
+    """fullgraph compile of the blocks with the vectors handed in (the GPU run's compiled lever row)."""
+    inputs = StepInputs.random(fill.source[0].config, 32, 32, 8, torch.device("cpu"), torch.float32, 2)
+    fill.precompute_modulation = True
+    eager = run_steps(fill, inputs)[:2]
+    torch._dynamo.reset()
+    fill.set_compile(("default", False), torch.device("cpu"))
+    prepared = inputs.prepare(fill, GUIDANCE)
+    compiled = [fill(inputs.latents, step, prepared) for step in range(2)]
+    for expected, got in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
