@@ -4,7 +4,7 @@ A request with a large image decodes tens to hundreds of MB of pixels for a mome
 copy written to disk while the task waits). glibc's allocator raises its mmap threshold after such
 blocks are freed, so the next ones come from its heaps and, freed, stay in the process: a server that
 took a few large requests kept their memory for good. A fixed threshold keeps every block of 1 MiB and
-more in its own mapping, unmapped when freed (eight queued 36-megapixel tasks: 940 -> 580 MiB of
+more in its own mapping, unmapped when freed (eight queued 36-megapixel tasks: about 940 -> 600 MiB of
 VmRSS on the tiny-model server, ``benchmarks/results/serve-load-hostile-cpu.md``).
 """
 
