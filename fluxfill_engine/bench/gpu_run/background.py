@@ -29,6 +29,7 @@ KERNEL_TEST_FILES = (
     "tests/kernels/test_kernel_fused_attention.py",
     "tests/kernels/test_kernel_qk_norm_rope.py",
     "tests/kernels/test_kernel_fill_cond.py",
+    "tests/kernels/test_kernel_fused_attention_fp8.py",
 )
 
 
