@@ -586,9 +586,11 @@ def choose_memory_plan(
         estimates.append(estimate)
     smallest = min(estimates, key=lambda e: e.peak_bytes)
     raise ValueError(
-        f"no memory plan fits {format_gib(budget_bytes)} at {width}x{height} (batch {batch}, quant={quant!r}): "
+        f"no memory plan fits {format_gib(budget_bytes)} at {width}x{height} "
+        f"(batch {batch}, quant={quant!r}): "
         f"the smallest, {smallest.plan!r}, needs about {format_gib(smallest.peak_bytes)} "
-        f"({smallest.peak_bytes} bytes); give more memory, a smaller size or quant='fp8'"
+        f"({smallest.peak_bytes} bytes); give more memory, a smaller size or a quantized transformer "
+        "(quant='fp8': --preset fast)"
     )
 
 

@@ -125,7 +125,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Device: {record['environment']['device_name']} ({record['environment']['cpu_count']} cores, load "
         f"average at start {record['environment']['load_average_at_start']}); medians of "
-        f"{settings['repeats']} requests. On a CPU the copies are host memcpy: the mechanism's cost, not PCIe.",
+        f"{settings['repeats']} requests. On a CPU the copies are host memcpy: the mechanism's cost, "
+        "not PCIe.",
         "",
         "| placement | e2e s | vs resident | text encode s | images equal resident | estimated peak MiB "
         "| measured peak MiB (allocated) |",
