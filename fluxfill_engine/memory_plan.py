@@ -46,6 +46,8 @@ from .config import EngineConfig, parse_dtype
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+    from .model import FillTransformer
+
 GIB = 1024**3
 # CUDA context, cuBLAS/cuDNN workspaces and caching-allocator slack: a guess until measured on a GPU.
 CUDA_OVERHEAD_BYTES = GIB
@@ -390,9 +392,11 @@ class ActivationBytes:
     decode: int
 
 
-def _transformer_step(
+def meta_step_bytes(
     configs: ModelConfigs, dtype: torch.dtype, quant: str, batch: int, grid: tuple[int, int]
 ) -> int:
+    """:func:`step_bytes` of the engine transformer built on the meta device from ``configs``
+    (quantized as ``quant``), for ``grid`` = (latent rows, latent columns) / 2 image tokens."""
     from .model import FillTransformer
     from .quantization import QuantPlan
 
@@ -401,22 +405,33 @@ def _transformer_step(
     fill = FillTransformer.from_diffusers(transformer)
     if quant != "none":
         fill.quantize(QuantPlan(quant, "native", "memory estimate"))
-    config = json.loads(configs.transformer)
-    latent_h, latent_w = grid
-    tokens = latent_h * latent_w
+    tokens = grid[0] * grid[1]
+    return step_bytes(fill, json.loads(configs.transformer), dtype, batch, tokens, torch.device("meta"))
+
+
+def step_bytes(
+    fill: FillTransformer,
+    config: Mapping[str, Any],
+    dtype: torch.dtype,
+    batch: int,
+    tokens: int,
+    device: torch.device,
+) -> int:
+    """Peak live bytes of one request's ``prepare`` and first step of the engine transformer ``fill``
+    (``config``: its diffusers config) for ``batch`` images of ``tokens`` image tokens, the inputs made
+    inside; on ``meta`` nothing is computed (a real device runs the same ops: the tests compare)."""
     text_len = int(PIPELINE_DEFAULTS["max_sequence_length"])
     noise = config.get("out_channels") or 64
     steps = int(PIPELINE_DEFAULTS["num_inference_steps"])
-    meta = torch.device("meta")
 
     def step() -> Any:
-        latents = torch.empty(batch, tokens, noise, device=meta, dtype=dtype)
-        cond = torch.empty(batch, tokens, config["in_channels"] - noise, device=meta, dtype=dtype)
-        prompt = torch.empty(batch, text_len, config["joint_attention_dim"], device=meta, dtype=dtype)
-        pooled = torch.empty(batch, config["pooled_projection_dim"], device=meta, dtype=dtype)
-        timesteps = torch.empty(steps, device=meta)
-        txt_ids = torch.empty(text_len, 3, device=meta, dtype=dtype)
-        img_ids = torch.empty(tokens, 3, device=meta, dtype=dtype)
+        latents = torch.zeros(batch, tokens, noise, device=device, dtype=dtype)
+        cond = torch.zeros(batch, tokens, config["in_channels"] - noise, device=device, dtype=dtype)
+        prompt = torch.zeros(batch, text_len, config["joint_attention_dim"], device=device, dtype=dtype)
+        pooled = torch.zeros(batch, config["pooled_projection_dim"], device=device, dtype=dtype)
+        timesteps = torch.linspace(1000, 1, steps, device=device)
+        txt_ids = torch.zeros(text_len, 3, device=device, dtype=dtype)
+        img_ids = torch.zeros(tokens, 3, device=device, dtype=dtype)
         guidance = 30.0 if config.get("guidance_embeds") else None
         inputs = fill.prepare(cond, prompt, pooled, timesteps, guidance, txt_ids, img_ids, dtype)
         return latents, inputs, fill(latents, 0, inputs)
@@ -440,7 +455,7 @@ def activation_bytes(
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     latent_h, latent_w = height // scale, width // scale
     denoise = max(
-        _transformer_step(configs, dtype, mode, batch, (latent_h // 2, latent_w // 2))
+        meta_step_bytes(configs, dtype, mode, batch, (latent_h // 2, latent_w // 2))
         for mode in _quant_modes(quant)
     )
     vae = _meta_vae(configs.vae)

@@ -20,12 +20,15 @@ from fluxfill_engine.memory_plan import (
     choose_memory_plan,
     estimate_config,
     estimate_memory,
+    meta_step_bytes,
     parse_memory_size,
     peak_bytes_of,
     plan_of,
+    step_bytes,
     weight_bytes,
 )
 from fluxfill_engine.metrics import sqnr_db
+from fluxfill_engine.model import FillTransformer
 from fluxfill_engine.offload import (
     STREAMER_ATTR,
     MemoryPlacement,
@@ -33,7 +36,7 @@ from fluxfill_engine.offload import (
     module_tensors,
     repoint_storages,
 )
-from fluxfill_engine.quantization import QuantizedLinear
+from fluxfill_engine.quantization import QuantizedLinear, QuantPlan
 from fluxfill_engine.quantization import weight_bytes as real_weight_bytes
 from fluxfill_engine.testing.tiny import tiny_components
 from tests.engine.test_engine import request
@@ -241,6 +244,21 @@ def test_live_bytes_counts_allocations_views_and_frees():
         gone = torch.empty(20, device="meta")
         del gone
     assert tracker.live == 40 and kept.shape == (10,)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "int8-weight"])
+def test_the_meta_step_allocates_what_a_real_step_does(quant):
+    """The activation estimate's meta run against the same step run for real on the CPU (tiny model):
+    the same live bytes at the peak, unquantized and quantized."""
+    pipe = FluxFillPipeline(**tiny_components(0))
+    fill = FillTransformer.from_diffusers(pipe.transformer)
+    if quant != "none":
+        fill.quantize(QuantPlan(quant, "native", "test"))
+    tokens = (256 // 16) ** 2
+    real = step_bytes(fill, dict(pipe.transformer.config), torch.float32, 1, tokens, CPU)
+    meta = meta_step_bytes(ModelConfigs.of_pipeline(pipe), torch.float32, quant, 1, (16, 16))
+    assert real == meta > 0
 
 
 @pytest.mark.slow
