@@ -238,6 +238,7 @@ class MemoryPlacement:
             else ("offloaded" if self.cpu_offload else "device"),
             "vae": "offloaded" if self.cpu_offload else "device",
             "transformer": "block streaming" if self.block_streaming else "device",
+            "quantize_on_cpu": self.quantize_on_cpu,
             "pinned_bytes": self.pinned_bytes,
         }
 
