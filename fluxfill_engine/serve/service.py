@@ -389,7 +389,12 @@ class TaskService:
 
     def _run_batch(self, batch: list[str]) -> None:
         with self._changed:
-            specs = [self._specs.pop(task_id) for task_id in batch]
+            waiting = [self._specs.pop(task_id) for task_id in batch]
+        # Decoded now, not while they waited (a queue of large inputs holds files, not pixels).
+        specs = [
+            spec.with_inputs(*self.files.load_inputs(task_id))
+            for task_id, spec in zip(batch, waiting, strict=True)
+        ]
         now = time.time()
         for task_id in batch:
             self.store.update(
