@@ -368,7 +368,8 @@ def test_attention_and_compile_target_the_offload_execution_device(pipe, monkeyp
     # (auto timing, xformers) and compilation must still be chosen for the device it will run on.
     seen = {}
     monkeypatch.setattr(
-        "fluxfill_engine.model.make_attention", lambda name, device, fused: seen.update(attention=device)
+        "fluxfill_engine.model.make_attention",
+        lambda name, device, fused, fp8=False: seen.update(attention=device),
     )
     monkeypatch.setattr(
         "fluxfill_engine.model.compile_blocks", lambda blocks, mode, dyn, device: seen.update(compile=device)
