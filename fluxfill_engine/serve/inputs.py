@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..engine import FillRequest
     from ..lora import LoraSpec
 
-_FILL_FIELDS = (
+FILL_FIELDS = (  # the engine's request fields the native API takes as they are
     "prompt",
     "num_inference_steps",
     "guidance_scale",
@@ -57,7 +57,7 @@ _SERVER_FIELDS = (
     "enhance_prompt",
     "enable_safety_checker",
 )
-NATIVE_FIELDS = frozenset(_FILL_FIELDS + _SERVER_FIELDS)
+NATIVE_FIELDS = frozenset(FILL_FIELDS + _SERVER_FIELDS)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.ASCII)
 
@@ -356,7 +356,7 @@ def parse_task(
             422,
             "enable_safety_checker",
         )
-    fill = {name: body[name] for name in _FILL_FIELDS if name in body}
+    fill = {name: body[name] for name in FILL_FIELDS if name in body}
     image = decode_image(body["image"], "image", options.url_policy, options.max_input_megapixels, fetcher)
     mask = body.get(mask_name)
     if mask is not None:
@@ -407,7 +407,7 @@ def restore_task(public: Mapping[str, Any], image: PIL.Image.Image, mask: PIL.Im
     again after a restart; checked again, as the LoRA files may have gone."""
     from ..engine import FillRequest
 
-    fill = {name: public[name] for name in _FILL_FIELDS if name in public}
+    fill = {name: public[name] for name in FILL_FIELDS if name in public}
     request = FillRequest(
         image=image,
         mask=mask,

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InputError
-from ..inputs import RequestError, parse_task
+from ..inputs import FILL_FIELDS, RequestError, parse_task
 from ..service import AlreadyFinished
 from ..store import COMPLETED
 from ..views import output_urls
@@ -43,24 +43,8 @@ EDIT_TIMEOUT = 600.0  # seconds an edit waits for its images before it answers 5
 _IGNORED = frozenset(
     {"model", "user", "quality", "background", "input_fidelity", "output_compression", "safety_identifier"}
 )
-# The native API's fill options an edit may carry as extra form fields.
-_FILL_OPTIONS = frozenset(
-    {
-        "num_inference_steps",
-        "guidance_scale",
-        "seed",
-        "paste_back",
-        "mask_grow",
-        "mask_blur",
-        "soft_mask",
-        "max_megapixels",
-        "crop_to_mask",
-        "crop_padding",
-        "outpaint",
-        "loras",
-        "output_format",
-    }
-)
+# The native API's fill options an edit may carry as extra form fields (prompt and n are OpenAI's own).
+_FILL_OPTIONS = (frozenset(FILL_FIELDS) - {"prompt", "num_images"}) | {"seed", "loras", "output_format"}
 _JSON_OPTIONS = ("outpaint", "loras")
 _RESPONSE_FORMATS = ("b64_json", "url")
 
