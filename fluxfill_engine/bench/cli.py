@@ -35,6 +35,14 @@ VERBS: dict[str, tuple[str, str]] = {
         "fluxfill_engine.bench.serve_load",
         "open-loop load test of `fluxfill serve`: latency, throughput, 429 rate, every task ending once",
     ),
+    "startup": (
+        "fluxfill_engine.bench.startup_bench",
+        "start to first image: a saved engine against the original folder, each in a fresh process",
+    ),
+    "memory-plans": (
+        "fluxfill_engine.bench.memory_plans",
+        "each memory plan's cost, its images against the resident run's, its estimated and measured peak",
+    ),
     "gpu-run": (
         "fluxfill_engine.bench.gpu_run.main",
         "the one-command GPU run (machine, correctness, latency, e2e, step cache); --dry-run on a CPU",

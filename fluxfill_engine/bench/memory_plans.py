@@ -1,7 +1,7 @@
-"""What each memory plan's placement costs, and that it gives the resident run's images.
+"""``fluxfill bench memory-plans``: what each memory plan's placement costs, and that it gives the
+resident run's images.
 
-    python -m fluxfill_engine.bench.memory_plans --preset cpu-mid --steps 4 \
-        --out benchmarks/results/memory-plans-cpu-mid.json
+    fluxfill bench memory-plans --preset cpu-mid --steps 4 --out benchmarks/results/memory-plans-cpu-mid.json
 
 One engine per placement (:data:`PLACEMENTS`: the :class:`~fluxfill_engine.config.EngineConfig` memory
 fields) on the preset's random-weight model; after a warm-up of each, ``--repeats`` rounds of one
@@ -17,9 +17,11 @@ PCIe transfers.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from . import arguments
+from .catalog import MODEL_PRESET_NAMES
 
 PLACEMENTS: dict[str, dict[str, Any]] = {
     "resident": {},
@@ -140,26 +142,41 @@ def markdown(record: dict[str, Any]) -> str:
             f"{entry['estimated_peak_bytes'] / 2**20:.0f} | "
             f"{'-' if allocated is None else f'{allocated / 2**20:.0f}'} |"
         )
+    lines += [
+        "",
+        f"Produced by `fluxfill bench memory-plans --preset {settings['preset']} --engine-preset "
+        f"{settings['engine_preset']} --size {settings['size']} --steps {settings['steps']} --repeats "
+        f"{settings['repeats']}`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxfill_engine.bench.memory_plans", description=__doc__)
-    parser.add_argument("--preset", default="cpu-mid", help="the random-weight model (bench model preset)")
-    parser.add_argument("--engine-preset", default="reference", help="the engine configuration preset")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench memory-plans``' arguments."""
+    parser.add_argument(
+        "--preset",
+        default="cpu-mid",
+        choices=list(MODEL_PRESET_NAMES),
+        help="the random-weight model (default: cpu-mid)",
+    )
+    parser.add_argument(
+        "--engine-preset", default="reference", help="the engine configuration preset (default: reference)"
+    )
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per request (default: 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed requests per placement (default: 3)")
     parser.add_argument("--out", type=Path, help="write the record here (JSON) and a .md beside it")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run every placement, print the markdown table, write the record (``--out``) and its markdown."""
+    from .report import write_json
+
     record = measure(args.preset, args.size, args.steps, args.repeats, args.engine_preset)
     text = markdown(record)
     print(text)
     if args.out is not None:
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(record, args.out)
         args.out.with_suffix(".md").write_text(text)
+        arguments.say_written([args.out, args.out.with_suffix(".md")])
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

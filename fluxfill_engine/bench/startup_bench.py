@@ -1,7 +1,8 @@
-"""Start to first image: a start from the original diffusers folder (read, quantize, compile) against a
-start from a saved engine (``fluxfill prepare``), each in a fresh process with an empty Inductor cache.
+"""``fluxfill bench startup``: start to first image, a start from the original diffusers folder (read,
+quantize, compile) against a start from a saved engine (``fluxfill prepare``), each in a fresh process
+with an empty Inductor cache.
 
-``python -m fluxfill_engine.bench.startup_bench --out benchmarks/results/startup-cpu-mid`` writes
+``fluxfill bench startup --out benchmarks/results/startup-cpu-mid`` writes
 ``.json`` and ``.md``: per start, the engine's start report (read_weights, build, warm_up and the compile
 time inside it), the first request after it, the process's import time, and the ratio of the two starts.
 The model is the mid-size random model (:func:`~fluxfill_engine.testing.tiny.mid_components`) at
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,20 +204,30 @@ def render_markdown(record: dict[str, Any]) -> str:
         "and AOTAutograd still runs, so most of the compile time remains on a CPU; the build (fusing and "
         "quantizing) is what the saved engine removes outright. The first request runs after the warm-up "
         "(a new prompt: T5 and the VAE run uncached).",
-        "Produced by `python -m fluxfill_engine.bench.startup_bench --out benchmarks/results/startup-cpu-mid`.",
+        "Produced by `fluxfill bench startup --out benchmarks/results/startup-cpu-mid`.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/startup-cpu-mid"))
-    parser.add_argument("--repeats", type=int, default=2)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fluxfill bench startup``'s arguments (``--child``, ``--model`` and ``--saved`` are the child
+    process's, hidden)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/startup-cpu-mid"),
+        help="record path without suffix: writes .json and .md (default: benchmarks/results/startup-cpu-mid)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="starts of each kind (default: 2)")
     parser.add_argument("--child", choices=("prepare", "folder", "saved"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--saved", help=argparse.SUPPRESS)
     parser.add_argument("--render", action="store_true", help="only write the .md again from the .json")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Time both kinds of start and write the record and its markdown (or, with ``--child``, be one
+    start)."""
     if args.render:
         record = json.loads(args.out.with_suffix(".json").read_text())
         args.out.with_suffix(".md").write_text(render_markdown(record))
@@ -232,5 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command from its own argument list: how each start's child process runs, so its clock starts
+    at this module's import and not at ``fluxfill``'s parser."""
+    parser = argparse.ArgumentParser(prog="python -m fluxfill_engine.bench.startup_bench")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -23,6 +23,8 @@ EXPECTED_VERBS = [
     "crop",
     "step-cache",
     "serve-load",
+    "startup",
+    "memory-plans",
     "gpu-run",
     "context-parallel",
 ]
@@ -80,6 +82,8 @@ def test_every_verb_help_answers_without_loading_torch():
         ["lora", "--ranks", "8", "--strategies", "side", "--markdown", "--note", "two words"],
         ["variants", "--variants", "diffusers,engine:quant=fp8", "--peak-tflops", "bf16=989"],
         ["step-cache", "--thresholds", "0.1,0.5", "--steps", "4"],
+        ["startup", "--repeats", "3", "--out", "startup"],
+        ["memory-plans", "--preset", "cpu-tiny", "--steps", "1", "--out", "plans.json"],
         ["gpu-run", "--dry-run", "--parts", "latency,e2e", "--out", "dry"],
     ],
     ids=lambda argv: argv[0],
