@@ -183,7 +183,7 @@ def summarize(outcomes: list[Outcome], wall: float) -> dict[str, Any]:
     }
 
 
-# ---- hostile and careless clients (issue 23): bodies refused unread, a queue of large inputs ----------
+# ---- hostile and careless clients (issue 23): bodies refused unread, a queue of large inputs, SIGTERM --
 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
@@ -395,11 +395,16 @@ def _spawned(flags: list[str]) -> Any:
             process.wait(30)
 
 
+# The spawned server's --shutdown-grace-s in the SIGTERM case: short against the long task it interrupts.
+SHUTDOWN_GRACE_S = 5.0
+
+
 def run_hostile(args: argparse.Namespace) -> int:
     """``--hostile``: the cases of issue 23 that have a figure, each against a spawned tiny-model server
     with ``--server-flags``: twenty unauthenticated 60 MiB uploads at once (then the same with the key,
-    bodies read under ``--max-inflight-mb``), and a queue filled with 36-megapixel inputs of eight images
-    each. 1 when an unauthenticated upload was answered other than 401."""
+    bodies read under ``--max-inflight-mb``), a queue filled with 36-megapixel inputs of eight images
+    each, and SIGTERM with clients connected (:func:`sigterm_to_exit`, ``--shutdown-grace-s``
+    :data:`SHUTDOWN_GRACE_S`). 1 when an unauthenticated upload was answered other than 401."""
     from .arguments import command_line
 
     flags = args.server_flags.split()
@@ -413,11 +418,14 @@ def run_hostile(args: argparse.Namespace) -> int:
         queue = large_input_queue(url, process.pid, side=6000, num_images=8, submissions=8)
     with _spawned([*flags, "--max-queue-megapixels", "4096"]) as (url, process, _):  # all eight queue
         whole_queue = large_input_queue(url, process.pid, side=6000, num_images=8, submissions=8)
+    with _spawned([*flags, "--shutdown-grace-s", str(SHUTDOWN_GRACE_S)]) as (url, process, _):
+        shutdown = sigterm_to_exit(url, process, SHUTDOWN_GRACE_S)
     record = {
         "unauthenticated_uploads": unread,
         "authenticated_uploads": keyed,
         "large_input_queue": queue,
         "large_input_queue_4096": whole_queue,
+        "sigterm_to_exit": shutdown,
         "server": health,
         "flags": " ".join(flags),
         "command": command_line(args),
@@ -507,6 +515,16 @@ def hostile_markdown(record: dict[str, Any]) -> str:
                 f"{mib(queue['server_rss_queued_mib'])} / {mib(queue['server_rss_after_mib'])} MiB",
             ),
         ]
+    shutdown = record["sigterm_to_exit"]
+    rows.append(
+        (
+            f"SIGTERM to exit with clients connected (--shutdown-grace-s {shutdown['grace_s']:g}; a long "
+            "task running, its event stream and a sync request waiting)",
+            f"{shutdown['sigterm_to_exit_s']:.2f} s; the stream's last event: {shutdown['stream_last_event']}; "
+            f"the sync request: {shutdown['sync_answer']}"
+            + (f" ({shutdown['note']})" if shutdown.get("note") else ""),
+        )
+    )
     lines = [
         "# `fluxfill serve` against hostile and careless clients",
         "",
@@ -611,8 +629,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hostile",
         action="store_true",
-        help="instead of the load: unauthenticated uploads refused unread, and a queue of large inputs, "
-        "each against a spawned server (its memory from /proc)",
+        help="instead of the load: unauthenticated uploads refused unread, a queue of large inputs and "
+        "SIGTERM with clients connected, each against a spawned server (its memory from /proc)",
     )
 
 

@@ -7,6 +7,8 @@ import asyncio
 import os
 import time
 
+import pytest
+
 from fluxfill_engine import EngineConfig
 from fluxfill_engine.bench.serve_load import Outcome, run_load, summarize
 from fluxfill_engine.testing.demo import tiny_engine
@@ -73,6 +75,12 @@ def test_large_input_queue_reports_what_the_queue_took(tmp_path):
         "authenticated_uploads": keyed,
         "large_input_queue": queued,
         "large_input_queue_4096": queued,
+        "sigterm_to_exit": {
+            "grace_s": 5.0,
+            "sigterm_to_exit_s": 5.5,
+            "stream_last_event": "task_cancel",
+            "sync_answer": "200 created",
+        },
         "server": {"model": "tiny", "device": "cpu"},
         "flags": "",
         "command": "fluxfill bench serve-load --hostile",
@@ -80,3 +88,20 @@ def test_large_input_queue_reports_what_the_queue_took(tmp_path):
     }
     page = hostile_markdown(record)
     assert "2 unauthenticated uploads of 1 MiB" in page and "1x 400, 1x 503" in page
+    assert "| SIGTERM to exit with clients connected (--shutdown-grace-s 5;" in page
+    assert "| 5.50 s; the stream's last event: task_cancel; the sync request: 200 created |" in page
+
+
+@pytest.mark.slow
+def test_sigterm_to_exit_against_a_spawned_server_with_a_grace():
+    """The ``--hostile`` SIGTERM case as ``run_hostile`` runs it: a spawned tiny-model server exits
+    within its grace (plus the cancel's time), the running task's stream closing with its cancel."""
+    from fluxfill_engine.bench.serve_load import _spawned, sigterm_to_exit
+
+    grace = 1.0
+    with _spawned(["--shutdown-grace-s", str(grace)]) as (url, process, _):
+        figures = sigterm_to_exit(url, process, grace)
+        assert process.returncode is not None
+    assert figures["grace_s"] == grace and grace <= figures["sigterm_to_exit_s"] < grace + 30
+    assert figures["stream_last_event"] == "task_cancel"
+    assert figures["sync_answer"].split()[0].isdigit()  # answered, not cut off
