@@ -238,8 +238,10 @@ class FluxFillEngine:
         return {**estimate.describe(), **where}
 
     def describe(self) -> dict[str, Any]:
-        """What is running: the configuration, device, dtypes and model sizes, and the memory plan's
-        estimated peak at 1024x1024 (``memory``)."""
+        """What is running: the configuration, device, dtypes and model sizes, the memory plan's
+        estimated peak at 1024x1024 (``memory``), and with ``auto`` attention what it chose per shape
+        (``auto_attention_choices``) and the candidates it dropped with their reasons
+        (``auto_attention_dropped``)."""
         from fluxfill_kernels import native
 
         from .attention import AutoAttention
@@ -267,6 +269,8 @@ class FluxFillEngine:
         }
         if isinstance(fill.attention, AutoAttention):
             info["auto_attention_choices"] = {str(k): v for k, v in fill.attention.choices.items()}
+            # A candidate that failed to compile or launch is gone for good: the record says which and why.
+            info["auto_attention_dropped"] = dict(fill.attention.dropped)
         return info
 
     def run(self, request: FillRequest, on_event: EventHandler | None = None) -> FillResult:

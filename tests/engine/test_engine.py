@@ -213,3 +213,23 @@ def test_describe(engine):
     assert quantized["quantization"]["mode"] == "int8-weight"
     assert quantized["quantization"]["backend"] == "native" and quantized["quantization"]["why"]
     assert quantized["fused_kernels"] is True and quantized["config"]["quant"] == "int8-weight"
+
+
+def test_describe_records_what_auto_attention_chose_and_dropped():
+    from fluxfill_engine.attention import AutoAttention, resolve_attention, sdpa_attention
+
+    def broken(qkv, rope):
+        raise RuntimeError("the kernel failed to compile")
+
+    def timer(attend, qkv, rope):
+        attend(qkv, rope)
+        return 1.0
+
+    engine = helpers.tiny_engine(EngineConfig.preset("reference"))
+    fill = engine.pipeline.engine_transformer()
+    # On a CPU ``auto`` is sdpa alone; a GPU's candidates, one of them failing, stand in here.
+    fill.attention = AutoAttention({"triton": broken, "sdpa": sdpa_attention(False)}, timer=timer)
+    resolve_attention(fill.attention, [5, 7], 1, 2, 16, torch.float32, torch.device("cpu"))
+    info = engine.describe()
+    assert list(info["auto_attention_choices"].values()) == ["sdpa"]
+    assert info["auto_attention_dropped"] == {"triton": "RuntimeError: the kernel failed to compile"}
