@@ -311,7 +311,8 @@ def matmul_ceiling(timer: Timer, size: int) -> dict[str, dict[str, float] | str]
     """Measured matmul TFLOP/s per precision, ``{"tflops", "ms"}`` each, or the reason it could not run:
     bf16 ``torch.mm``; fp8 ``torch._scaled_mm`` with one scale per tensor and fast accumulation (the
     ceiling of every fp8 variant, as torchao's fp8 inference runs), and with row-wise scales as the
-    engine's native fp8 linears call it. A ``size``-cubed product on random data; 0.3 s of warm-up
+    engine's native fp8 linears call it,
+    without and with fast accumulation (torchao's row-wise default). A ``size``-cubed product on random data; 0.3 s of warm-up
     calls, median of 10. fp8 needs fp8 tensor cores on a GPU; on a CPU it is tried (some builds can).
     """
     from ..quantization import has_fp8_tensor_cores
@@ -332,6 +333,9 @@ def matmul_ceiling(timer: Timer, size: int) -> dict[str, dict[str, float] | str]
         )
         products["fp8_rowwise"] = lambda: torch._scaled_mm(
             a8, b8, scale_a=rows, scale_b=rows.t(), out_dtype=torch.bfloat16
+        )
+        products["fp8_rowwise_fast_accum"] = lambda: torch._scaled_mm(
+            a8, b8, scale_a=rows, scale_b=rows.t(), out_dtype=torch.bfloat16, use_fast_accum=True
         )
     else:
         result["fp8"] = "no fp8 tensor cores (compute capability < 8.9)"

@@ -64,41 +64,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 CEILING_FOR = {"bf16": ("bf16",), "fp8": ("fp8_rowwise_fast_accum", "fp8_rowwise", "fp8")}
 
 
-def rowwise_fast_accum_tflops(run: Run) -> dict[str, Any] | str:
-    """The row-wise scaled fp8 product with fast accumulation (torchao's row-wise default, and the
-    engine's native fp8 linears), measured as the other ceilings are; or why it cannot run here."""
-    size, device = run.profile.matmul_size, run.device
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, generator=generator).to(torch.float8_e4m3fn)
-    b = torch.randn(size, size, device=device, generator=generator).to(torch.float8_e4m3fn).t()
-    rows = torch.ones(size, 1, device=device, dtype=torch.float32)
-
-    def product() -> torch.Tensor:
-        return torch._scaled_mm(
-            a, b, scale_a=rows, scale_b=rows.t(), out_dtype=torch.bfloat16, use_fast_accum=True
-        )
-
-    try:
-        run.timer.warm_up(product)
-        ms = median(run.timer.call_ms(lambda _: product(), 10))
-    except (RuntimeError, NotImplementedError) as error:
-        if device.type == "cuda":
-            raise
-        return f"this CPU build cannot: {str(error)[:200]}"
-    return {"tflops": 2 * size**3 / (ms / 1000) / 1e12, "ms": ms}
-
-
 def matmul_tflops(run: Run) -> dict[str, Any]:
-    """The measured matmul ceilings (:func:`~fluxfill_engine.bench.measure.matmul_ceiling`, and the
-    row-wise fp8 product with fast accumulation), with a precision that cannot run here recorded as
+    """The measured matmul ceilings (:func:`~fluxfill_engine.bench.measure.matmul_ceiling`), with a precision that cannot run here recorded as
     skipped."""
     size = run.profile.matmul_size
     result: dict[str, Any] = {"size": size, "method": f"{run.timer.method}, {MATMUL_CEILING_METHOD}"}
     for precision, value in matmul_ceiling(run.timer, size).items():
         result[precision] = value if isinstance(value, dict) else skipped(value)
-    if "fp8_rowwise" in result:  # this device runs fp8 products at all
-        value = rowwise_fast_accum_tflops(run)
-        result["fp8_rowwise_fast_accum"] = value if isinstance(value, dict) else skipped(value)
     result["ceiling_for"] = {precision: list(keys) for precision, keys in CEILING_FOR.items()}
     return result
 
