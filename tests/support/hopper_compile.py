@@ -84,7 +84,7 @@ def sass_op_counts(cubin: bytes) -> dict[str, int]:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([str(nvdisasm), str(path)], capture_output=True, text=True, check=True).stdout
-    counts = dict.fromkeys(("HGMMA", "QGMMA", "HMMA", "LDL", "STL"), 0)
+    counts: dict[str, int] = dict.fromkeys(("HGMMA", "QGMMA", "HMMA", "LDL", "STL"), 0)
     for op in _SASS_OPS.findall(sass):
         counts[op] += 1
     return counts
@@ -138,10 +138,10 @@ def compile_for_hopper(
 
 def main(dtype: str) -> None:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    for label, in_loop in (("prepass", False), ("fused-k", True)):
+    for label, in_loop, fp8 in (("prepass", False, False), ("fused-k", True, False), ("fp8", False, True)):
         config = fused_attention._attention_config(HEAD_DIM, torch_dtype, interpreted=False, in_loop=in_loop)
         constexprs = {"D": HEAD_DIM, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
-        constexprs |= {"NORM_ROPE_Q": in_loop, "NORM_ROPE_K": in_loop, "DOT_PRECISION": "tf32", "FP8": False}
+        constexprs |= {"NORM_ROPE_Q": in_loop, "NORM_ROPE_K": in_loop, "DOT_PRECISION": "tf32", "FP8": fp8}
         compile_for_hopper(
             fused_attention._fused_attention_kernel,
             dtype,
@@ -150,20 +150,8 @@ def main(dtype: str) -> None:
             config["num_stages"],
             ctas=triton.cdiv(SEQ_LEN, config["BLOCK_M"]) * BATCH * HEADS,
             label=label,
+            fp8_pointers=frozenset({"q_ptr", "k_ptr", "v_ptr"}) if fp8 else frozenset(),
         )
-    config = fused_attention._attention_config(HEAD_DIM, torch_dtype, interpreted=False, in_loop=False)
-    constexprs = {"D": HEAD_DIM, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
-    constexprs |= {"NORM_ROPE_Q": False, "NORM_ROPE_K": False, "DOT_PRECISION": "tf32", "FP8": True}
-    compile_for_hopper(
-        fused_attention._fused_attention_kernel,
-        dtype,
-        constexprs,
-        config["num_warps"],
-        config["num_stages"],
-        ctas=triton.cdiv(SEQ_LEN, config["BLOCK_M"]) * BATCH * HEADS,
-        label="fp8",
-        fp8_pointers=frozenset({"q_ptr", "k_ptr", "v_ptr"}),
-    )
     prepass = fused_attention._PREPASS_CONFIG
     for fp8 in (False, True):
         compile_for_hopper(
